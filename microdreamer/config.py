@@ -1,0 +1,203 @@
+"""Typed run configuration, presets and overrides.
+
+Precedence: dataclass defaults < preset (``presets/NAME.toml``) < ``--config FILE`` < command-line flags.
+A resolved configuration is saved beside every output and reproduces the run with ``--config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "stable-zero123"
+    model: str | None = None  # Hugging Face id, local folder, or (reference teacher) a mesh file
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 elsewhere) | fp16 | bf16 | fp32
+
+
+@dataclass
+class ScheduleConfig:
+    """How t2 anneals over the K iterations and where t1 sits (spec §6.3)."""
+
+    kind: str = "linear"  # linear | square | random: t2 over iterations, in DDIM-index space
+    t_start: float = 0.9  # t2 starts near t_start·T ...
+    t_end: float = 0.2  # ... and anneals towards t_end·T
+    t1: str = "ratio"  # ratio: t1 ≈ inverse_ratio·t2 ; square: t1 ≈ t2²/T
+    inverse_ratio: float = 0.6
+    denoise_steps: int = 20  # N, the DDIM discretisation
+    iterations: int = 20  # K SIR iterations after the init iteration
+    steps: int = 15  # I reconstruction steps per iteration
+    init_steps: int = 15  # reconstruction steps of the init iteration (target sampled from pure noise)
+
+
+@dataclass
+class GuidanceConfig:
+    scale: float = 3.0  # classifier-free guidance
+    eta: float = 0.5  # DDIM eta while sampling t2 → 0
+    negative_prompt: str = ""
+
+
+@dataclass
+class CameraConfig:
+    views: int = 6  # B views per iteration, azimuths evenly spread
+    elevation: float = 0.0  # reference (input) view elevation, spec §0.4 (negative = from above)
+    min_ver: float = -30.0  # per-view elevation offset range [min_ver, max_ver)
+    max_ver: float = 30.0
+    radius: float = 2.0
+    fovy: float = 49.1
+    resolution: int = 256  # render and target size
+
+
+@dataclass
+class LossConfig:
+    novel: float = 1.0  # L1 over novel views: sum over pixels, mean over views
+    reference_rgb: float = 0.3  # L1 of the reference view against the input image (summed)
+    reference_mask: float = 0.01  # squared error of the reference alpha against the input mask (summed)
+
+
+@dataclass
+class GaussianConfig:
+    num_points: int = 5000
+    init_radius: float = 0.5
+    sh_degree: int = 0
+    position_lr_init: float = 0.001
+    position_lr_final: float = 0.00002
+    position_lr_delay_mult: float = 0.02
+    position_lr_max_steps: int = 500
+    spatial_lr_scale: float = 10.0
+    feature_lr: float = 0.01
+    opacity_lr: float = 0.05
+    scaling_lr: float = 0.005
+    rotation_lr: float = 0.0005
+    percent_dense: float = 0.01
+    densify_from: int = 0
+    densify_until: int = 300
+    densify_interval: int = 100
+    densify_grad_threshold: float = 0.01
+    final_prune_opacity: float = 0.01
+    final_prune_scale: float = 0.1
+    backend: str = "auto"  # auto | torch | cpu | gsplat
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
+    seed: int = 0
+    device: str = "auto"
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Reject values that cannot run, with a line that names the key."""
+        s, c = self.schedule, self.cameras
+        checks = [
+            (s.kind in ("linear", "square", "random"), "schedule.kind must be linear, square or random"),
+            (s.t1 in ("ratio", "square"), "schedule.t1 must be ratio or square"),
+            (0.0 < s.t_end <= s.t_start <= 1.0, "schedule needs 0 < t_end <= t_start <= 1"),
+            (0.0 <= s.inverse_ratio <= 1.0, "schedule.inverse_ratio must lie in [0, 1]"),
+            (1 <= s.denoise_steps <= 1000, "schedule.denoise_steps must lie in 1..1000"),
+            (s.iterations >= 1, "--iters (schedule.iterations) must be at least 1"),
+            (s.steps >= 1 and s.init_steps >= 0, "--steps (schedule.steps) must be at least 1"),
+            (self.guidance.eta >= 0.0, "guidance.eta must be >= 0"),
+            (1 <= c.views <= 64, "--views must lie in 1..64"),
+            (16 <= c.resolution <= 2048, "--res must lie in 16..2048"),
+            (c.radius > 0 and 0 < c.fovy < 180, "cameras need radius > 0 and 0 < fovy < 180"),
+            (c.min_ver <= c.max_ver, "cameras need min_ver <= max_ver"),
+            (self.gaussians.num_points >= 1, "gaussians.num_points must be at least 1"),
+            (self.seed >= 0, "--seed must be >= 0"),
+            (all(0.0 <= b <= 1.0 for b in self.background) and len(self.background) == 3,
+             "background must be three numbers in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad configuration: {message}")
+
+
+def _merge(obj: Any, data: dict[str, Any], where: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``data`` applied; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserError(f"unknown setting '{where}{key}' (known: {', '.join(fields)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"setting '{where}{key}' must be a table")
+            changes[key] = _merge(current, value, f"{where}{key}.")
+        else:
+            changes[key] = _coerce(value, current, f"{where}{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"setting '{name}' must be true or false, got {value!r}")
+        return value
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"setting '{name}' must be a number, got {value!r}")
+        if isinstance(current, int) and not float(value).is_integer():
+            raise UserError(f"setting '{name}' must be a whole number, got {value!r}")
+        return type(current)(value)
+    if isinstance(current, tuple):
+        return tuple(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        raise UserError(f"setting '{name}' must be text, got {value!r}")
+    return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML preset/config, or a JSON file written by a run (its ``config`` entry is used)."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            return data.get("config", data)
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot parse config file {path}: {exc}") from None
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}' (available: {', '.join(preset_names()) or 'none'})")
+    return tomllib.loads(path.read_text())
+
+
+def resolve(preset: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < preset < config file < overrides (nested dicts keyed like the dataclasses)."""
+    cfg = _merge(RunConfig(), load_preset(preset), "")
+    if config_file is not None:
+        cfg = _merge(cfg, read_config_file(config_file), "")
+    cfg = _merge(cfg, overrides or {}, "")
+    cfg = dataclasses.replace(cfg, preset=preset)
+    cfg.validate()
+    return cfg

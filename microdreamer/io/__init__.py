@@ -1,0 +1,1 @@
+"""Reading and writing images, meshes and Gaussian PLY files."""

@@ -1,0 +1,1 @@
+"""Differentiable renderers, one functional signature per primitive, with interchangeable backends."""

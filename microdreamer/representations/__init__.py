@@ -1,0 +1,1 @@
+"""3D representations optimised by SIR."""

@@ -1,0 +1,46 @@
+"""The representation seam: what the SIR loop needs from a 3D representation.
+
+The loop only renders, back-propagates an image loss and calls ``step``; a representation owns its
+parameters, optimiser, learning-rate schedule and any structural updates (densification for
+Gaussians, occupancy-grid updates for a NeRF).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from torch import Tensor
+
+from ..render.types import RenderOutput
+from ..sir.cameras import Cameras
+
+
+class Representation(ABC):
+    @abstractmethod
+    def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
+        """Differentiable renders of ``cameras`` over ``background`` ([3] in [0,1])."""
+
+    @abstractmethod
+    def step(self, step: int, output: RenderOutput) -> None:
+        """After ``loss.backward()``: optimiser step, zero grads, schedules and structure updates.
+
+        ``step`` is the global optimisation-step counter; ``output`` is the render the loss came from.
+        """
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Clean-up after training (e.g. the final prune)."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write the representation in its standard file format."""
+
+    @abstractmethod
+    def density(self, points: Tensor) -> Tensor:
+        """Density (opacity field) at world ``points [P,3]`` for mesh extraction."""
+
+    @property
+    @abstractmethod
+    def num_primitives(self) -> int:
+        """Gaussians, grid cells, …: reported in run summaries."""
