@@ -71,6 +71,16 @@ class Cameras:
         w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
         return cls(orbit_camera(el, az, r), el, az, r, w, h, fovy, near, far)
 
+    @staticmethod
+    def cat(batches: "list[Cameras]") -> "Cameras":
+        """One batch from several that share image size and intrinsics."""
+        first = batches[0]
+        dev = first.device
+        return Cameras(
+            *(torch.cat([getattr(b, k).to(dev) for b in batches]) for k in ("c2w", "elevation", "azimuth", "radius")),
+            first.width, first.height, first.fovy, first.near, first.far,
+        )
+
     def __len__(self) -> int:
         return self.c2w.shape[0]
 

@@ -1,0 +1,167 @@
+"""The SIR loop (paper Algorithm 1): render → refine with the teacher → reconstruct, K times.
+
+One *iteration* draws B cameras, renders them, asks the refiner for target images once (hybrid forward
+to t2, DDIM sampling back to 0) and then takes I optimisation steps of the pixel-space L1 loss
+towards those fixed targets, plus the reference-view terms when an input image exists. The very first
+("init") iteration samples its targets from pure noise. The loop knows nothing about which teacher
+or which 3D representation it drives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import RunConfig
+from ..representations.base import Representation
+from ..teachers.base import Teacher
+from .cameras import Cameras, CameraSampler
+from .refiner import init_sample, refine
+from .schedule import SIRSchedule
+
+
+@dataclass
+class Reference:
+    """The reference view: the input image (composited on the background), its mask and camera."""
+
+    rgb: Tensor  # [1,3,H,W]
+    mask: Tensor  # [1,1,H,W]
+    camera: Cameras  # one camera
+
+
+@dataclass
+class StageTimer:
+    """Wall time per stage, summed over the run (CUDA work is synchronised at stage boundaries)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str, device: torch.device) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class IterationLog:
+    iteration: int  # 0 is the init iteration
+    t1: int | None
+    t2: int | None
+    loss: float
+    primitives: int
+
+
+@dataclass
+class EngineResult:
+    iterations: list[IterationLog]
+    timings: dict[str, float]
+    optimisation_steps: int
+
+
+ProgressCallback = Callable[[IterationLog, int], None]  # (log, total iterations including init)
+
+
+class SIREngine:
+    def __init__(
+        self,
+        teacher: Teacher,
+        representation: Representation,
+        cfg: RunConfig,
+        generator: torch.Generator,
+        device: torch.device,
+        reference: Reference | None = None,
+        on_iteration: ProgressCallback | None = None,
+    ) -> None:
+        self.teacher = teacher
+        self.representation = representation
+        self.cfg = cfg
+        self.generator = generator
+        self.device = device
+        self.reference = reference
+        self.on_iteration = on_iteration
+        c = cfg.cameras
+        self.sampler = CameraSampler(c.views, c.elevation, c.min_ver, c.max_ver, c.radius, c.resolution, c.fovy)
+        self.schedule = SIRSchedule.from_config(cfg.schedule, generator=generator)
+        self.background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
+        self.timer = StageTimer()
+
+    def run(self) -> EngineResult:
+        logs: list[IterationLog] = []
+        step = 0
+        total = self.schedule.iterations + 1
+        for iteration in range(total):
+            step += 1  # the reference advances its step counter once per iteration too (spec §6.2)
+            cameras = self.sampler.sample(self.generator).to(self.device)
+            plan = None if iteration == 0 else self.schedule.iteration(iteration - 1)
+            steps = self.cfg.schedule.init_steps if iteration == 0 else self.cfg.schedule.steps
+            target: Tensor | None = None
+            loss_value = float("nan")
+            for _ in range(steps):
+                output, novel = self._render(cameras)
+                if target is None:
+                    target = self._target(novel.detach(), cameras, plan)
+                loss = self._loss(output, novel, target)
+                with self.timer("backward", self.device):
+                    loss.backward()
+                with self.timer("update", self.device):
+                    self.representation.step(step, output)
+                step += 1
+                loss_value = float(loss.detach())
+            log = IterationLog(
+                iteration,
+                None if plan is None else plan.t1,
+                None if plan is None else plan.t2,
+                loss_value,
+                self.representation.num_primitives,
+            )
+            logs.append(log)
+            if self.on_iteration is not None:
+                self.on_iteration(log, total)
+        with self.timer("update", self.device):
+            self.representation.finalize()
+        return EngineResult(logs, dict(self.timer.seconds), step)
+
+    def _render(self, cameras: Cameras):
+        """Render the novel views, with the reference view appended when there is one (one batch)."""
+        if self.reference is not None:
+            cameras = Cameras.cat([cameras, self.reference.camera])
+        with self.timer("render", self.device):
+            output = self.representation.render(cameras, self.background)
+        novel = output.rgb[: len(cameras) - (self.reference is not None)]
+        return output, novel
+
+    def _target(self, renders: Tensor, cameras: Cameras, plan) -> Tensor:
+        """The refined images x̂ the next I steps fit (computed once per iteration, no gradient)."""
+        s, g = self.cfg.schedule, self.cfg.guidance
+        with self.timer("teacher", self.device), torch.no_grad():
+            if plan is None:
+                return init_sample(
+                    self.teacher, cameras, s.denoise_steps, g.eta, g.scale, self.generator,
+                    out_size=renders.shape[-2:],
+                )
+            return refine(
+                self.teacher, renders, cameras, plan.t1, plan.t2, s.denoise_steps, g.eta, g.scale, self.generator
+            )
+
+    def _loss(self, output, novel: Tensor, target: Tensor) -> Tensor:
+        """Spec §6.4: L1 summed over pixels and averaged over views, plus the reference-view terms."""
+        w = self.cfg.loss
+        loss = w.novel * (novel - target).abs().sum() / novel.shape[0]
+        if self.reference is not None:
+            ref_rgb = output.rgb[-1:]
+            ref_alpha = output.alpha[-1:]
+            if w.reference_rgb:
+                loss = loss + w.reference_rgb * (ref_rgb - self.reference.rgb).abs().sum()
+            if w.reference_mask:
+                loss = loss + w.reference_mask * (ref_alpha - self.reference.mask).square().sum()
+        return loss
+
