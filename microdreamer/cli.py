@@ -86,12 +86,16 @@ def image2gs(
     """Image → 3D Gaussians (DIR/<stem>.ply, <stem>_views.png, <stem>.json)."""
     from .pipeline import ImageTo3D, resolve_device
 
-    if image is not None and not image.is_file():
-        raise UserError(f"input image not found: {image}")
+    from .io.images import load_image
+
     cfg = _resolve_config(
         teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         elevation=elevation, backend=backend, device=device,
     )
+    if image is not None:
+        if not image.is_file():
+            raise UserError(f"input image not found: {image}")
+        load_image(image)  # fail on a bad image before any model is loaded
     console = _console(quiet)
     dev = resolve_device(cfg.device)
     with console.status(f"loading teacher {cfg.teacher.name} on {dev}"):
