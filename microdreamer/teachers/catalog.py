@@ -1,0 +1,91 @@
+"""The known diffusion teachers: where their weights live, under which licence, and whether they are cached.
+
+Licences are those stated on the Hugging Face model pages of the weights; the converted diffusers
+ports inherit the terms of the original weights whatever their own card says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .loading import missing_files, require, resolve_model_dir
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str  # the teacher name used in configs and on the command line
+    repo_id: str  # Hugging Face id of the diffusers-layout port we load
+    license: str
+    commercial_use: bool  # False: research / non-commercial use only
+    approx_size_gb: float  # download size (fp16 safetensors)
+    source: str  # the original weights
+
+
+CATALOG: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
+        name="stable-zero123",
+        repo_id="ashawkey/stable-zero123-diffusers",
+        license=(
+            "Stability AI Non-Commercial Research Community License (non-commercial research use only; "
+            "the weights were trained on some CC-BY-NC objects)"
+        ),
+        commercial_use=False,
+        approx_size_gb=2.5,
+        source="stabilityai/stable-zero123 (stable_zero123.ckpt)",
+    ),
+    CatalogEntry(
+        name="zero123-xl",
+        repo_id="ashawkey/zero123-xl-diffusers",
+        license=(
+            "MIT according to the zero123 project's weight card (cvlab/zero123-weights) and the port; "
+            "fine-tuned from lambdalabs/sd-image-variations-diffusers (CreativeML OpenRAIL-M use restrictions)"
+        ),
+        commercial_use=True,
+        approx_size_gb=2.5,
+        source="cvlab/zero123-weights (zero123-xl.ckpt)",
+    ),
+    CatalogEntry(
+        name="mvdream",
+        repo_id="ashawkey/mvdream-sd2.1-diffusers",
+        license="OpenRAIL (model pages MVDream/MVDream and the port; derived from Stable Diffusion 2.1, CreativeML OpenRAIL++-M)",
+        commercial_use=True,
+        approx_size_gb=2.6,
+        source="MVDream/MVDream (sd-v2.1-base-4view.pt)",
+    ),
+    CatalogEntry(
+        name="imagedream",
+        repo_id="ashawkey/imagedream-ipmv-diffusers",
+        license="OpenRAIL (model page of the port; derived from Stable Diffusion 2.1, CreativeML OpenRAIL++-M)",
+        commercial_use=True,
+        approx_size_gb=4.0,
+        source="Peng-Wang/ImageDream (sd-v2.1-base-4view-ipmv.pt)",
+    ),
+)
+
+
+def find_entry(name: str) -> CatalogEntry:
+    for entry in CATALOG:
+        if entry.name == name:
+            return entry
+    raise UserError(f"unknown model '{name}' (known: {', '.join(e.name for e in CATALOG)})")
+
+
+def cache_status(entry: CatalogEntry, cache_dir: str | Path | None = None) -> tuple[bool, int | None]:
+    """(complete snapshot cached, bytes the repository takes in the cache or None); never uses the network."""
+    hub = require("huggingface_hub")
+    try:
+        info = hub.scan_cache_dir(cache_dir)
+    except hub.CacheNotFound:
+        return False, None
+    for repo in info.repos:
+        if repo.repo_type == "model" and repo.repo_id == entry.repo_id:
+            complete = any(not missing_files(Path(rev.snapshot_path)) for rev in repo.revisions)
+            return complete, int(repo.size_on_disk)
+    return False, None
+
+
+def download(entry: CatalogEntry, cache_dir: str | Path | None = None) -> Path:
+    """Fetch (or find in the cache) the entry's configs and safetensors weights; returns the snapshot folder."""
+    return resolve_model_dir(entry.repo_id, allow_download=True, cache_dir=cache_dir)

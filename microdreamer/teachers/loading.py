@@ -1,0 +1,295 @@
+"""Checkpoint loading for teachers stored in the diffusers folder layout.
+
+A model folder holds ``model_index.json`` and one sub-folder per component (``unet/``, ``vae/``, …) with a
+``config.json`` and its weights. We read every config ourselves, build the modules from a small whitelist of
+diffusers / transformers classes (never remote code), and load their weights from ``*.safetensors`` only,
+checking the key set strictly so that a wrong or truncated checkpoint fails with the offending key named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+#: what we fetch from the Hugging Face Hub: configs, safetensors weights and the small processor files
+ALLOW_PATTERNS = (
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "feature_extractor/*",
+)
+#: weight formats that can execute code when unpickled: never loaded
+REFUSED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: preferred weight file names, by library
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+#: model classes we build, by (library, class name) as written in model_index.json
+MODEL_CLASSES = {
+    ("diffusers", "UNet2DConditionModel"),
+    ("diffusers", "AutoencoderKL"),
+    ("transformers", "CLIPVisionModelWithProjection"),
+    ("transformers", "CLIPVisionModel"),
+    ("transformers", "CLIPTextModel"),
+}
+_PROCESSOR_SUFFIXES = ("Scheduler", "Tokenizer", "TokenizerFast", "ImageProcessor", "FeatureExtractor")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _missing_model_help() -> str:
+    return (
+        "download it on a connected machine and pass --model /path/to/folder, point HF_HOME or HF_HUB_CACHE "
+        "at a cache that holds it, or run `microdreamer models download NAME` (see `microdreamer models list`)"
+    )
+
+
+def require(package: str) -> ModuleType:
+    """Import an optional dependency of the model teachers, or explain how to install it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise UserError(
+            f"the diffusion teachers need the '{package}' package: pip install 'microdreamer[models]'"
+        ) from None
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """``auto`` is fp16 on CUDA and fp32 elsewhere; ``fp16``/``bf16``/``fp32`` are taken as given."""
+    if dtype == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype '{dtype}' (use auto, fp16, bf16 or fp32)")
+    return _DTYPES[dtype]
+
+
+def resolve_model_dir(
+    model_id_or_path: str | Path, *, allow_download: bool, cache_dir: str | Path | None = None
+) -> Path:
+    """A local model folder, or a Hugging Face id resolved to its cached snapshot.
+
+    The local cache is tried first (no network); a missing or incomplete snapshot is downloaded when
+    ``allow_download``, limited to :data:`ALLOW_PATTERNS`. Anything that cannot be resolved is a
+    :class:`UserError` saying how to provide the model.
+    """
+    text = str(model_id_or_path)
+    path = Path(text).expanduser()
+    if path.exists() or not _REPO_ID.match(text):
+        if not path.is_dir():
+            raise UserError(f"model folder not found: {path} (pass a folder in the diffusers layout, or a Hugging Face id)")
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers model folder: it has no model_index.json")
+        return path
+    hub = require("huggingface_hub")
+    snapshot = _cached_snapshot(hub, text, cache_dir)
+    if snapshot is not None and not missing_files(snapshot):
+        return snapshot
+    if not allow_download:
+        state = "incomplete" if snapshot is not None else "not"
+        raise UserError(
+            f"model '{text}' is {state} in the Hugging Face cache and downloads are disabled; {_missing_model_help()}"
+        )
+    try:
+        snapshot = Path(
+            hub.snapshot_download(text, allow_patterns=list(ALLOW_PATTERNS), cache_dir=cache_dir)
+        )
+    except Exception as exc:  # network, offline mode, missing or gated repository: all end the same way
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        raise UserError(f"cannot download model '{text}' ({reason}); {_missing_model_help()}") from None
+    missing = missing_files(snapshot)
+    if missing:
+        raise UserError(f"model '{text}' is incomplete after download (missing {', '.join(missing[:3])})")
+    return snapshot
+
+
+def _cached_snapshot(hub: ModuleType, repo_id: str, cache_dir: str | Path | None) -> Path | None:
+    try:
+        return Path(
+            hub.snapshot_download(
+                repo_id, allow_patterns=list(ALLOW_PATTERNS), cache_dir=cache_dir, local_files_only=True
+            )
+        )
+    except require("huggingface_hub.errors").LocalEntryNotFoundError:  # also an incomplete snapshot
+        return None
+
+
+def missing_files(model_dir: Path) -> list[str]:
+    """Files a complete model folder must have but ``model_dir`` lacks (relative paths)."""
+    if not (model_dir / "model_index.json").is_file():
+        return ["model_index.json"]
+    missing = []
+    for name, (_, class_name) in read_model_index(model_dir).items():
+        folder = model_dir / name
+        if class_name.endswith(_PROCESSOR_SUFFIXES):
+            if not folder.is_dir() or not any(folder.iterdir()):
+                missing.append(f"{name}/")
+            continue
+        if not (folder / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        if not any(folder.glob("*.safetensors")):
+            missing.append(f"{name}/*.safetensors")
+    return missing
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_model_index(model_dir: Path) -> dict[str, tuple[str, str]]:
+    """Components named in ``model_index.json`` as ``{name: (library, class name)}``; null entries are dropped."""
+    index = read_json(model_dir / "model_index.json")
+    components = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
+            continue
+        components[name] = (str(value[0]), str(value[1]))
+    return components
+
+
+def expect_components(model_dir: Path, expected: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Check that ``model_index.json`` names each component with the expected class."""
+    index = read_model_index(model_dir)
+    for name, class_name in expected.items():
+        if name not in index:
+            raise UserError(f"{model_dir / 'model_index.json'} has no '{name}' component; is this the right model?")
+        if index[name][1] != class_name:
+            raise UserError(
+                f"{model_dir / 'model_index.json'}: component '{name}' is {index[name][1]}, expected {class_name}"
+            )
+    return index
+
+
+def weights_file(component_dir: Path) -> Path:
+    """The component's safetensors file; pickle-based formats are refused."""
+    for name in WEIGHT_NAMES:
+        if (component_dir / name).is_file():
+            return component_dir / name
+    candidates = sorted(component_dir.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise UserError(f"{component_dir} holds several weight files ({names}); keep one")
+    refused = sorted(p.name for p in component_dir.glob("*") if p.suffix in REFUSED_SUFFIXES)
+    if refused:
+        raise UserError(
+            f"{component_dir} only has {', '.join(refused)}: only .safetensors weights are loaded "
+            "(pickle files can run code); convert them to safetensors or download the safetensors version"
+        )
+    raise UserError(f"no weights in {component_dir} (expected {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[1]})")
+
+
+def load_weights(module: nn.Module, path: Path) -> nn.Module:
+    """Load a safetensors state dict into ``module`` with strict key and shape checks.
+
+    Keys of non-persistent buffers (which older exports sometimes saved) are ignored: the module
+    computes those itself. Tensors are cast to each parameter's dtype and device.
+    """
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    expected = module.state_dict()
+    ignorable = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        for name in sub._non_persistent_buffers_set
+    }
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - ignorable)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise UserError(f"{path} does not match {type(module).__name__}: {'; '.join(parts)}")
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise UserError(
+                f"{path}: key '{key}' has shape {list(state[key].shape)}, expected {list(value.shape)}"
+            )
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return module
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def build_model(
+    model_dir: Path, component: str, *, device: torch.device | str, dtype: torch.dtype
+) -> nn.Module:
+    """Build a whitelisted diffusers/transformers model from its config and load its safetensors weights."""
+    library, class_name = read_model_index(model_dir).get(component, ("", ""))
+    if (library, class_name) not in MODEL_CLASSES:
+        known = ", ".join(sorted(c for _, c in MODEL_CLASSES))
+        raise UserError(f"component '{component}' of {model_dir} is {class_name or 'absent'}; supported: {known}")
+    folder = model_dir / component
+    config = read_json(folder / "config.json")
+    weights = weights_file(folder)
+    cls = getattr(require(library), class_name)
+    with torch.device(device):
+        if library == "diffusers":
+            module = cls.from_config(config)
+        else:
+            module = cls(cls.config_class.from_dict(config))
+    # torch's own cast: diffusers' ModelMixin.to logs a warning on every dtype cast
+    module = nn.Module.to(module, device=device, dtype=dtype)
+    load_weights(module, weights)
+    return module.eval().requires_grad_(False)
+
+
+def load_image_processor(model_dir: Path, component: str = "feature_extractor") -> Any:
+    """The CLIP image processor from its JSON config (PIL-based, as the reference pipelines use)."""
+    transformers = require("transformers")
+    if not (model_dir / component / "preprocessor_config.json").is_file():
+        raise UserError(f"missing file {model_dir / component / 'preprocessor_config.json'}")
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls.from_pretrained(str(model_dir / component))
+
+
+def noise_schedule(model_dir: Path) -> tuple[dict[str, Any], Tensor]:
+    """The scheduler config and its ᾱ_t (float64), validated to be a discrete ε-prediction schedule.
+
+    Only ``scaled_linear`` betas with epsilon prediction are accepted: that is what every supported
+    teacher was trained with and what the DDIM sampler and inversion of the SIR loop assume.
+    """
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    config = read_json(path)
+    checks = [
+        (config.get("beta_schedule") == "scaled_linear", f"beta_schedule {config.get('beta_schedule')!r}"),
+        (config.get("prediction_type", "epsilon") == "epsilon", f"prediction_type {config.get('prediction_type')!r}"),
+        (not config.get("trained_betas"), "trained_betas"),
+        (not config.get("rescale_betas_zero_snr", False), "rescale_betas_zero_snr"),
+        (str(config.get("_class_name", "DDIMScheduler")).endswith("Scheduler"), f"class {config.get('_class_name')!r}"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise UserError(f"{path}: unsupported {what} (need a DDIM-compatible scaled_linear epsilon schedule)")
+    steps = int(config.get("num_train_timesteps", 1000))
+    beta_start, beta_end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    if steps < 2 or not 0.0 < beta_start < beta_end < 1.0:
+        raise UserError(f"{path}: bad schedule (num_train_timesteps {steps}, betas {beta_start}..{beta_end})")
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return config, torch.cumprod(1.0 - betas, dim=0)
