@@ -116,7 +116,7 @@ class RunConfig:
             (1 <= s.denoise_steps <= 1000, "schedule.denoise_steps must lie in 1..1000"),
             (s.iterations >= 1, "--iters (schedule.iterations) must be at least 1"),
             (s.steps >= 1 and s.init_steps >= 0, "--steps (schedule.steps) must be at least 1"),
-            (self.guidance.eta >= 0.0, "guidance.eta must be >= 0"),
+            (0.0 <= self.guidance.eta <= 1.0, "guidance.eta must lie in [0, 1]"),
             (1 <= c.views <= 64, "--views must lie in 1..64"),
             (16 <= c.resolution <= 2048, "--res must lie in 16..2048"),
             (c.radius > 0 and 0 < c.fovy < 180, "cameras need radius > 0 and 0 < fovy < 180"),

@@ -109,7 +109,10 @@ def resolve_model_dir(
         raise UserError(f"cannot download model '{text}' ({reason}); {_missing_model_help()}") from None
     missing = missing_files(snapshot)
     if missing:
-        raise UserError(f"model '{text}' is incomplete after download (missing {', '.join(missing[:3])})")
+        raise UserError(
+            f"model '{text}' is incomplete in the cache and the download did not complete it "
+            f"(missing {', '.join(missing[:3])}); {_missing_model_help()}"
+        )
     return snapshot
 
 

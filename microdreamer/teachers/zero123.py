@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..sir.cameras import Cameras
 from .base import Branch, Condition, Teacher, guide
+from .catalog import find_entry
 from .loading import (
     build_model,
     expect_components,
@@ -34,6 +35,8 @@ from .loading import (
 
 Variant = Literal["stable", "xl"]
 VARIANTS: tuple[str, ...] = ("stable", "xl")
+#: catalog entry (default weights) of each variant
+CATALOG_NAMES = {"stable": "stable-zero123", "xl": "zero123-xl"}
 
 #: model_index.json classes of a Zero123 pipeline folder (spec §1.1)
 COMPONENTS = {
@@ -139,7 +142,7 @@ class Zero123Teacher(Teacher):
     @classmethod
     def from_pretrained(
         cls,
-        model_id_or_path: str | Path,
+        model_id_or_path: str | Path | None = None,
         variant: Variant = "stable",
         device: torch.device | str = "cpu",
         dtype: str = "auto",
@@ -147,7 +150,14 @@ class Zero123Teacher(Teacher):
         generator: torch.Generator | None = None,
         cache_dir: str | Path | None = None,
     ) -> "Zero123Teacher":
-        """Load a Zero123 pipeline folder (or Hugging Face id) in the diffusers layout of spec §1.1."""
+        """Load a Zero123 pipeline folder (or Hugging Face id) in the diffusers layout of spec §1.1.
+
+        Without ``model_id_or_path`` the variant's catalog weights are used.
+        """
+        if variant not in VARIANTS:
+            raise UserError(f"unknown Zero123 variant '{variant}' (use {' or '.join(VARIANTS)})")
+        if model_id_or_path is None:
+            model_id_or_path = find_entry(CATALOG_NAMES[variant]).repo_id
         device = torch.device(device)
         torch_dtype = resolve_dtype(dtype, device)
         root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
