@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -274,7 +275,7 @@ class Resampler(nn.Module):
     def __init__(self, dim: int, depth: int, head_dim: int, heads: int, num_queries: int, embedding_dim: int,
                  output_dim: int, ff_mult: int = 4) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.latents = nn.Parameter(torch.zeros(1, num_queries, dim))  # learned queries, from the checkpoint
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
@@ -395,8 +396,6 @@ class MultiViewUNet(nn.Module):
     def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> "MultiViewUNet":
         """Load a checkpoint's ``unet/`` folder (``config.json`` + safetensors weights), strictly."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         weights = next((folder / name for name in _WEIGHT_FILES if (folder / name).is_file()), None)
         if not (folder / "config.json").is_file() or weights is None:
