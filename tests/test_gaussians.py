@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import trimesh
 
 from microdreamer.config import GaussianConfig
 from microdreamer.errors import UserError
@@ -44,7 +45,7 @@ try:
 except ModuleNotFoundError:
     sys.modules["microdreamer.render.gaussians"] = types.SimpleNamespace(rasterize_gaussians=_standin_rasterize)
 
-from microdreamer.representations.densify import DensifyState, DensifyStrategy  # noqa: E402
+from microdreamer.representations.densify import DensifyState, DensifyStrategy, quaternion_to_matrix  # noqa: E402
 from microdreamer.representations.gaussians import (  # noqa: E402
     SH_C0, ExponentialLR, Gaussians, mean_sq_knn_distance,
 )
@@ -74,8 +75,8 @@ def _hand_made(rows: list[dict]) -> GaussianPLY:
 # initialisation ---------------------------------------------------------------------------------
 
 def test_init_statistics():
-    g = Gaussians(_cfg(num_points=4000), "cpu", _gen(1))
-    assert g.num_primitives == 4000
+    g = Gaussians(_cfg(num_points=3000), "cpu", _gen(1))
+    assert g.num_primitives == 3000
     r = g.means.detach().norm(dim=-1)
     assert r.max() <= 0.5 + 1e-6
     # uniform in the ball: P(r < R/2) = 1/8, mean of x,y,z ≈ 0
@@ -83,9 +84,9 @@ def test_init_statistics():
     assert g.means.detach().mean(0).abs().max() < 0.02
     assert g.params["f_dc"].min() >= 0 and g.params["f_dc"].max() < 1 / 255
     assert torch.allclose(g.colors, torch.full_like(g.colors, 0.5), atol=SH_C0 / 255 + 1e-7)
-    assert torch.equal(g.params["rotation"], torch.tensor([[1.0, 0, 0, 0]]).expand(4000, 4))
-    assert torch.allclose(g.opacities, torch.full((4000,), 0.1))
-    assert g.params["f_rest"].shape == (4000, 0, 3)
+    assert torch.equal(g.params["rotation"], torch.tensor([[1.0, 0, 0, 0]]).expand(3000, 4))
+    assert torch.allclose(g.opacities, torch.full((3000,), 0.1))
+    assert g.params["f_rest"].shape == (3000, 0, 3)
     # isotropic scale = sqrt(mean squared distance to the 3 nearest neighbours), brute force
     d2 = torch.cdist(g.means.detach().double(), g.means.detach().double()).square()
     d2.fill_diagonal_(float("inf"))
@@ -225,7 +226,6 @@ def test_split_children_follow_the_parent_distribution():
     _, report = g.strategy.densify(g.params, g.optimizer, state, _gen(11), step=100)
     assert report.split == n and report.total == 2 * n
     offsets = g.means.detach().double()
-    from microdreamer.representations.densify import quaternion_to_matrix
     rot = quaternion_to_matrix(quat[None]).double()[0]
     cov = rot @ torch.diag(torch.tensor(s).double() ** 2) @ rot.T
     torch.testing.assert_close(offsets.T @ offsets / (2 * n), cov, atol=6e-4, rtol=0)
@@ -298,7 +298,6 @@ def test_save_load_render_equal(tmp_path):
         a, b = g.render(cams, torch.ones(3)), h.render(cams, torch.ones(3))
     assert torch.equal(a.rgb, b.rgb) and torch.equal(a.alpha, b.alpha)
     mesh = tmp_path / "mesh.ply"
-    import trimesh
     trimesh.creation.box().export(mesh)
     with pytest.raises(UserError):
         Gaussians.load(mesh, _cfg(), "cpu")
@@ -310,9 +309,7 @@ def test_density():
                        "quat": (0.8, 0.2, 0.5, -0.1)},
                       {"pos": (5.0, 5.0, 5.0), "opacity": 0.9, "scale": (0.05, 0.05, 0.05)}])
     g = Gaussians(_cfg(), "cpu", _gen(), init=ply)
-    axis = g.quats.new_tensor(0)  # first local axis in world space
-    from microdreamer.representations.densify import quaternion_to_matrix
-    axis = quaternion_to_matrix(g.params["rotation"][:1].detach())[0, :, 0]
+    axis = quaternion_to_matrix(g.params["rotation"][:1].detach())[0, :, 0]  # first local axis, world
     pts = torch.stack([g.means[0].detach(), g.means[0].detach() + 0.05 * axis])
     torch.testing.assert_close(g.density(pts), torch.tensor([0.7, 0.7 * math.exp(-0.5)]))
 
@@ -334,3 +331,11 @@ def test_density():
                                rtol=1e-4, atol=1e-5)
     bound = torch.sigmoid(rand.opacity).sum().item() * math.exp(-0.5 * 16)
     assert (g.density(pts, chunk=256) - expected.float()).abs().max() <= bound
+
+
+def test_quaternion_convention_matches_scipy():
+    from scipy.spatial.transform import Rotation
+
+    q = torch.randn(50, 4, generator=_gen(12), dtype=torch.float64)
+    expected = Rotation.from_quat(q[:, [1, 2, 3, 0]].numpy()).as_matrix()  # scipy wants x, y, z, w
+    torch.testing.assert_close(quaternion_to_matrix(q), torch.from_numpy(expected))

@@ -207,26 +207,28 @@ class Gaussians(Representation):
         write_gaussian_ply(path, self.to_ply())
 
     @torch.no_grad()
-    def density(self, points: Tensor, chunk: int = 1024, cutoff: float = 4.0) -> Tensor:
+    def density(self, points: Tensor, chunk: int = 512, cutoff: float = 4.0) -> Tensor:
         """Opacity field ``Σ_i o_i·exp(−½ dᵀΣ_i⁻¹d)`` at world ``points [P,3]`` → ``[P]``.
 
         Points are processed in spatially sorted chunks of ``chunk``; a chunk skips the Gaussians
-        whose centre lies more than ``cutoff`` standard deviations (of their largest axis) outside
-        the chunk's bounding box, so every skipped term is below ``o_i·exp(−cutoff²/2)``
-        (3.4e-4·o_i at the default 4); ``cutoff=inf`` gives the exact sum. The quadratic forms of
+        whose ellipsoid ``dᵀΣ⁻¹d ≤ cutoff²`` has a bounding box disjoint from the chunk's, so every
+        skipped term is below ``o_i·exp(−cutoff²/2)`` (3.4e-4·o_i at the default 4);
+        ``cutoff=inf`` gives the exact sum. The quadratic forms of
         a chunk are one matrix product (monomials of the point times coefficients of Σ⁻¹), in
-        float64 and relative to the chunk's centre so that tiny Gaussians lose no precision.
+        float64 and relative to the chunk's centre so that tiny Gaussians lose no precision; the
+        exponentials and the sum are float32.
         """
         pts = points.to(self.device, torch.float64).reshape(-1, 3)
-        out = torch.zeros(pts.shape[0], device=self.device, dtype=torch.float64)
+        out = torch.zeros(pts.shape[0], device=self.device)
         if self.num_primitives == 0 or pts.shape[0] == 0:
-            return out.float()
-        means, opacity = self.means.detach().double(), self.opacities.double()
+            return out
+        means, opacity = self.means.detach().double(), self.opacities.detach()
         scales = self.scales.double()
         rot = quaternion_to_matrix(self.params["rotation"].double())
         precision = rot @ torch.diag_embed(scales.pow(-2)) @ rot.transpose(1, 2)  # Σ⁻¹ [G,3,3]
         upper = precision[:, [0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]  # xx yy zz xy xz yz
-        reach = (cutoff * scales.amax(-1))[:, None]
+        # half-extents of the box around the ellipsoid dᵀΣ⁻¹d = cutoff²: cutoff·sqrt(Σ_kk)
+        reach = cutoff * (rot.square() @ scales.square()[:, :, None]).squeeze(-1).sqrt()
         order = _spatial_order(pts, chunk)
         for start in range(0, pts.shape[0], chunk):
             idx = order[start:start + chunk]
@@ -242,9 +244,9 @@ class Gaussians(Representation):
             m = means[near] - (lo + hi) / 2
             pm = (precision[near] @ m[:, :, None]).squeeze(-1)  # Σ⁻¹μ
             coef = torch.cat([upper[near], -2 * pm, (m * pm).sum(-1, keepdim=True)], -1)  # [g,10]
-            maha = (monomials @ coef.T).clamp_min(0)  # dᵀΣ⁻¹d for every pair [p,g]
+            maha = (monomials @ coef.T).clamp_min(0).float()  # dᵀΣ⁻¹d for every pair [p,g]
             out[idx] = torch.exp(-0.5 * maha) @ opacity[near]
-        return out.float()
+        return out
 
 
 def _spatial_order(points: Tensor, chunk: int) -> Tensor:
