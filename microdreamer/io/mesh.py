@@ -78,12 +78,13 @@ class _Part:
     factor: np.ndarray  # [3] material colour, multiplies the rest
 
 
-def load_mesh(path: str | Path, normalize: bool = True) -> TexturedMesh:
+def load_mesh(path: str | Path, normalize: bool = True, yaw: float = 0.0) -> TexturedMesh:
     """Read a triangle mesh with its texture or colours; scenes are flattened with their node transforms.
 
-    Skinned glTF meshes come in their bind pose. ``normalize`` fits the result in the unit box
-    (:meth:`TexturedMesh.normalized`). Raises :class:`UserError` for a missing or unreadable file or
-    one without triangles.
+    Skinned glTF meshes come in their bind pose. ``yaw`` turns the mesh about +y by that many degrees
+    (right-handed: 90 turns a model that faces −x to face +z, towards the azimuth-0 camera).
+    ``normalize`` then fits it in the unit box (:meth:`TexturedMesh.normalized`). Raises
+    :class:`UserError` for a missing or unreadable file or one without triangles.
     """
     import trimesh
 
@@ -106,6 +107,10 @@ def load_mesh(path: str | Path, normalize: bool = True) -> TexturedMesh:
     if not parts:
         raise UserError(f"{path} contains no triangles (expected a triangle mesh: .obj, .glb or .gltf)")
     mesh = _merge(parts)
+    if yaw:
+        c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+        turn = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+        mesh.vertices = mesh.vertices @ turn.T
     return mesh.normalized() if normalize else mesh
 
 
