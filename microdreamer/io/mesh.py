@@ -93,11 +93,16 @@ def load_mesh(path: str | Path, normalize: bool = True, yaw: float = 0.0) -> Tex
         raise UserError(f"mesh file not found: {path} (check the path)")
     if not path.is_file():
         raise UserError(f"mesh path is not a file: {path} (give an .obj, .glb or .gltf file)")
+    if path.stat().st_size == 0:
+        raise UserError(f"mesh file is empty: {path} (expected a triangle mesh: .obj, .glb or .gltf)")
     try:
         scene = trimesh.load(str(path), force="scene")
     except Exception as exc:  # trimesh raises many types for malformed files
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise UserError(f"could not read mesh {path}: {reason} (expected a triangle mesh: .obj, .glb or .gltf)") from exc
+        raise UserError(
+            f"could not read mesh {path}: not a valid {path.suffix or 'mesh'} file ({reason}); "
+            "expected a triangle mesh: .obj, .glb or .gltf"
+        ) from exc
     parts = []
     for node in scene.graph.nodes_geometry:
         transform, name = scene.graph[node]
