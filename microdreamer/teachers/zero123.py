@@ -48,6 +48,11 @@ COMPONENTS = {
 }
 
 
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise UserError(f"unknown Zero123 variant '{variant}' (use {' or '.join(VARIANTS)})")
+
+
 def camera_embedding(
     elevation_delta: Tensor, azimuth_delta: Tensor, variant: Variant, reference_elevation: float = 0.0
 ) -> Tensor:
@@ -56,8 +61,7 @@ def camera_embedding(
     T = [rad(Δel), sin(rad(Δaz)), cos(rad(Δaz)), x] with x = rad(90 + reference elevation), the polar
     angle of the reference view, for Stable Zero123, and x = Δradius = 0 for Zero123-XL.
     """
-    if variant not in VARIANTS:
-        raise UserError(f"unknown Zero123 variant '{variant}' (use {' or '.join(VARIANTS)})")
+    check_variant(variant)
     d_el = torch.deg2rad(torch.as_tensor(elevation_delta, dtype=torch.float64).reshape(-1))
     d_az = torch.deg2rad(torch.as_tensor(azimuth_delta, dtype=torch.float64).reshape(-1))
     if variant == "stable":
@@ -111,8 +115,7 @@ class Zero123Teacher(Teacher):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise UserError(f"unknown Zero123 variant '{variant}' (use {' or '.join(VARIANTS)})")
+        check_variant(variant)
         latent = int(vae.config.latent_channels)
         if unet.config.in_channels != 2 * latent or unet.config.out_channels != latent:
             raise UserError(
@@ -154,8 +157,7 @@ class Zero123Teacher(Teacher):
 
         Without ``model_id_or_path`` the variant's catalog weights are used.
         """
-        if variant not in VARIANTS:
-            raise UserError(f"unknown Zero123 variant '{variant}' (use {' or '.join(VARIANTS)})")
+        check_variant(variant)
         if model_id_or_path is None:
             model_id_or_path = find_entry(CATALOG_NAMES[variant]).repo_id
         device = torch.device(device)
