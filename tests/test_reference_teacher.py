@@ -1,0 +1,121 @@
+"""ReferenceTeacher: its eps predicts the mesh's rendering exactly, pixel-space encode/decode, counting, front view."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from microdreamer.io.mesh import TexturedMesh, load_mesh
+from microdreamer.render.mesh import rasterize_mesh
+from microdreamer.sir.cameras import Cameras
+from microdreamer.sir.scheduler import ddim_step
+from microdreamer.teachers.base import Condition
+from microdreamer.teachers.reference import ReferenceTeacher
+
+AVOCADO = Path("/work/shared/assets/avocado/avocado.gltf")
+RES = 32
+
+
+def _mesh() -> TexturedMesh:
+    """A small textured mesh: the avocado when available, else a vertex-coloured tetrahedron."""
+    if AVOCADO.exists():
+        return load_mesh(AVOCADO)
+    verts = torch.tensor([[0.0, 0.5, 0.0], [-0.5, -0.3, 0.3], [0.5, -0.3, 0.3], [0.0, -0.3, -0.5]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]])
+    return TexturedMesh(verts, faces, vertex_colors=torch.rand(4, 3, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ReferenceTeacher:
+    return ReferenceTeacher(_mesh(), resolution=RES)
+
+
+def _cameras() -> Cameras:
+    return Cameras.orbit([0.0, -20.0, 15.0], [0.0, 120.0, 240.0], 2.0, 256)  # resized to the teacher's size
+
+
+@pytest.mark.parametrize("t", [0, 1, 51, 501, 951, 999])
+def test_x0_prediction_from_eps_is_the_rendering(teacher, t):
+    cams = _cameras()
+    x_t = torch.randn(3, 3, RES, RES, generator=torch.Generator().manual_seed(t))
+    eps = teacher.predict_noise(x_t, t, cams, "cond")
+    a = teacher.alphas_cumprod[t].item()
+    x0 = (x_t - (1 - a) ** 0.5 * eps) / a**0.5
+    target = 2 * rasterize_mesh(teacher.mesh, cams.with_resolution(RES), teacher.background, supersample=2).rgb - 1
+    assert eps.dtype == torch.float32 and eps.shape == x_t.shape
+    assert torch.allclose(x0, target, atol=2e-5)
+    assert float((target + 1).std()) > 0.05  # the views are not blank
+
+
+def test_one_ddim_step_from_t_lands_on_the_noised_rendering(teacher):
+    """With eta 0 the step keeps eps: x_prev = sqrt(ᾱ_prev) x_ref + sqrt(1 − ᾱ_prev) eps."""
+    cams = _cameras()
+    x_t = torch.randn(3, 3, RES, RES, generator=torch.Generator().manual_seed(7))
+    eps = teacher.predict_noise(x_t, 501, cams, "guided", 3.0)
+    x_prev = ddim_step(eps, 501, x_t, teacher.alphas_cumprod, 20)
+    x_ref = teacher.encode(teacher.render(cams).rgb)
+    a_prev = teacher.alphas_cumprod[451].item()
+    assert torch.allclose(x_prev, a_prev**0.5 * x_ref + (1 - a_prev) ** 0.5 * eps, atol=1e-5)
+
+
+def test_branches_and_guidance_scale_do_not_matter(teacher):
+    cams = _cameras()
+    x_t = torch.randn(3, 3, RES, RES, generator=torch.Generator().manual_seed(1))
+    cond = teacher.predict_noise(x_t, 301, cams, "cond")
+    assert torch.equal(teacher.predict_noise(x_t, 301, cams, "uncond"), cond)
+    assert torch.equal(teacher.predict_noise(x_t, 301, cams, "guided", 7.5), cond)
+
+
+def test_evaluation_counter_increments():
+    teacher = ReferenceTeacher(_mesh(), resolution=RES)
+    cams = _cameras()
+    x_t = torch.zeros(3, 3, RES, RES)
+    teacher.predict_noise(x_t, 10, cams, "guided", 3.0)
+    teacher.predict_noise(x_t, 10, cams, "uncond")
+    teacher.predict_noise(x_t, 10, cams, "cond")
+    assert teacher.evaluations.as_dict() == {"total": 3, "guided": 1, "single_branch": 2, "view_evaluations": 12}
+
+
+def test_pixel_space_encode_decode_and_shapes(teacher):
+    x = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+    z = teacher.encode(x)
+    assert torch.allclose(z, 2 * x - 1) and torch.allclose(teacher.decode(z), x, atol=1e-7)
+    assert torch.equal(teacher.decode(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert teacher.latent_shape(4) == (4, 3, RES, RES)
+    teacher.prepare(Condition())  # any condition is accepted
+    teacher.prepare(Condition(prompt="a cow", elevation=-30.0))
+
+
+def test_schedule_is_the_scaled_linear_table(teacher):
+    a = teacher.alphas_cumprod
+    assert a.dtype == torch.float64 and a.shape == (1000,)
+    spec = {0: 0.999150, 1: 0.998296, 501: 0.274999, 901: 0.014005, 999: 0.004660}  # spec §0.1
+    for t, value in spec.items():
+        assert float(a[t]) == pytest.approx(value, abs=1e-6)
+
+
+def test_front_image_is_the_antialiased_azimuth_zero_render(teacher):
+    rgb, mask = teacher.front_image(-10.0, 2.0, 49.1)
+    assert rgb.shape == (1, 3, RES, RES) and mask.shape == (1, 1, RES, RES)
+    assert 0.05 < float(mask.mean()) < 0.9
+    assert ((mask > 0) & (mask < 1)).any()  # antialiased edge
+    assert torch.all(rgb[:, :, mask[0, 0] == 0] == 1)  # white background
+    camera = Cameras.orbit([-10.0], [0.0], 2.0, 512)
+    same_rgb, same_mask = teacher.front_image(camera)  # the pipeline passes the reference camera itself
+    assert torch.equal(same_rgb, rgb) and torch.equal(same_mask, mask)
+
+
+def test_renders_are_cached_per_camera_batch(teacher):
+    cams = _cameras()
+    assert teacher.render(cams) is teacher.render(cams.with_resolution(64))
+    assert teacher.render(cams) is not teacher.render(cams[:2])
+
+
+def test_loading_from_a_path_matches_a_loaded_mesh():
+    if not AVOCADO.exists():
+        pytest.skip("avocado not available")
+    cams = _cameras()
+    by_path = ReferenceTeacher(AVOCADO, resolution=RES, background=(0.0, 0.0, 0.0), backend="torch")
+    by_mesh = ReferenceTeacher(load_mesh(AVOCADO), resolution=RES, background=torch.zeros(3), backend="torch")
+    assert torch.equal(by_path.render(cams).rgb, by_mesh.render(cams).rgb)
+    assert float(by_path.front_image()[0].min()) == 0.0  # black background
