@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -15,40 +13,9 @@ from microdreamer.config import GaussianConfig
 from microdreamer.errors import UserError
 from microdreamer.io.ply import GaussianPLY
 from microdreamer.render.types import RenderOutput
+from microdreamer.representations.densify import DensifyState, DensifyStrategy, quaternion_to_matrix
+from microdreamer.representations.gaussians import SH_C0, ExponentialLR, Gaussians, mean_sq_knn_distance
 from microdreamer.sir.cameras import Cameras
-
-
-def _standin_rasterize(means, quats, scales, opacities, colors, cameras, background, backend="auto"):
-    """Stand-in for microdreamer.render.gaussians until it lands: isotropic splats, no sorting."""
-    viewmats, k = cameras.viewmats().to(means), cameras.intrinsics().to(means)
-    cam = torch.einsum("bij,nj->bni", viewmats[:, :3, :3], means) + viewmats[:, None, :3, 3]
-    z = cam[..., 2].clamp_min(1e-3)
-    means2d = torch.stack([k[:, None, 0, 0] * cam[..., 0] / z + k[:, None, 0, 2],
-                           k[:, None, 1, 1] * cam[..., 1] / z + k[:, None, 1, 2]], -1)
-    sigma = k[:, None, 1, 1] * scales.amax(-1) / z + 0.5
-    ys, xs = torch.meshgrid(torch.arange(cameras.height) + 0.5, torch.arange(cameras.width) + 0.5,
-                            indexing="ij")
-    pix = torch.stack([xs, ys], -1).reshape(1, -1, 1, 2).to(means)
-    d2 = (pix - means2d[:, None]).square().sum(-1)
-    a = (opacities * torch.exp(-0.5 * d2 / sigma[:, None].square())).clamp(max=0.99)  # [B,P,N]
-    alpha = 1 - torch.prod(1 - a, -1)
-    w = a / a.sum(-1, keepdim=True).clamp_min(1e-8) * alpha[..., None]
-    rgb = w @ colors + (1 - alpha)[..., None] * background
-    shape = (len(cameras), cameras.height, cameras.width)
-    radii = (3 * sigma).ceil().int() * (cam[..., 2] > cameras.near)
-    return RenderOutput(rgb.reshape(*shape, 3).permute(0, 3, 1, 2), alpha.reshape(*shape)[:, None],
-                        (w @ z[..., None]).reshape(*shape)[:, None], {"means2d": means2d, "radii": radii})
-
-
-try:
-    import microdreamer.render.gaussians  # noqa: F401
-except ModuleNotFoundError:
-    sys.modules["microdreamer.render.gaussians"] = types.SimpleNamespace(rasterize_gaussians=_standin_rasterize)
-
-from microdreamer.representations.densify import DensifyState, DensifyStrategy, quaternion_to_matrix  # noqa: E402
-from microdreamer.representations.gaussians import (  # noqa: E402
-    SH_C0, ExponentialLR, Gaussians, mean_sq_knn_distance,
-)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

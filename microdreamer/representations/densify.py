@@ -138,9 +138,9 @@ class DensifyStrategy:
         hot = grads >= self.grad_threshold
         clone, split = hot & ~big, hot & big
 
-        new = {name: p[clone] for name, p in params.items()}
+        clones = {name: p[clone] for name, p in params.items()}
         children = self._split_children(params, split, generator)
-        append(params, optimizer, {name: torch.cat([new[name], children[name]]) for name in params})
+        append(params, optimizer, {name: torch.cat([clones[name], children[name]]) for name in params})
 
         n_new = params["means"].shape[0] - n
         parents = torch.cat([split, split.new_zeros(n_new)])
