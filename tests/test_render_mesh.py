@@ -239,3 +239,11 @@ def test_nvdiffrast_agrees_with_cpu():
     b = rasterize_mesh(mesh.to("cuda"), cams, WHITE.cuda(), backend="nvdiffrast")
     assert (a.extras["face_id"] == b.extras["face_id"].cpu()).float().mean() >= 0.999
     assert (a.rgb - b.rgb.cpu()).abs().mean() < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_view_that_sees_nothing_is_background(backend):
+    mesh = _square(0.5, z=5.0, texture=torch.rand(8, 8, 3))  # behind the azimuth-0 camera at z = 2
+    out = rasterize_mesh(mesh, _front(16), torch.tensor([0.2, 0.4, 0.6]), backend=backend, supersample=2)
+    assert torch.all(out.alpha == 0) and torch.all(out.depth == 0)
+    assert torch.allclose(out.rgb, torch.tensor([0.2, 0.4, 0.6])[None, :, None, None].expand(1, 3, 16, 16))

@@ -192,12 +192,13 @@ def sample_texture(
                             align_corners=False)
         return out[0, :, 0].T
 
+    channels = texture.shape[2]
     if footprint is None:
-        return lookup(texture, grid).reshape(*shape, -1)
+        return lookup(texture, grid).reshape(*shape, channels)
     levels = max(texture.shape[0], texture.shape[1]).bit_length()  # as many as _halve makes
     lod = footprint.reshape(-1).clamp_min(1e-12).log2().clamp(0, levels - 1)
     top = int(lod.max().ceil()) if lod.numel() else 0
-    result = torch.zeros(lod.shape[0], texture.shape[2], dtype=texture.dtype, device=texture.device)
+    result = torch.zeros(lod.shape[0], channels, dtype=texture.dtype, device=texture.device)
     level = texture
     for index in range(top + 1):
         if index > 0:
@@ -207,7 +208,7 @@ def sample_texture(
         if len(chosen):
             term = weight[chosen, None] * lookup(level, grid[:, :, chosen])
             result = result.index_add(0, chosen, term)
-    return result.reshape(*shape, -1)
+    return result.reshape(*shape, channels)
 
 
 def _halve(image: Tensor) -> Tensor:
