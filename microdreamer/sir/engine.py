@@ -97,15 +97,19 @@ class SIREngine:
     def run(self) -> EngineResult:
         logs: list[IterationLog] = []
         step = 0
+        optimisation_steps = 0
         total = self.schedule.iterations + 1
         for iteration in range(total):
-            step += 1  # the reference advances its step counter once per iteration too (spec §6.2)
+            # The reference's step counter advances once per iteration and once per optimisation step
+            # (spec §6.2); densification and the learning-rate decay read it, so we keep its values.
+            step += 1
             cameras = self.sampler.sample(self.generator).to(self.device)
             plan = None if iteration == 0 else self.schedule.iteration(iteration - 1)
             steps = self.cfg.schedule.init_steps if iteration == 0 else self.cfg.schedule.steps
             target: Tensor | None = None
             loss_value = float("nan")
             for _ in range(steps):
+                step += 1
                 output, novel = self._render(cameras)
                 if target is None:
                     target = self._target(novel.detach(), cameras, plan)
@@ -114,7 +118,7 @@ class SIREngine:
                     loss.backward()
                 with self.timer("update", self.device):
                     self.representation.step(step, output)
-                step += 1
+                optimisation_steps += 1
                 loss_value = float(loss.detach())
             log = IterationLog(
                 iteration,
@@ -128,7 +132,7 @@ class SIREngine:
                 self.on_iteration(log, total)
         with self.timer("update", self.device):
             self.representation.finalize()
-        return EngineResult(logs, dict(self.timer.seconds), step)
+        return EngineResult(logs, dict(self.timer.seconds), optimisation_steps)
 
     def _render(self, cameras: Cameras):
         """Render the novel views, with the reference view appended when there is one (one batch)."""
