@@ -84,8 +84,9 @@ def test_scene_parts_share_an_atlas_and_keep_their_colours(tmp_path):
     painted.visual = ColorVisuals(painted, vertex_colors=np.tile([255, 255, 0, 255], (4, 1)).astype(np.uint8))
     scene = trimesh.Scene()
     scene.add_geometry(textured, node_name="t", geom_name="t")
-    scene.add_geometry(flat, node_name="f", geom_name="f", transform=trimesh.transformations.translation_matrix([2, 0, 0]))
-    scene.add_geometry(painted, node_name="p", geom_name="p", transform=trimesh.transformations.translation_matrix([0, 2, 0]))
+    shift = trimesh.transformations.translation_matrix
+    scene.add_geometry(flat, node_name="f", geom_name="f", transform=shift([2, 0, 0]))
+    scene.add_geometry(painted, node_name="p", geom_name="p", transform=shift([0, 2, 0]))
     path = tmp_path / "parts.glb"
     scene.export(str(path))
 
@@ -103,7 +104,8 @@ def test_scene_parts_share_an_atlas_and_keep_their_colours(tmp_path):
 
 def test_vertex_coloured_mesh_without_texture(tmp_path):
     quad = _quad()
-    quad.visual = ColorVisuals(quad, vertex_colors=np.array([[255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255], [255, 255, 255, 255]], np.uint8))
+    rgba = np.array([[255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255], [255, 255, 255, 255]], np.uint8)
+    quad.visual = ColorVisuals(quad, vertex_colors=rgba)
     path = tmp_path / "painted.ply"
     quad.export(str(path))
     mesh = load_mesh(path)
@@ -114,9 +116,11 @@ def test_vertex_coloured_mesh_without_texture(tmp_path):
 
 
 def test_to_moves_every_tensor():
-    mesh = TexturedMesh(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), uvs=torch.zeros(3, 2), texture=torch.zeros(2, 2, 3))
+    mesh = TexturedMesh(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), uvs=torch.zeros(3, 2),
+                        texture=torch.zeros(2, 2, 3))
     moved = mesh.to("meta")
-    assert all(t.device.type == "meta" for t in (moved.vertices, moved.faces, moved.uvs, moved.texture, moved.base_color))
+    tensors = (moved.vertices, moved.faces, moved.uvs, moved.texture, moved.base_color)
+    assert all(t.device.type == "meta" for t in tensors)
     assert moved.vertex_colors is None
 
 
@@ -143,3 +147,15 @@ def test_bad_files_raise_one_line_user_errors(tmp_path, name, content, needle):
 def test_directory_is_rejected(tmp_path):
     with pytest.raises(UserError, match="not a file"):
         load_mesh(tmp_path)
+
+
+def test_face_colours_become_per_face_vertex_colours(tmp_path):
+    quad = _quad()
+    quad.visual = ColorVisuals(quad, face_colors=np.array([[255, 0, 0, 255], [0, 0, 255, 255]], np.uint8))
+    path = tmp_path / "faces.ply"
+    quad.export(str(path))
+    mesh = load_mesh(path)
+    assert mesh.vertices.shape == (6, 3)  # unshared corners keep the colours flat
+    corner = mesh.vertex_colors[mesh.faces]  # [F,3,3]
+    assert torch.equal(corner[0], torch.tensor([[1.0, 0, 0]] * 3))
+    assert torch.equal(corner[1], torch.tensor([[0.0, 0, 1]] * 3))

@@ -31,7 +31,9 @@ def rasterize_nvdiffrast(
     try:
         import nvdiffrast.torch as dr
     except ImportError as exc:
-        raise UserError("the nvdiffrast mesh backend needs nvdiffrast (pip install nvdiffrast); or use backend cpu") from exc
+        raise UserError(
+            "the nvdiffrast mesh backend needs nvdiffrast (pip install nvdiffrast); or use backend cpu"
+        ) from exc
     if verts.device.type != "cuda":
         raise UserError("the nvdiffrast mesh backend needs CUDA tensors; use backend cpu or torch on this device")
     verts = verts.detach().float()
