@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -182,21 +181,28 @@ def selftest(
         raise typer.Exit(1)
 
 
+# Typer may vendor its own click: take the usage-error class from its exception hierarchy.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["--help"]
     try:
         rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except click.UsageError as exc:
+    except _UsageError as exc:
         hint = f" (see 'microdreamer {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted: no partial outputs were left behind", file=sys.stderr)
         return 130
     return rc if isinstance(rc, int) else 0

@@ -85,7 +85,7 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
 
     # same seed, same result
     again = tmp_path / "again"
-    assert main(argv[:-4] + ["--out", str(again), "--seed", "3", "-q"]) == 0
+    assert main(argv[:-5] + ["--out", str(again), "--seed", "3", "-q"]) == 0
     assert (again / "spot.ply").read_bytes() == before
 
     scores = tmp_path / "scores.json"
