@@ -11,7 +11,7 @@
 //      pixel's transmittance by division as 3DGS does; per-entry gradients go to a buffer indexed
 //      like the lists, then are summed per view in list order (deterministic, no atomics).
 // A Gaussian only touches the rows/tiles where opacity·exp(-power) can reach alpha_min (the
-// ellipse power <= log(opacity/alpha_min), widened by one pixel), a superset of the pixels the
+// ellipse power <= log(opacity/alpha_min), with slack for rounding), a superset of the pixels the
 // threshold test accepts, so the results equal the reference's.
 
 #include <torch/extension.h>
@@ -65,6 +65,77 @@ inline float exp_neg(float x) {
   return y * scale;
 }
 
+// One row of a tile (16 pixels, centres x0 + 0..15 and dy = my - centre_y) composited with
+// Gaussian s, the entry number `count` of the tile's list (1-based) — forward state update.
+void forward_row(const Splat& s, float x0, float dy, int32_t count, const Consts& k,
+                 float* __restrict T, float* __restrict ar, float* __restrict ag, float* __restrict ab,
+                 float* __restrict ad, float* __restrict live, int32_t* __restrict used) {
+  const float cdy = 0.5f * s.c * dy * dy, bdy = s.b * dy;
+#pragma omp simd
+  for (int x = 0; x < TS; ++x) {
+    const float dx = s.mx - (x0 + static_cast<float>(x));
+    const float power = 0.5f * s.a * dx * dx + cdy + bdy * dx;
+    const float raw = s.op * exp_neg(-power);
+    const float a = raw < k.alpha_max ? raw : k.alpha_max;
+    const float t = T[x];
+    const float t_next = t * (1.f - a);
+    const bool ok = (power >= 0.f) & (a >= k.alpha_min) & (live[x] != 0.f);
+    const bool stop = ok & (t_next < k.t_min);
+    const bool use = ok & !stop;
+    const float w = use ? a * t : 0.f;
+    ar[x] += w * s.r;
+    ag[x] += w * s.g;
+    ab[x] += w * s.bl;
+    ad[x] += w * s.z;
+    T[x] = use ? t_next : t;
+    used[x] = use ? count : used[x];
+    live[x] = stop ? 0.f : live[x];
+  }
+}
+
+// Backward through one row: T is the transmittance behind the entry, B* the colour/depth
+// composited behind it (background included), g* the output gradients (gat = dL/dalpha · T_final);
+// per-lane gradient sums for the entry's 10 parameters are added to acc.
+// (Kept out of line: inlined into the tile loop, GCC 12 fails to if-convert it.)
+__attribute__((noinline)) void backward_row(const Splat& s, float x0, float dy, int32_t count, float amin, float amax,
+                  float* __restrict T, float* __restrict Br, float* __restrict Bg, float* __restrict Bb,
+                  float* __restrict Bd, const float* __restrict gr, const float* __restrict gg,
+                  const float* __restrict gb, const float* __restrict gd, const float* __restrict gat,
+                  const int32_t* __restrict n_used, float (*__restrict acc)[TS]) {
+  const float cdy = 0.5f * s.c * dy * dy, bdy = s.b * dy;
+#pragma omp simd
+  for (int x = 0; x < TS; ++x) {
+    const float dx = s.mx - (x0 + static_cast<float>(x));
+    const float power = 0.5f * s.a * dx * dx + cdy + bdy * dx;
+    const float G = exp_neg(-power);
+    const float raw = s.op * G;
+    const float a = raw < amax ? raw : amax;
+    const bool ok = (power >= 0.f) & (a >= amin) & (count <= n_used[x]);
+    const float inv = 1.f / (1.f - a);
+    const float Ti = T[x] * inv;  // transmittance in front of this entry
+    const float dalpha = gr[x] * (s.r * Ti - Br[x] * inv) + gg[x] * (s.g * Ti - Bg[x] * inv) +
+                         gb[x] * (s.bl * Ti - Bb[x] * inv) + gd[x] * (s.z * Ti - Bd[x] * inv) + gat[x] * inv;
+    const float draw = (ok & (raw <= amax)) ? dalpha : 0.f;
+    const float dpow = -raw * draw;
+    const float w = ok ? a * Ti : 0.f;
+    acc[0][x] += dpow * (s.a * dx + bdy);
+    acc[1][x] += dpow * (s.b * dx + s.c * dy);
+    acc[2][x] += dpow * 0.5f * dx * dx;
+    acc[3][x] += dpow * dx * dy;
+    acc[4][x] += dpow * 0.5f * dy * dy;
+    acc[5][x] += G * draw;
+    acc[6][x] += w * gr[x];
+    acc[7][x] += w * gg[x];
+    acc[8][x] += w * gb[x];
+    acc[9][x] += w * gd[x];
+    Br[x] += w * s.r;
+    Bg[x] += w * s.g;
+    Bb[x] += w * s.bl;
+    Bd[x] += w * s.z;
+    T[x] = ok ? Ti : T[x];
+  }
+}
+
 struct Bins {
   torch::Tensor offsets;  // [B*tiles+1] int32: tile t's list is ids[offsets[t] .. offsets[t+1])
   torch::Tensor ids;      // [n_isect] int32 Gaussian index within its view
@@ -107,8 +178,9 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
       const float det = a * c - bb * bb;
       if (r[2] > r[0] && r[3] > r[1] && op >= k.alpha_min && det > 0.f) {
         const float level = 2.0f * std::log(op / k.alpha_min);
-        const float hx = std::sqrt(level * c / det) + 1.0f;  // ellipse half-width (+1 px)
-        const float hy = std::sqrt(level * a / det) + 1.0f;
+        // Ellipse half-extents, with slack far above float error in power and exp.
+        const float hx = std::sqrt((level + 1e-2f) * c / det) * 1.001f + 1e-3f;
+        const float hy = std::sqrt((level + 1e-2f) * a / det) * 1.001f + 1e-3f;
         const int x0 = std::max<int>(r[0], static_cast<int>(std::floor((mx - hx - 0.5f) / TS)));
         const int x1 = std::min<int>(r[2], static_cast<int>(std::floor((mx + hx - 0.5f) / TS)) + 1);
         const int y0 = std::max<int>(r[1], static_cast<int>(std::floor((my - hy - 0.5f) / TS)));
@@ -171,6 +243,92 @@ inline void row_range(const Splat& s, int py0, int rows, int& r0, int& r1) {
   r1 = std::min(rows, static_cast<int>(std::floor(s.yhi)) - py0 + 1);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// EWA projection (same maths as project_gaussians in gaussians_torch.py), forward and backward.
+
+struct View {
+  float R[3][3], t[3];
+  float fx, fy, cx, cy;
+  float lxp, lxn, lyp, lyn;  // clamp range of x/z and y/z in the Jacobian
+};
+
+View make_view(const float* vm, const float* K, int W, int H, float margin) {
+  View v;
+  for (int r = 0; r < 3; ++r) {
+    for (int c = 0; c < 3; ++c) v.R[r][c] = vm[r * 4 + c];
+    v.t[r] = vm[r * 4 + 3];
+  }
+  v.fx = K[0], v.fy = K[4], v.cx = K[2], v.cy = K[5];
+  v.lxp = (W - v.cx) / v.fx + margin * 0.5f * W / v.fx;
+  v.lxn = v.cx / v.fx + margin * 0.5f * W / v.fx;
+  v.lyp = (H - v.cy) / v.fy + margin * 0.5f * H / v.fy;
+  v.lyn = v.cy / v.fy + margin * 0.5f * H / v.fy;
+  return v;
+}
+
+// Normalised quaternion q (w, x, y, z) → rotation R; M = R·diag(s); Σ = M·Mᵀ.
+struct Shape {
+  float q[4], inv_norm, R[3][3], M[3][3], S[3][3];
+};
+
+Shape make_shape(const float* quat, const float* scale) {
+  Shape sh;
+  const float n2 = quat[0] * quat[0] + quat[1] * quat[1] + quat[2] * quat[2] + quat[3] * quat[3];
+  sh.inv_norm = 1.0f / std::sqrt(n2);
+  for (int k = 0; k < 4; ++k) sh.q[k] = quat[k] * sh.inv_norm;
+  const float w = sh.q[0], x = sh.q[1], y = sh.q[2], z = sh.q[3];
+  const float R[3][3] = {{1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)},
+                         {2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)},
+                         {2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)}};
+  for (int r = 0; r < 3; ++r)
+    for (int c = 0; c < 3; ++c) sh.R[r][c] = R[r][c], sh.M[r][c] = R[r][c] * scale[c];
+  for (int r = 0; r < 3; ++r)
+    for (int c = 0; c < 3; ++c)
+      sh.S[r][c] = sh.M[r][0] * sh.M[c][0] + sh.M[r][1] * sh.M[c][1] + sh.M[r][2] * sh.M[c][2];
+  return sh;
+}
+
+// Per (view, Gaussian) projection intermediates.
+struct Proj {
+  float x, y, z, u, v, tx, ty;
+  bool cx_free, cy_free;  // x/z, y/z inside the clamp range
+  float J00, J02, J11, J12;
+  float T[2][3], TS_[2][3];  // T = J·R_view, TS_ = T·Σ
+  float a, b, c, det;        // 2D covariance (dilated) and its determinant
+};
+
+Proj project_one(const View& v, const Shape& sh, const float* mu, float eps2d) {
+  Proj p;
+  p.x = v.R[0][0] * mu[0] + v.R[0][1] * mu[1] + v.R[0][2] * mu[2] + v.t[0];
+  p.y = v.R[1][0] * mu[0] + v.R[1][1] * mu[1] + v.R[1][2] * mu[2] + v.t[1];
+  p.z = v.R[2][0] * mu[0] + v.R[2][1] * mu[1] + v.R[2][2] * mu[2] + v.t[2];
+  p.u = p.x / p.z, p.v = p.y / p.z;
+  const float uc = std::min(v.lxp, std::max(-v.lxn, p.u));
+  const float vc = std::min(v.lyp, std::max(-v.lyn, p.v));
+  p.cx_free = uc == p.u, p.cy_free = vc == p.v;
+  p.tx = p.z * uc, p.ty = p.z * vc;
+  p.J00 = v.fx / p.z, p.J02 = -v.fx * p.tx / (p.z * p.z);
+  p.J11 = v.fy / p.z, p.J12 = -v.fy * p.ty / (p.z * p.z);
+  for (int j = 0; j < 3; ++j) {
+    p.T[0][j] = p.J00 * v.R[0][j] + p.J02 * v.R[2][j];
+    p.T[1][j] = p.J11 * v.R[1][j] + p.J12 * v.R[2][j];
+  }
+  for (int m = 0; m < 2; ++m)
+    for (int j = 0; j < 3; ++j)
+      p.TS_[m][j] = p.T[m][0] * sh.S[0][j] + p.T[m][1] * sh.S[1][j] + p.T[m][2] * sh.S[2][j];
+  p.a = p.TS_[0][0] * p.T[0][0] + p.TS_[0][1] * p.T[0][1] + p.TS_[0][2] * p.T[0][2] + eps2d;
+  p.b = p.TS_[0][0] * p.T[1][0] + p.TS_[0][1] * p.T[1][1] + p.TS_[0][2] * p.T[1][2];
+  p.c = p.TS_[1][0] * p.T[1][0] + p.TS_[1][1] * p.T[1][1] + p.TS_[1][2] * p.T[1][2] + eps2d;
+  p.det = p.a * p.c - p.b * p.b;
+  return p;
+}
+
+struct ProjParams {
+  int W, H;
+  float near, far, eps2d, margin;
+};
+
 }  // namespace
 
 std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor depths,
@@ -232,31 +390,10 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
       row_range(s, py0, rows, r0, r1);
       const int32_t count = j - start + 1;
       for (int r = r0; r < r1; ++r) {
+        const int o = r * TS;
         const float dy = s.my - (static_cast<float>(py0 + r) + 0.5f);
-        const float cdy = 0.5f * s.c * dy * dy, bdy = s.b * dy;
-        float* Tr = T + r * TS;
-        float* lr = live + r * TS;
-        float *arr = ar + r * TS, *agr = ag + r * TS, *abr = ab + r * TS, *adr = ad + r * TS;
-        int32_t* ur = used + r * TS;
-#pragma omp simd
-        for (int x = 0; x < TS; ++x) {
-          const float dx = s.mx - (static_cast<float>(px0 + x) + 0.5f);
-          const float power = 0.5f * s.a * dx * dx + cdy + bdy * dx;
-          const float a = std::min(k.alpha_max, s.op * exp_neg(-power));
-          const float t = Tr[x];
-          const float nt_ = t * (1.f - a);
-          const bool ok = (power >= 0.f) & (a >= k.alpha_min) & (lr[x] != 0.f);
-          const bool stop = ok & (nt_ < k.t_min);
-          const bool use = ok & !stop;
-          const float w = use ? a * t : 0.f;
-          arr[x] += w * s.r;
-          agr[x] += w * s.g;
-          abr[x] += w * s.bl;
-          adr[x] += w * s.z;
-          Tr[x] = use ? nt_ : t;
-          ur[x] = use ? count : ur[x];
-          lr[x] = stop ? 0.f : lr[x];
-        }
+        forward_row(s, static_cast<float>(px0) + 0.5f, dy, count, k, T + o, ar + o, ag + o, ab + o, ad + o,
+                    live + o, used + o);
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -348,43 +485,10 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
       for (int m = 0; m < GRAD_FLOATS; ++m)
         for (int x = 0; x < TS; ++x) acc[m][x] = 0.f;
       for (int r = r0; r < r1; ++r) {
-        const float dy = s.my - (static_cast<float>(py0 + r) + 0.5f);
-        const float cdy = 0.5f * s.c * dy * dy, bdy = s.b * dy;
         const int o = r * TS;
-#pragma omp simd
-        for (int x = 0; x < TS; ++x) {
-          const int p = o + x;
-          const float dx = s.mx - (static_cast<float>(px0 + x) + 0.5f);
-          const float power = 0.5f * s.a * dx * dx + cdy + bdy * dx;
-          const float G = exp_neg(-power);
-          const float raw = s.op * G;
-          const float a = std::min(amax, raw);
-          const bool ok = (power >= 0.f) & (a >= amin) & (count <= nused[p]);
-          const float inv = 1.f / (1.f - a);
-          const float Ti = T[p] * inv;  // transmittance in front of this entry
-          const float w = a * Ti;
-          const float dalpha = gr[p] * (s.r * Ti - Br[p] * inv) + gg[p] * (s.g * Ti - Bg[p] * inv) +
-                               gb[p] * (s.bl * Ti - Bb[p] * inv) + gd[p] * (s.z * Ti - Bd[p] * inv) +
-                               gat[p] * inv;
-          const float draw = (ok & (raw <= amax)) ? dalpha : 0.f;
-          const float dpow = -raw * draw;
-          const float wk = ok ? w : 0.f;
-          acc[0][x] += dpow * (s.a * dx + bdy);
-          acc[1][x] += dpow * (s.b * dx + s.c * dy);
-          acc[2][x] += dpow * 0.5f * dx * dx;
-          acc[3][x] += dpow * dx * dy;
-          acc[4][x] += dpow * 0.5f * dy * dy;
-          acc[5][x] += G * draw;
-          acc[6][x] += wk * gr[p];
-          acc[7][x] += wk * gg[p];
-          acc[8][x] += wk * gb[p];
-          acc[9][x] += wk * gd[p];
-          Br[p] += wk * s.r;
-          Bg[p] += wk * s.g;
-          Bb[p] += wk * s.bl;
-          Bd[p] += wk * s.z;
-          T[p] = ok ? Ti : T[p];
-        }
+        const float dy = s.my - (static_cast<float>(py0 + r) + 0.5f);
+        backward_row(s, static_cast<float>(px0) + 0.5f, dy, count, amin, amax, T + o, Br + o, Bg + o, Bb + o,
+                     Bd + o, gr + o, gg + o, gb + o, gd + o, gat + o, nused + o, acc);
       }
       float* out = &buf[static_cast<size_t>(j) * GRAD_FLOATS];
       for (int m = 0; m < GRAD_FLOATS; ++m) {
@@ -410,9 +514,190 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
   return {grads};
 }
 
+std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats,
+                                           torch::Tensor scales, torch::Tensor viewmats,
+                                           torch::Tensor ks, int64_t width, int64_t height,
+                                           double near, double far, double eps2d, double margin) {
+  for (const auto* t : {&means, &quats, &scales, &viewmats, &ks}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "gaussians.project_forward expects contiguous float32 CPU tensors");
+  }
+  const ProjParams pp{static_cast<int>(width), static_cast<int>(height), static_cast<float>(near),
+                      static_cast<float>(far), static_cast<float>(eps2d), static_cast<float>(margin)};
+  const int64_t N = means.size(0), B = viewmats.size(0);
+  const int tw = (pp.W + TS - 1) / TS, th = (pp.H + TS - 1) / TS;
+  auto fopt = means.options();
+  auto iopt = fopt.dtype(torch::kInt32);
+  auto means2d = torch::empty({B, N, 2}, fopt);
+  auto conics = torch::empty({B, N, 3}, fopt);
+  auto depths = torch::empty({B, N}, fopt);
+  auto radii = torch::empty({B, N}, iopt);
+  auto rects = torch::empty({B, N, 4}, iopt);
+  std::vector<View> views(B);
+  for (int64_t b = 0; b < B; ++b)
+    views[b] = make_view(viewmats.data_ptr<float>() + b * 16, ks.data_ptr<float>() + b * 9, pp.W, pp.H, pp.margin);
+  const float* mu = means.data_ptr<float>();
+  const float* qp = quats.data_ptr<float>();
+  const float* sp = scales.data_ptr<float>();
+  float* o_m2 = means2d.data_ptr<float>();
+  float* o_cn = conics.data_ptr<float>();
+  float* o_d = depths.data_ptr<float>();
+  int32_t* o_r = radii.data_ptr<int32_t>();
+  int32_t* o_rc = rects.data_ptr<int32_t>();
+
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const Shape sh = make_shape(qp + i * 4, sp + i * 3);
+    for (int64_t b = 0; b < B; ++b) {
+      const View& v = views[b];
+      const int64_t e = b * N + i;
+      const Proj p = project_one(v, sh, mu + i * 3, pp.eps2d);
+      const bool in_depth = p.z > pp.near && p.z <= pp.far;
+      const float zs = in_depth ? p.z : 1.0f;
+      const float mx = v.fx * p.x / zs + v.cx, my = v.fy * p.y / zs + v.cy;
+      o_m2[e * 2] = mx, o_m2[e * 2 + 1] = my;
+      o_d[e] = p.z;
+      const bool ok = in_depth && p.det > 0.f;
+      float* cn = o_cn + e * 3;
+      int32_t* rc = o_rc + e * 4;
+      rc[0] = rc[1] = rc[2] = rc[3] = 0;
+      o_r[e] = 0;
+      if (!ok) {
+        cn[0] = cn[1] = cn[2] = 0.f;
+        continue;
+      }
+      cn[0] = p.c / p.det, cn[1] = -p.b / p.det, cn[2] = p.a / p.det;
+      const float mid = 0.5f * (p.a + p.c);
+      const float lam = mid + std::sqrt(std::max(0.01f, mid * mid - p.det));
+      const float r = std::ceil(3.0f * std::sqrt(lam));
+      if (mx + r <= 0.f || mx - r >= pp.W || my + r <= 0.f || my - r >= pp.H) continue;
+      o_r[e] = static_cast<int32_t>(r);
+      const auto clampi = [](float t, int hi) { return static_cast<int32_t>(std::min<float>(hi, std::max(0.f, t))); };
+      rc[0] = clampi(std::floor((mx - r) / TS), tw);
+      rc[1] = clampi(std::floor((my - r) / TS), th);
+      rc[2] = clampi(std::ceil((mx + r) / TS), tw);
+      rc[3] = clampi(std::ceil((my + r) / TS), th);
+    }
+  }
+  return {means2d, conics, depths, radii, rects};
+}
+
+std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats,
+                                            torch::Tensor scales, torch::Tensor viewmats,
+                                            torch::Tensor ks, torch::Tensor g_means2d,
+                                            torch::Tensor g_conics, torch::Tensor g_depths,
+                                            int64_t width, int64_t height, double near, double far,
+                                            double eps2d, double margin) {
+  for (const auto* t : {&means, &quats, &scales, &viewmats, &ks, &g_means2d, &g_conics, &g_depths}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "gaussians.project_backward expects contiguous float32 CPU tensors");
+  }
+  const ProjParams pp{static_cast<int>(width), static_cast<int>(height), static_cast<float>(near),
+                      static_cast<float>(far), static_cast<float>(eps2d), static_cast<float>(margin)};
+  const int64_t N = means.size(0), B = viewmats.size(0);
+  auto g_means = torch::empty_like(means);
+  auto g_quats = torch::empty_like(quats);
+  auto g_scales = torch::empty_like(scales);
+  std::vector<View> views(B);
+  for (int64_t b = 0; b < B; ++b)
+    views[b] = make_view(viewmats.data_ptr<float>() + b * 16, ks.data_ptr<float>() + b * 9, pp.W, pp.H, pp.margin);
+  const float* mu = means.data_ptr<float>();
+  const float* qp = quats.data_ptr<float>();
+  const float* sp = scales.data_ptr<float>();
+  const float* gm2 = g_means2d.data_ptr<float>();
+  const float* gcn = g_conics.data_ptr<float>();
+  const float* gdp = g_depths.data_ptr<float>();
+  float* o_gm = g_means.data_ptr<float>();
+  float* o_gq = g_quats.data_ptr<float>();
+  float* o_gs = g_scales.data_ptr<float>();
+
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const Shape sh = make_shape(qp + i * 4, sp + i * 3);
+    float gmu[3] = {0.f, 0.f, 0.f};
+    float gS[3][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+    for (int64_t b = 0; b < B; ++b) {
+      const View& v = views[b];
+      const int64_t e = b * N + i;
+      const Proj p = project_one(v, sh, mu + i * 3, pp.eps2d);
+      const bool in_depth = p.z > pp.near && p.z <= pp.far;
+      const float g_mx = gm2[e * 2], g_my = gm2[e * 2 + 1];
+      float gx, gy, gz = gdp[e];
+      if (!in_depth) {  // the reference divides by 1 there
+        gx = g_mx * v.fx, gy = g_my * v.fy;
+      } else {
+        const float iz = 1.0f / p.z;
+        gx = g_mx * v.fx * iz, gy = g_my * v.fy * iz;
+        gz -= (g_mx * v.fx * p.x + g_my * v.fy * p.y) * iz * iz;
+        const float gA = gcn[e * 3], gB = gcn[e * 3 + 1], gC = gcn[e * 3 + 2];
+        if (p.det > 0.f && (gA != 0.f || gB != 0.f || gC != 0.f)) {
+          // conic (A, B, C) = (c, -b, a)/det  →  gradient w.r.t. the 2D covariance (a, b, c)
+          const float id = 1.0f / p.det, id2 = id * id;
+          const float ga = gA * (-p.c * p.c * id2) + gB * (p.b * p.c * id2) + gC * (id - p.a * p.c * id2);
+          const float gb = gA * (2.f * p.b * p.c * id2) + gB * (-id - 2.f * p.b * p.b * id2) +
+                           gC * (2.f * p.a * p.b * id2);
+          const float gc = gA * (id - p.a * p.c * id2) + gB * (p.a * p.b * id2) + gC * (-p.a * p.a * id2);
+          // cov2d = T Σ Tᵀ: dL/dT = 2·G·T·Σ, dL/dΣ = Tᵀ·G·T with G = [[ga, gb/2], [gb/2, gc]]
+          const float G[2][2] = {{ga, 0.5f * gb}, {0.5f * gb, gc}};
+          float gT[2][3];
+          for (int m = 0; m < 2; ++m)
+            for (int j = 0; j < 3; ++j) gT[m][j] = 2.f * (G[m][0] * p.TS_[0][j] + G[m][1] * p.TS_[1][j]);
+          for (int j = 0; j < 3; ++j)
+            for (int k2 = 0; k2 < 3; ++k2)
+              gS[j][k2] += p.T[0][j] * (G[0][0] * p.T[0][k2] + G[0][1] * p.T[1][k2]) +
+                           p.T[1][j] * (G[1][0] * p.T[0][k2] + G[1][1] * p.T[1][k2]);
+          // T = J·R_view
+          float gJ00 = 0.f, gJ02 = 0.f, gJ11 = 0.f, gJ12 = 0.f;
+          for (int j = 0; j < 3; ++j) {
+            gJ00 += gT[0][j] * v.R[0][j];
+            gJ02 += gT[0][j] * v.R[2][j];
+            gJ11 += gT[1][j] * v.R[1][j];
+            gJ12 += gT[1][j] * v.R[2][j];
+          }
+          gz += -v.fx * iz * iz * gJ00 + 2.f * v.fx * p.tx * iz * iz * iz * gJ02 - v.fy * iz * iz * gJ11 +
+                2.f * v.fy * p.ty * iz * iz * iz * gJ12;
+          const float g_tx = -v.fx * iz * iz * gJ02, g_ty = -v.fy * iz * iz * gJ12;
+          if (p.cx_free) gx += g_tx; else gz += g_tx * p.tx * iz;
+          if (p.cy_free) gy += g_ty; else gz += g_ty * p.ty * iz;
+        }
+      }
+      for (int k2 = 0; k2 < 3; ++k2) gmu[k2] += v.R[0][k2] * gx + v.R[1][k2] * gy + v.R[2][k2] * gz;
+    }
+    for (int k2 = 0; k2 < 3; ++k2) o_gm[i * 3 + k2] = gmu[k2];
+    // Σ = M Mᵀ: dL/dM = (G + Gᵀ)·M; M = R·diag(s)
+    float gR[3][3], gs[3] = {0.f, 0.f, 0.f};
+    for (int r = 0; r < 3; ++r) {
+      for (int c = 0; c < 3; ++c) {
+        float gM = 0.f;
+        for (int k2 = 0; k2 < 3; ++k2) gM += (gS[r][k2] + gS[k2][r]) * sh.M[k2][c];
+        gR[r][c] = gM * sp[i * 3 + c];
+        gs[c] += gM * sh.R[r][c];
+      }
+    }
+    for (int c = 0; c < 3; ++c) o_gs[i * 3 + c] = gs[c];
+    const float w = sh.q[0], x = sh.q[1], y = sh.q[2], z = sh.q[3];
+    const float gw = 2.f * (-z * gR[0][1] + y * gR[0][2] + z * gR[1][0] - x * gR[1][2] - y * gR[2][0] + x * gR[2][1]);
+    const float gx_ = 2.f * (y * gR[0][1] + z * gR[0][2] + y * gR[1][0] - 2.f * x * gR[1][1] - w * gR[1][2] +
+                             z * gR[2][0] + w * gR[2][1] - 2.f * x * gR[2][2]);
+    const float gy_ = 2.f * (-2.f * y * gR[0][0] + x * gR[0][1] + w * gR[0][2] + x * gR[1][0] + z * gR[1][2] -
+                             w * gR[2][0] + z * gR[2][1] - 2.f * y * gR[2][2]);
+    const float gz_ = 2.f * (-2.f * z * gR[0][0] - w * gR[0][1] + x * gR[0][2] + w * gR[1][0] - 2.f * z * gR[1][1] +
+                             y * gR[1][2] + x * gR[2][0] + y * gR[2][1]);
+    // through q = quat/|quat|
+    const float dot = w * gw + x * gx_ + y * gy_ + z * gz_;
+    const float gq[4] = {gw, gx_, gy_, gz_};
+    for (int k2 = 0; k2 < 4; ++k2) o_gq[i * 4 + k2] = (gq[k2] - sh.q[k2] * dot) * sh.inv_norm;
+  }
+  return {g_means, g_quats, g_scales};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Tile-based CPU rasterization of projected 3D Gaussians (forward and backward)";
   m.def("forward", &forward, "Rasterize projected Gaussians",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("project_forward", &project_forward, "EWA projection of 3D Gaussians",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("project_backward", &project_backward, "Gradients of project_forward",
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "Gradients of forward w.r.t. the projected Gaussians",
         py::call_guard<py::gil_scoped_release>());

@@ -1,0 +1,94 @@
+"""Differentiable 3D Gaussian splatting with interchangeable backends (gsplat-style functional API).
+
+Backends: ``"torch"`` (plain PyTorch reference, any device), ``"cpu"`` (C++/OpenMP kernel with a
+hand-written backward) and ``"gsplat"`` (CUDA, when the ``gsplat`` package is installed). The
+torch and cpu backends share the projection in :mod:`.gaussians_torch`; semantics are described there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..sir.cameras import Cameras
+from .gaussians_cpu import project_cpu, rasterize_cpu, unavailable_reason
+from .gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
+from .gaussians_torch import project_gaussians, rasterize_torch
+from .types import RenderOutput
+
+BACKENDS = ("torch", "cpu", "gsplat")
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run here (``"cpu"`` builds the C++ kernel on first call)."""
+    return {"torch": True, "cpu": unavailable_reason() is None, "gsplat": gsplat_unavailable_reason() is None}
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The concrete backend for ``name`` on ``device``.
+
+    ``"auto"`` picks gsplat on CUDA when it imports, else the C++ kernel on CPU when it builds, else
+    torch. An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda" and gsplat_unavailable_reason() is None:
+            return "gsplat"
+        if device.type == "cpu" and unavailable_reason() is None:
+            return "cpu"
+        return "torch"
+    if name == "torch":
+        return name
+    if name == "cpu":
+        if device.type != "cpu":
+            raise UserError(f"rasterizer backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'")
+        reason = unavailable_reason()
+        if reason is not None:
+            raise UserError(f"rasterizer backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")
+        return name
+    if name == "gsplat":
+        if device.type != "cuda":
+            raise UserError(f"rasterizer backend 'gsplat' needs CUDA tensors, not {device}; use 'auto'")
+        reason = gsplat_unavailable_reason()
+        if reason is not None:
+            raise UserError(f"rasterizer backend 'gsplat' is unavailable ({reason}); use 'auto'")
+        return name
+    raise UserError(f"unknown rasterizer backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def rasterize_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    cameras: Cameras,
+    background: Tensor,
+    backend: str = "auto",
+) -> RenderOutput:
+    """Render N Gaussians into B cameras.
+
+    ``means [N,3]``, ``quats [N,4]`` (w, x, y, z; normalised here), ``scales [N,3]`` (activated,
+    world units), ``opacities [N]`` (activated), ``colors [N,3]`` (activated RGB),
+    ``background [3]``. Returns ``rgb [B,3,H,W]``, ``alpha``/``depth [B,1,H,W]`` (depth is the
+    weighted sum Σ wᵢzᵢ) and extras ``means2d [B,N,2]`` (pixel-space centres, a non-leaf tensor
+    in the graph: call ``.retain_grad()`` on it for densification) and ``radii [B,N]`` (int32,
+    0 = not drawn).
+    """
+    n = means.shape[0]
+    expected = {"means": (means, (n, 3)), "quats": (quats, (n, 4)), "scales": (scales, (n, 3)),
+                "opacities": (opacities, (n,)), "colors": (colors, (n, 3)), "background": (background, (3,))}
+    for label, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{label} must have shape {shape}, got {tuple(tensor.shape)}")
+    name = resolve_backend(backend, means.device)
+    if name == "gsplat":
+        return rasterize_gsplat(means, quats, scales, opacities, colors, cameras, background)
+    if name == "cpu":
+        proj = project_cpu(means, quats, scales, cameras)
+        rgb, alpha, depth = rasterize_cpu(proj, opacities, colors, background)
+    else:
+        proj = project_gaussians(means, quats, scales, cameras.to(means.device))
+        rgb, alpha, depth = rasterize_torch(proj, opacities, colors, background)
+    return RenderOutput(rgb, alpha, depth, extras={"means2d": proj.means2d, "radii": proj.radii})
