@@ -146,7 +146,8 @@ def _composite(
     t_incl = torch.cumprod(1 - a, dim=-1)
     t_excl = torch.cat([torch.ones_like(t_incl[..., :1]), t_incl[..., :-1]], dim=-1)
     weights = a * t_excl  # [...,P,K]
-    return weights @ feats, t_incl[..., -1]
+    t_final = t_incl[..., -1] if t_incl.shape[-1] else torch.ones_like(t_incl.sum(-1))
+    return weights @ feats, t_final
 
 
 def _finish(acc: Tensor, t_final: Tensor, background: Tensor) -> tuple[Tensor, Tensor, Tensor]:
