@@ -186,3 +186,134 @@ def build_tiny_zero123(root: Path, seed: int = 0, projection_scale: float = 4.0)
     write_scheduler(root)
     write_feature_extractor(root)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MVDream / ImageDream (spec §2, §3): multi-view UNet, SD-2.1 text encoder + CLIP tokenizer, ImageDream's
+# CLIP vision tower
+
+#: the tiny multi-view UNet: SD-2.1 layout at 2 levels, 16-channel heads, text context 32
+TINY_MV_UNET = {
+    "_class_name": "MultiViewUNetModel",
+    "_diffusers_version": "0.25.0",
+    "image_size": TINY_LATENT,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": 1,
+    "attention_resolutions": [1, 2],
+    "channel_mult": [1, 2],
+    "num_head_channels": 16,
+    "context_dim": TINY_CONTEXT,
+    "transformer_depth": 1,
+    "camera_dim": 16,
+}
+#: ImageDream adds image-prompt tokens; the resampler reads the tiny CLIP vision tower's hidden states
+TINY_IP_UNET = {
+    **TINY_MV_UNET,
+    "ip_dim": 4,
+    "ip_embedding_dim": 32,
+    "ip_resampler_depth": 1,
+    "ip_resampler_heads": 2,
+    "ip_resampler_head_dim": 8,
+}
+#: a few BPE merges so that common letter pairs become single tokens
+TINY_MERGES = ("t h", "o r", "th e</w>", "a t</w>", "c at</w>")
+
+
+def byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for raw bytes that byte-level BPE uses, in byte order.
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, …) are shifted to
+    code points 256 and up, in increasing byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def write_tiny_tokenizer(root: Path) -> int:
+    """``root/tokenizer``: a byte-level CLIP BPE vocabulary (single bytes, their word-final forms, a few
+    merges, the two special tokens) with the SD-2.1 settings (77 tokens, pad "!"). Returns the vocab size."""
+    symbols = byte_symbols()
+    symbols = [s for s in symbols if ord(s) < 256] + [s for s in symbols if ord(s) >= 256]  # "!" gets id 0
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in TINY_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    folder = root / "tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return len(vocab)
+
+
+def tiny_clip_text(vocab_size: int) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_CONTEXT,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=TINY_CONTEXT,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=0,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_mv_unet(config: dict) -> nn.Module:
+    from microdreamer.teachers.mv_unet import MultiViewUNet, MultiViewUNetConfig
+
+    return MultiViewUNet(MultiViewUNetConfig.from_dict(config))
+
+
+def build_tiny_mvdream(root: Path, seed: int = 0, image_prompt: bool = False) -> Path:
+    """A tiny MVDream (or, with ``image_prompt``, ImageDream) pipeline folder in the layout of spec §2.1 / §3.1.
+
+    The camera embedding's first layer is enlarged so that the view visibly changes the output.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = tiny_mv_unet(TINY_IP_UNET if image_prompt else TINY_MV_UNET)
+        with torch.no_grad():
+            unet.camera_embed[0].weight.mul_(4.0)
+        vae = tiny_vae()
+        vocab_size = write_tiny_tokenizer(root)
+        text_encoder = tiny_clip_text(vocab_size)
+        image_encoder = tiny_clip_vision(with_projection=False) if image_prompt else None
+    image_components = (
+        {"feature_extractor": ("transformers", "CLIPImageProcessor"), "image_encoder": ("transformers", "CLIPVisionModel")}
+        if image_prompt
+        else {"feature_extractor": (None, None), "image_encoder": (None, None)}
+    )
+    write_model_index(
+        root,
+        "MVDreamPipeline",
+        {
+            **image_components,
+            "requires_safety_checker": False,
+            "scheduler": ("diffusers", "DDIMScheduler"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+            "tokenizer": ("transformers", "CLIPTokenizer"),
+            "unet": ("mv_unet", "MultiViewUNetModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+        },
+    )
+    save_component(root, "unet", unet, TINY_IP_UNET if image_prompt else TINY_MV_UNET,
+                   "diffusion_pytorch_model.safetensors")
+    save_diffusers(root, "vae", vae)
+    save_transformers(root, "text_encoder", text_encoder)
+    if image_encoder is not None:
+        save_transformers(root, "image_encoder", image_encoder)
+        write_feature_extractor(root)
+    write_scheduler(root)
+    return root

@@ -41,12 +41,31 @@ def _zero123(variant: str) -> Callable[[RunConfig, torch.device, bool], Teacher]
     return build
 
 
+def _multiview(name: str) -> Callable[[RunConfig, torch.device, bool], Teacher]:
+    def build(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
+        from .mvdream import VIEWS_PER_OBJECT, ImageDreamTeacher, MVDreamTeacher
+
+        if cfg.cameras.views % VIEWS_PER_OBJECT:
+            raise UserError(
+                f"{name} denoises groups of {VIEWS_PER_OBJECT} views: --views must be a multiple of "
+                f"{VIEWS_PER_OBJECT}, got {cfg.cameras.views}"
+            )
+        cls = ImageDreamTeacher if name == "imagedream" else MVDreamTeacher
+        return cls.from_pretrained(
+            cfg.teacher.model, device=device, dtype=cfg.teacher.dtype, allow_download=allow_download
+        )
+
+    return build
+
+
 TEACHERS: dict[str, TeacherEntry] = {
     e.name: e
     for e in (
         TeacherEntry("reference", "reference", "image", _reference),
         TeacherEntry("stable-zero123", "stable-zero123", "image", _zero123("stable")),
         TeacherEntry("zero123-xl", "zero123-xl", "image", _zero123("xl")),
+        TeacherEntry("mvdream", "mvdream", "text", _multiview("mvdream")),
+        TeacherEntry("imagedream", "imagedream", "image+text", _multiview("imagedream")),
     )
 }
 
