@@ -136,10 +136,11 @@ class ImageTo3D:
         reference, stem = self.reference_view(image)
         outputs = RunOutputs.for_stem(out_dir, stem)
         check_outputs_free(outputs, overwrite)
-        self.teacher.prepare(Condition(image=reference.rgb, mask=reference.mask, elevation=self.cfg.cameras.elevation))
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        condition = Condition(image=reference.rgb, mask=reference.mask, elevation=self.cfg.cameras.elevation)
+        self.teacher.prepare(condition, generator)
         timings["preprocess"] = time.perf_counter() - start
 
-        generator = torch.Generator().manual_seed(self.cfg.seed)
         before = self.teacher.evaluations.as_dict()
         start = time.perf_counter()
         gaussians = Gaussians(self.cfg.gaussians, self.device, generator)

@@ -35,12 +35,12 @@ class PixelTeacher(Teacher):
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas
 
-    def prepare(self, condition: Condition) -> None:
+    def prepare(self, condition: Condition, generator=None) -> None:
         pass
 
     def encode(self, images, generator=None):
         self.encoded_sizes.append(tuple(images.shape[-2:]))
-        return images * 2 - 1
+        return F.interpolate(images, size=(RES, RES), mode="bilinear", align_corners=False) * 2 - 1
 
     def decode(self, latents):
         return ((latents + 1) / 2).clamp(0, 1)
@@ -149,12 +149,13 @@ def test_same_generator_same_result():
     assert not torch.equal(run(1), run(2))
 
 
-def test_resizes_to_teacher_resolution_and_back():
+def test_teacher_resizes_and_targets_come_back_at_render_size():
     x_ref = _images(2, 6)
     teacher = _ideal_teacher(x_ref * 2 - 1)
     images = F.interpolate(_images(2, 7), size=(24, 24), mode="bilinear", align_corners=False)
     out = refine(teacher, images, _cameras(2), PLAN.t1, PLAN.t2, N, 0.0, 3.0, torch.Generator().manual_seed(0))
-    assert teacher.encoded_sizes == [(RES, RES)] and out.shape == (2, 3, 24, 24)
+    # renders reach the teacher unresized (it resizes its own way); targets come back at the render size
+    assert teacher.encoded_sizes == [(24, 24)] and out.shape == (2, 3, 24, 24)
     back = F.interpolate(x_ref, size=(24, 24), mode="bilinear", align_corners=False)
     assert (out - back).abs().mean() < 0.03
 

@@ -115,8 +115,8 @@ def test_reference_latent_is_the_unscaled_posterior(tiny_dir, reference_image):
 
     draws = []
     for _ in range(2):
-        sampled = Zero123Teacher.from_pretrained(tiny_dir, device="cpu", generator=torch.Generator().manual_seed(7))
-        sampled.prepare(Condition(image=reference_image))
+        sampled = Zero123Teacher.from_pretrained(tiny_dir, device="cpu")
+        sampled.prepare(Condition(image=reference_image), torch.Generator().manual_seed(7))
         draws.append(sampled._image_latent)
     noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(7))
     assert torch.allclose(draws[0], posterior.mean + posterior.std * noise, atol=1e-6)
@@ -225,8 +225,8 @@ def test_one_sir_iteration_with_the_tiny_teacher(tiny_dir, reference_image):
 
     def run(seed: int):
         g = torch.Generator().manual_seed(seed)
-        teacher = Zero123Teacher.from_pretrained(tiny_dir, device="cpu", generator=g)
-        teacher.prepare(Condition(image=reference_image))
+        teacher = Zero123Teacher.from_pretrained(tiny_dir, device="cpu")
+        teacher.prepare(Condition(image=reference_image), g)
         cameras = _cameras([0.0, -15.0], [0.0, 180.0])
         init = init_sample(teacher, cameras, 10, 0.5, 3.0, g, out_size=(RES, RES))
         counts = dict(teacher.evaluations.as_dict())

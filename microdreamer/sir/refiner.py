@@ -101,10 +101,11 @@ def refine(
 ) -> Tensor:
     """Target images ``[B,3,H,W]`` in [0,1] for renders ``images``: encode → hybrid forward → sample → decode.
 
-    Renders are resized (bilinear) to the teacher's resolution and the targets back to the renders' size.
+    The teacher's ``encode`` resizes renders to its resolution its own way (Zero123: bicubic); the targets
+    are resized back (bilinear) to the renders' size.
     """
     size = tuple(images.shape[-2:])
-    z0 = teacher.encode(_resize(images, (teacher.resolution, teacher.resolution)), generator)
+    z0 = teacher.encode(images, generator)
     z = hybrid_forward(teacher, z0, t1, t2, cameras, N, generator)
     z = sample(teacher, z, t2, cameras, N, eta, guidance_scale, generator)
     return _resize(teacher.decode(z), size)

@@ -71,12 +71,18 @@ class Teacher(ABC):
         """The training noise schedule ᾱ_t, t = 0..T-1 (float64)."""
 
     @abstractmethod
-    def prepare(self, condition: Condition) -> None:
-        """Compute and cache whatever the condition gives (embeddings, reference latents)."""
+    def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
+        """Compute and cache what the condition gives (embeddings, reference latents) for one run.
+
+        ``generator`` is the run's: teachers that draw (e.g. a VAE posterior sample) draw from it.
+        """
 
     @abstractmethod
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B,3,H,W]`` in [0,1] (at ``resolution``) → teacher space."""
+        """Images ``[B,3,H,W]`` in [0,1], any size → teacher space at ``resolution`` (float32).
+
+        Each teacher resizes the way its reference implementation does.
+        """
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:

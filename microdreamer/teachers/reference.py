@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..io.mesh import TexturedMesh, load_mesh
@@ -55,10 +56,12 @@ class ReferenceTeacher(Teacher):
     def alphas_cumprod(self) -> Tensor:
         return self._alphas_cumprod
 
-    def prepare(self, condition: Condition) -> None:
+    def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
         """Nothing to prepare: the mesh is the condition."""
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(images, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         return images * 2 - 1
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -96,8 +96,8 @@ class Zero123Teacher(Teacher):
 
     Cameras handed to :meth:`predict_noise` are absolute; the reference view sits at azimuth 0 and at
     the elevation given in the :class:`Condition`, so Δel = el − reference el and Δaz = az.
-    The reference-image latent is a VAE posterior sample drawn with ``generator`` (as MicroDreamer does),
-    or the posterior mean when no generator is given.
+    The reference-image latent is a VAE posterior sample drawn with the run's generator given to
+    :meth:`prepare` (as MicroDreamer does), or the posterior mean when none is given.
     """
 
     reference_azimuth = 0.0
@@ -112,7 +112,6 @@ class Zero123Teacher(Teacher):
         camera_projection: CameraProjection,
         alphas_cumprod: Tensor,
         variant: Variant = "stable",
-        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         check_variant(variant)
@@ -133,7 +132,6 @@ class Zero123Teacher(Teacher):
         self.image_processor = image_processor
         self.camera_projection = camera_projection
         self.variant: Variant = variant
-        self.generator = generator
         self._alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.latent_size = int(unet.config.sample_size)
@@ -150,7 +148,6 @@ class Zero123Teacher(Teacher):
         device: torch.device | str = "cpu",
         dtype: str = "auto",
         allow_download: bool = True,
-        generator: torch.Generator | None = None,
         cache_dir: str | Path | None = None,
     ) -> "Zero123Teacher":
         """Load a Zero123 pipeline folder (or Hugging Face id) in the diffusers layout of spec §1.1.
@@ -175,7 +172,6 @@ class Zero123Teacher(Teacher):
             ),
             alphas_cumprod=alphas_cumprod,
             variant=variant,
-            generator=generator,
         )
 
     @property
@@ -194,7 +190,7 @@ class Zero123Teacher(Teacher):
         return (batch, int(self.unet.config.out_channels), self.latent_size, self.latent_size)
 
     @torch.no_grad()
-    def prepare(self, condition: Condition) -> None:
+    def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
         """CLIP image embedding and VAE latent of the reference image, resized bilinearly to ``resolution``."""
         image = condition.image
         if image is None:
@@ -206,7 +202,7 @@ class Zero123Teacher(Teacher):
             image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         self._image_embeds = self.clip_embedding(image)
         posterior = self.vae.encode((image * 2 - 1).to(self.dtype)).latent_dist
-        self._image_latent = _posterior_draw(posterior, self.generator)
+        self._image_latent = _posterior_draw(posterior, generator)
         self._reference_elevation = float(condition.elevation)
 
     @torch.no_grad()
