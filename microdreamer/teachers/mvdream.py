@@ -79,7 +79,6 @@ class MultiViewTeacher(Teacher):
         text_encoder: nn.Module,
         tokenizer: Any,
         alphas_cumprod: Tensor,
-        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         cfg = unet.config
@@ -94,7 +93,6 @@ class MultiViewTeacher(Teacher):
                 f"the text encoder gives {text_encoder.config.hidden_size}-d tokens, the UNet expects {cfg.context_dim}"
             )
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.generator = generator
         self._alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.latent_size = int(cfg.image_size)
@@ -108,7 +106,6 @@ class MultiViewTeacher(Teacher):
         device: torch.device | str = "cpu",
         dtype: str = "auto",
         allow_download: bool = True,
-        generator: torch.Generator | None = None,
         cache_dir: str | Path | None = None,
     ) -> "MultiViewTeacher":
         """Load a pipeline folder (or Hugging Face id) in the diffusers layout of spec §2.1 / §3.1.
@@ -131,7 +128,6 @@ class MultiViewTeacher(Teacher):
             text_encoder=build_model(root, "text_encoder", device=device, dtype=torch_dtype),
             tokenizer=tokenizer,
             alphas_cumprod=alphas_cumprod,
-            generator=generator,
         )
         return cls(**parts, **cls._extra_parts(root, device, torch_dtype))
 
@@ -164,8 +160,8 @@ class MultiViewTeacher(Teacher):
         return self.text_encoder(ids.input_ids.to(self.device)).last_hidden_state
 
     @torch.no_grad()
-    def prepare(self, condition: Condition) -> None:
-        """Embed the prompt (required) and the negative prompt ("" when none)."""
+    def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
+        """Embed the prompt (required) and the negative prompt ("" when none); nothing is drawn."""
         self._prepare_text(clean_prompt(condition.prompt), condition.negative_prompt)
 
     def _prepare_text(self, prompt: str, negative_prompt: str | None) -> None:
@@ -227,12 +223,18 @@ class MultiViewTeacher(Teacher):
 class MVDreamTeacher(MultiViewTeacher):
     """MVDream (``ashawkey/mvdream-sd2.1-diffusers``): four views from a text prompt."""
 
+    def __init__(self, **parts: Any) -> None:
+        super().__init__(**parts)
+        if self.unet.config.ip_dim > 0:
+            raise UserError("this is an ImageDream checkpoint (its UNet takes image prompts): use --teacher imagedream")
+
 
 class ImageDreamTeacher(MultiViewTeacher):
     """ImageDream (``ashawkey/imagedream-ipmv-diffusers``): four views from a reference image and a prompt.
 
     The prompt may be absent (the image carries the content); the negative prompt still applies.
-    The reference latent is a VAE posterior sample drawn with ``generator``, or the mean without one.
+    The reference latent is a VAE posterior sample drawn with the run's generator given to
+    :meth:`prepare`, or the posterior mean when none is given.
     """
 
     components = IMAGEDREAM_COMPONENTS
@@ -263,7 +265,7 @@ class ImageDreamTeacher(MultiViewTeacher):
         return VIEWS_PER_OBJECT + 1
 
     @torch.no_grad()
-    def prepare(self, condition: Condition) -> None:
+    def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
         """Text embeddings, CLIP features and the scaled VAE latent of the reference image (at ``resolution``)."""
         image = condition.image
         if image is None:
@@ -276,7 +278,7 @@ class ImageDreamTeacher(MultiViewTeacher):
         if image.shape[-2:] != (self.resolution, self.resolution):
             image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         self._image_features = self.image_features(image)
-        self._image_latent = self._encode(image, self.generator).to(self.dtype) * self.scaling_factor
+        self._image_latent = self._encode(image, generator).to(self.dtype) * self.scaling_factor
 
     @torch.no_grad()
     def image_features(self, image: Tensor) -> Tensor:

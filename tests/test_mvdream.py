@@ -1,0 +1,376 @@
+"""MVDream / ImageDream teachers on tiny checkpoints in the real layout: text and image conditioning, the
+CFG batch, camera input, the ImageDream reference frame, loading errors, presets and a SIR run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from microdreamer.config import resolve
+from microdreamer.errors import UserError
+from microdreamer.representations.gaussians import Gaussians
+from microdreamer.sir.cameras import Cameras
+from microdreamer.sir.engine import SIREngine
+from microdreamer.sir.schedule import SIRSchedule
+from microdreamer.teachers.base import Condition, guide
+from microdreamer.teachers.mv_cameras import mvdream_camera
+from microdreamer.teachers.mvdream import ImageDreamTeacher, MVDreamTeacher
+from microdreamer.teachers.registry import TEACHERS, teacher_entry
+from tiny_models import CLIP_MEAN, CLIP_STD, TINY_CLIP_IMAGE, build_tiny_mvdream, build_tiny_zero123
+
+RES = 16  # the tiny teachers' image size (latents 8×8)
+NEGATIVE = "blurry, lowres"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mv_dir(tmp_path_factory) -> Path:
+    return build_tiny_mvdream(tmp_path_factory.mktemp("mv") / "model")
+
+
+@pytest.fixture(scope="module")
+def id_dir(tmp_path_factory) -> Path:
+    return build_tiny_mvdream(tmp_path_factory.mktemp("id") / "model", image_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def reference_image() -> torch.Tensor:
+    return torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture()
+def mvdream(mv_dir) -> MVDreamTeacher:
+    teacher = MVDreamTeacher.from_pretrained(mv_dir, device="cpu")
+    teacher.prepare(Condition(prompt="a cat", negative_prompt=NEGATIVE))
+    return teacher
+
+
+@pytest.fixture()
+def imagedream(id_dir, reference_image) -> ImageDreamTeacher:
+    teacher = ImageDreamTeacher.from_pretrained(id_dir, device="cpu")
+    teacher.prepare(Condition(image=reference_image, prompt="a cat", negative_prompt=NEGATIVE))
+    return teacher
+
+
+def _cameras(azimuth, elevation=0.0, radius=2.5) -> Cameras:
+    az = torch.as_tensor(azimuth, dtype=torch.float32)
+    return Cameras.orbit(torch.full_like(az, elevation), az, radius, RES)
+
+
+def _latents(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+class _UNetCalls:
+    """Records the keyword inputs of every multi-view UNet forward, and its output."""
+
+    def __init__(self, unet) -> None:
+        self.calls: list[dict] = []
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [
+            unet.register_forward_pre_hook(lambda m, a, kw: self.calls.append(dict(kw)), with_kwargs=True),
+            unet.register_forward_hook(lambda m, a, out: self.outputs.append(out)),
+        ]
+
+    def __enter__(self) -> "_UNetCalls":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _token_ids(model_dir: Path, words: list[str]) -> torch.Tensor:
+    """[bos, word tokens…, eos, pad "!"…] of length 77, looked up in vocab.json by hand."""
+    vocab = json.loads((model_dir / "tokenizer" / "vocab.json").read_text())
+    ids = [vocab["<|startoftext|>"], *(vocab[w] for w in words), vocab["<|endoftext|>"]]
+    return torch.tensor([ids + [vocab["!"]] * (77 - len(ids))])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and text conditioning
+
+
+def test_loads_the_real_layout_with_the_checkpoint_schedule(mvdream, imagedream):
+    for teacher in (mvdream, imagedream):
+        assert teacher.resolution == RES and teacher.latent_shape(4) == (4, 4, 8, 8)
+        assert teacher.reference_azimuth == 90.0  # the models' front view (spec §2.7)
+        assert teacher.dtype == torch.float32 and not any(p.requires_grad for p in teacher.unet.parameters())
+        np.testing.assert_allclose(teacher.alphas_cumprod[[0, 501, 999]].numpy(), [0.999150, 0.274999, 0.004660], atol=1e-6)
+    assert imagedream.frames_per_object == 5 and mvdream.frames_per_object == 4
+
+
+def test_text_tokens_are_the_last_hidden_state_of_the_padded_prompt(mvdream, mv_dir):
+    ids = _token_ids(mv_dir, ["a</w>", "cat</w>"])
+    expected = mvdream.text_encoder(ids).last_hidden_state
+    assert expected.shape == (1, 77, 32)
+    torch.testing.assert_close(mvdream.encode_text("a cat"), expected, atol=0, rtol=0)
+    torch.testing.assert_close(mvdream.encode_text("  A   CAT "), expected, atol=0, rtol=0)  # normalised like CLIP
+    # prepare() embeds the prompt and the negative prompt (empty when none)
+    torch.testing.assert_close(mvdream._text["cond"], expected)
+    torch.testing.assert_close(mvdream._text["uncond"], mvdream.encode_text(NEGATIVE))
+    mvdream.prepare(Condition(prompt="a cat"))
+    empty = mvdream.text_encoder(_token_ids(mv_dir, [])).last_hidden_state
+    torch.testing.assert_close(mvdream._text["uncond"], empty)
+
+
+def test_quotes_unicode_and_long_prompts_embed(mvdream):
+    prompts = ['a "quoted" cat\'s hat', "猫のぬいぐるみ, über-cute 🐱", "a cat " * 60]
+    tokens = [mvdream.encode_text(p) for p in prompts]
+    assert all(t.shape == (1, 77, 32) and torch.isfinite(t).all() for t in tokens)
+    assert (tokens[0] - tokens[1]).abs().max() > 1e-3
+    ids = mvdream.tokenizer(prompts[2], padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77 and ids[-1] == mvdream.tokenizer.eos_token_id  # truncated, still closed
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   \n\t"])
+def test_mvdream_needs_a_prompt(mv_dir, prompt):
+    teacher = MVDreamTeacher.from_pretrained(mv_dir, device="cpu")
+    with pytest.raises(UserError, match="empty prompt"):
+        teacher.prepare(Condition(prompt=prompt))
+    with pytest.raises(RuntimeError, match="prepare"):
+        teacher.predict_noise(_latents(4), 501, _cameras([0, 90, 180, 270]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The MVDream batch
+
+
+def test_guided_batch_is_uncond_then_cond_with_cameras_per_view(mvdream):
+    cameras = _cameras([0.0, 90.0, 180.0, 270.0], elevation=-15.0)
+    x = _latents(4)
+    with _UNetCalls(mvdream.unet) as rec:
+        guided = mvdream.predict_noise(x, 501, cameras, "guided", 7.5)
+    (call,) = rec.calls
+    assert call["num_frames"] == 4 and call["x"].shape == (8, 4, 8, 8)
+    assert torch.equal(call["x"], torch.cat([x, x])) and torch.equal(call["timesteps"], torch.full((8,), 501))
+    torch.testing.assert_close(call["context"][:4], mvdream.encode_text(NEGATIVE).expand(4, -1, -1))
+    torch.testing.assert_close(call["context"][4:], mvdream.encode_text("a cat").expand(4, -1, -1))
+    torch.testing.assert_close(call["camera"], mvdream_camera(cameras).repeat(2, 1))
+    eps = rec.outputs[0]
+    torch.testing.assert_close(guided, guide(eps[:4], eps[4:], 7.5))
+    # single branches run one object of 4 views and agree with the halves of the guided batch
+    uncond = mvdream.predict_noise(x, 501, cameras, "uncond")
+    cond = mvdream.predict_noise(x, 501, cameras, "cond")
+    torch.testing.assert_close(guided, guide(uncond, cond, 7.5), atol=1e-5, rtol=1e-5)
+    assert mvdream.evaluations.as_dict() == {"total": 3, "guided": 1, "single_branch": 2, "view_evaluations": 16}
+
+
+def test_camera_input_follows_the_spec_worked_examples(mvdream):
+    with _UNetCalls(mvdream.unet) as rec:
+        mvdream.predict_noise(_latents(4), 301, _cameras([0.0, 90.0, 180.0, 270.0]), "cond")
+    camera = rec.calls[0]["camera"].reshape(4, 4, 4)
+    # spec §2.7: el 0 az 0 and el 0 az 90 at any radius, after the Blender conversion and normalisation
+    torch.testing.assert_close(camera[0], torch.tensor([[1.0, 0, 0, 0], [0, 0, -1, -1], [0, 1, 0, 0], [0, 0, 0, 1]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(camera[1], torch.tensor([[0.0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]), atol=1e-6, rtol=0)
+
+
+def test_permuting_views_permutes_the_noise_and_views_see_each_other(mvdream):
+    cameras, x = _cameras([10.0, 100.0, 190.0, 280.0], elevation=-5.0), _latents(4, seed=1)
+    eps = mvdream.predict_noise(x, 401, cameras, "guided", 7.5)
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = mvdream.predict_noise(x[perm], 401, cameras[perm], "guided", 7.5)
+    torch.testing.assert_close(permuted, eps[perm], atol=1e-4, rtol=1e-4)  # float noise × guidance 7.5
+
+    changed = x.clone()
+    changed[0] += 1.0
+    diff = (mvdream.predict_noise(changed, 401, cameras, "guided", 7.5) - eps).abs().flatten(1).amax(1)
+    assert (diff[1:] > 1e-4).all()  # joint attention across the 4 views
+
+    moved = mvdream.predict_noise(x, 401, _cameras([10.0, 100.0, 190.0, 250.0], elevation=-5.0), "cond")
+    assert (moved - mvdream.predict_noise(x, 401, cameras, "cond")).abs().max() > 1e-4  # cameras matter
+
+
+def test_eight_views_are_two_independent_objects(mvdream):
+    cameras = _cameras([0.0, 90.0, 180.0, 270.0, 45.0, 135.0, 225.0, 315.0])
+    x = _latents(8, seed=2)
+    both = mvdream.predict_noise(x, 601, cameras, "guided", 7.5)
+    first = mvdream.predict_noise(x[:4], 601, cameras[:4], "guided", 7.5)
+    torch.testing.assert_close(both[:4], first, atol=1e-5, rtol=1e-5)
+
+
+def test_views_come_in_groups_of_four(mvdream, mv_dir):
+    with pytest.raises(UserError, match="groups of 4"):
+        mvdream.predict_noise(_latents(6), 501, _cameras([0, 60, 120, 180, 240, 300]), "guided", 7.5)
+    cfg = resolve("mvdream", overrides={"teacher": {"model": str(mv_dir)}, "cameras": {"views": 6}})
+    with pytest.raises(UserError, match="multiple of 4"):
+        teacher_entry("mvdream").build(cfg, torch.device("cpu"), False)
+
+
+def test_encode_decode_and_sampling_from_noise(mvdream):
+    images = torch.rand(4, 3, 2 * RES, 2 * RES, generator=torch.Generator().manual_seed(4))
+    z = mvdream.encode(images)  # bilinear to the teacher's resolution, posterior mean × 0.18215
+    small = torch.nn.functional.interpolate(images, (RES, RES), mode="bilinear", align_corners=False)
+    expected = mvdream.vae.encode(small * 2 - 1).latent_dist.mean * 0.18215
+    torch.testing.assert_close(z, expected)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(mvdream.encode(images, g1), mvdream.encode(images, g2)) and not torch.equal(mvdream.encode(images, g1), z)
+    out = mvdream.decode(z)
+    assert out.shape == (4, 3, RES, RES) and 0 <= out.min() and out.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageDream
+
+
+def test_image_features_are_clip_penultimate_hidden_states(imagedream, reference_image):
+    pixels = (reference_image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    resized = np.asarray(Image.fromarray(pixels).resize((TINY_CLIP_IMAGE, TINY_CLIP_IMAGE), Image.BICUBIC))
+    normalised = (resized / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    values = torch.tensor(normalised, dtype=torch.float32).permute(2, 0, 1)[None]
+    out = imagedream.image_encoder(values, output_hidden_states=True)
+    features = imagedream._image_features
+    assert features.shape == (1, 17, 32)  # 16 patches + CLS at the tiny size; 257 × 1280 for ViT-H/14
+    torch.testing.assert_close(features, out.hidden_states[-2], atol=2e-2, rtol=0)  # PIL vs our rounding
+    assert (features - out.last_hidden_state).abs().max() > 1e-2
+
+
+def test_reference_frame_is_injected_and_dropped(imagedream, reference_image):
+    cameras, x = _cameras([-80.0, 10.0, 100.0, 190.0], elevation=-3.0), _latents(4, seed=5)
+    with _UNetCalls(imagedream.unet) as rec:
+        guided = imagedream.predict_noise(x, 501, cameras, "guided", 2.0)
+    (call,) = rec.calls
+    assert call["num_frames"] == 5 and call["x"].shape == (10, 4, 8, 8) and guided.shape == (4, 4, 8, 8)
+    views = call["x"].reshape(2, 5, 4, 8, 8)
+    assert torch.equal(views[:, :4], x.expand(2, -1, -1, -1, -1)) and (views[:, 4] == 0).all()
+    camera = call["camera"].reshape(2, 5, 16)
+    assert torch.equal(camera[:, :4], mvdream_camera(cameras).expand(2, -1, -1)) and (camera[:, 4] == 0).all()
+    # [uncond ; cond]: zero image features and zero reference latent, then the real ones (latent scaled)
+    assert (call["ip"][:5] == 0).all() and (call["ip_img"][0] == 0).all()
+    torch.testing.assert_close(call["ip"][5:], imagedream._image_features.expand(5, -1, -1))
+    torch.testing.assert_close(call["ip_img"][1:], imagedream.encode(reference_image))
+    torch.testing.assert_close(call["context"][:5], imagedream.encode_text(NEGATIVE).expand(5, -1, -1))
+    torch.testing.assert_close(call["context"][5:], imagedream.encode_text("a cat").expand(5, -1, -1))
+    eps = rec.outputs[0].reshape(2, 5, 4, 8, 8)
+    torch.testing.assert_close(guided, guide(eps[0, :4], eps[1, :4], 2.0))  # frame 5 dropped
+
+
+def test_imagedream_reference_image_and_prompt_reach_the_noise(id_dir, reference_image):
+    teacher = ImageDreamTeacher.from_pretrained(id_dir, device="cpu")
+    cameras, x = _cameras([0.0, 90.0, 180.0, 270.0]), _latents(4, seed=6)
+
+    def eps(image, prompt):
+        teacher.prepare(Condition(image=image, prompt=prompt))
+        return teacher.predict_noise(x, 401, cameras, "cond")
+
+    base = eps(reference_image, None)  # the prompt is optional: the image carries the content
+    torch.testing.assert_close(teacher._text["cond"], teacher.encode_text(""))
+    assert (eps(reference_image, "a red cat") - base).abs().max() > 1e-4
+    assert (eps(1 - reference_image, None) - base).abs().max() > 1e-4
+    torch.testing.assert_close(eps(reference_image, None), base)
+    teacher.prepare(Condition(image=reference_image), torch.Generator().manual_seed(0))  # a posterior sample
+    assert not torch.equal(teacher._image_latent, teacher.encode(reference_image))
+
+
+def test_imagedream_needs_an_image(id_dir):
+    teacher = ImageDreamTeacher.from_pretrained(id_dir, device="cpu")
+    with pytest.raises(UserError, match="conditioned on an image"):
+        teacher.prepare(Condition(prompt="a cat"))
+    with pytest.raises(UserError, match=r"\[1,3,H,W\]"):
+        teacher.prepare(Condition(image=torch.rand(2, 3, RES, RES)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading errors
+
+
+def test_wrong_models_are_named(mv_dir, id_dir, tmp_path):
+    with pytest.raises(UserError, match="image_encoder"):
+        ImageDreamTeacher.from_pretrained(mv_dir, device="cpu")
+    with pytest.raises(UserError, match="use --teacher imagedream"):
+        MVDreamTeacher.from_pretrained(id_dir, device="cpu")
+    with pytest.raises(UserError, match="'unet' is UNet2DConditionModel"):
+        MVDreamTeacher.from_pretrained(build_tiny_zero123(tmp_path / "zero123"), device="cpu")
+
+
+def test_checkpoints_load_strictly_from_safetensors_only(mv_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(mv_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "camera_embed.0.bias"}, weights)
+    with pytest.raises(UserError, match="1 missing"):
+        MVDreamTeacher.from_pretrained(broken, device="cpu")
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(UserError, match="not a multi-view UNet folder"):
+        MVDreamTeacher.from_pretrained(broken, device="cpu")
+    shutil.rmtree(broken / "text_encoder")
+    shutil.copytree(mv_dir / "unet", broken / "unet", dirs_exist_ok=True)
+    with pytest.raises(UserError, match="text_encoder"):
+        MVDreamTeacher.from_pretrained(broken, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry, presets and a SIR run
+
+
+def test_registry_entries():
+    assert (TEACHERS["mvdream"].inputs, TEACHERS["mvdream"].preset) == ("text", "mvdream")
+    assert (TEACHERS["imagedream"].inputs, TEACHERS["imagedream"].preset) == ("image+text", "imagedream")
+
+
+def test_mvdream_preset_is_table_one():
+    cfg = resolve("mvdream")
+    s, g, c = cfg.schedule, cfg.guidance, cfg.cameras
+    assert (cfg.teacher.name, g.scale, g.eta, s.denoise_steps, s.init_steps, s.iterations, s.steps, c.views) == (
+        "mvdream", 7.5, 0.0, 50, 50, 50, 15, 4)
+    assert (s.t_start, s.t_end, s.t1, c.resolution) == (0.8, 0.5, "square", 256)
+    assert g.negative_prompt.startswith("ugly, bad anatomy, blurry") and g.negative_prompt.endswith("bad proportions")
+    plans = SIRSchedule.from_config(s).plans
+    # t2 from 0.8T (index 9 after the float quirk: 801) to 0.5T; t1 = t2²/T snapped down to the inversion grid
+    assert (plans[0].t2, plans[0].t1) == (801, 641) and (plans[-1].t2, plans[-1].t1) == (501, 241)
+    assert all(p.t1 <= p.t2 * p.t2 / 1000 < p.t1 + 20 for p in plans)
+
+
+def test_imagedream_preset_is_the_reference_run():
+    cfg = resolve("imagedream")
+    s, g, c, w = cfg.schedule, cfg.guidance, cfg.cameras, cfg.loss
+    assert (cfg.teacher.name, g.scale, g.eta, s.denoise_steps, s.init_steps, s.iterations, s.steps) == (
+        "imagedream", 2.0, 1.0, 10, 50, 30, 15)
+    assert (c.views, c.min_ver, c.max_ver, c.radius, w.reference_rgb, w.reference_mask) == (4, -5.0, 0.0, 2.5, 0.0, 0.0)
+    plans = SIRSchedule.from_config(s).plans
+    table = {0: (801, 401), 1: (701, 401), 7: (701, 401), 8: (601, 301), 15: (601, 301), 16: (501, 301),
+             22: (501, 301), 23: (401, 201), 29: (401, 201)}  # spec §6.3
+    assert {k: (plans[k].t2, plans[k].t1) for k in table} == table
+
+
+def test_text_to_gaussians_sir_run_with_the_tiny_mvdream(mv_dir):
+    cfg = resolve("mvdream", overrides={
+        "teacher": {"model": str(mv_dir)},
+        "schedule": {"iterations": 2, "steps": 2, "init_steps": 2, "denoise_steps": 10},
+        "cameras": {"resolution": 32},
+        "gaussians": {"num_points": 200, "backend": "torch"},
+    })
+
+    def run(seed: int):
+        teacher = teacher_entry("mvdream").build(cfg, torch.device("cpu"), False)
+        teacher.prepare(Condition(prompt="a corgi", negative_prompt=cfg.guidance.negative_prompt))
+        g = torch.Generator().manual_seed(seed)
+        gaussians = Gaussians(cfg.gaussians, torch.device("cpu"), g)
+        result = SIREngine(teacher, gaussians, cfg, g, torch.device("cpu"), reference=None).run()
+        return result, gaussians, teacher.evaluations.as_dict()
+
+    result, gaussians, counts = run(0)
+    schedule = SIRSchedule.from_config(cfg.schedule)
+    assert [log.t2 for log in result.iterations] == [None] + [p.t2 for p in schedule.plans]
+    assert counts["guided"] == schedule.guided_passes and counts["single_branch"] == schedule.uncond_passes
+    assert counts["view_evaluations"] == 4 * (2 * schedule.guided_passes + schedule.uncond_passes)
+    assert result.optimisation_steps == 6 and all(np.isfinite(log.loss) for log in result.iterations)
+    again, gaussians_again, _ = run(0)
+    assert [log.loss for log in again.iterations] == [log.loss for log in result.iterations]
+    assert torch.equal(gaussians_again.means, gaussians.means)
