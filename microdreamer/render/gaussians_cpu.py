@@ -40,6 +40,11 @@ def _f32(t: Tensor) -> Tensor:
     return t.float().contiguous()
 
 
+def _grad(t: Tensor | None) -> Tensor:
+    """An incoming gradient for the kernels; ``None`` (output unused) becomes an empty tensor."""
+    return torch.empty(0) if t is None else _f32(t)
+
+
 class _ProjectCPU(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -58,14 +63,15 @@ class _ProjectCPU(torch.autograd.Function):
         ctx.save_for_backward(means, quats, scales, viewmats, ks)
         ctx.settings = settings
         ctx.mark_non_differentiable(radii, rects)
+        ctx.set_materialize_grads(False)
         return means2d, conics, depths, radii, rects
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, g_means2d: Tensor, g_conics: Tensor, g_depths: Tensor, *_):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, g_means2d: Tensor | None, g_conics: Tensor | None, g_depths: Tensor | None, *_):  # type: ignore[override]
         width, height, near, far = ctx.settings
         g_means, g_quats, g_scales = extension().project_backward(
-            *ctx.saved_tensors, _f32(g_means2d), _f32(g_conics), _f32(g_depths),
+            *ctx.saved_tensors, _grad(g_means2d), _grad(g_conics), _grad(g_depths),
             width, height, near, far, EPS2D, FOV_MARGIN,
         )
         return g_means, g_quats, g_scales, None, None, None
@@ -101,26 +107,18 @@ class _RasterizeCPU(torch.autograd.Function):
         )
         ctx.save_for_backward(background, t_final, n_used, offsets, ids, splats)
         ctx.size = (width, height)
+        ctx.set_materialize_grads(False)
         return rgb, alpha, depth
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, g_rgb: Tensor, g_alpha: Tensor, g_depth: Tensor):  # type: ignore[override]
-        background, t_final, n_used, offsets, ids, splats = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, g_rgb: Tensor | None, g_alpha: Tensor | None, g_depth: Tensor | None):  # type: ignore[override]
         width, height = ctx.size
-        g_rgb, g_alpha, g_depth = (g.float().contiguous() for g in (g_rgb, g_alpha, g_depth))
-        (grads,) = extension().backward(
-            g_rgb, g_alpha, g_depth, background, t_final, n_used, offsets, ids, splats,
+        g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg = extension().backward(
+            _grad(g_rgb), _grad(g_alpha), _grad(g_depth), *ctx.saved_tensors,
             width, height, ALPHA_MIN, ALPHA_MAX,
         )
-        g_means2d, g_conics, g_opac, g_colors, g_depths = grads.split([2, 3, 1, 3, 1], dim=-1)
-        g_bg = None
-        if ctx.needs_input_grad[5]:
-            g_bg = (g_rgb * t_final[:, None]).sum((0, 2, 3))
-        return (
-            g_means2d, g_conics, g_depths[..., 0], g_opac[..., 0].sum(0), g_colors.sum(0),
-            g_bg, None, None, None,
-        )
+        return g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg, None, None, None
 
 
 def rasterize_cpu(

@@ -33,12 +33,15 @@ constexpr int TS = 16;
 constexpr int TP = TS * TS;
 
 // Per-(view, Gaussian) record used by the raster loops.
+// The pixels that can reach alpha_min lie in the ellipse a·dx² + 2b·dx·dy + c·dy² <= level
+// (level = 2·log(opacity/alpha_min) plus slack), d = mean - pixel centre; per row that is the
+// interval |x - (mx + xk·dy)| <= sqrt((level - xq·dy²)·xa), and rows lie in [ylo, yhi].
 struct Splat {
   float mx, my, a, b, c, op, r, g, bl, z;
-  float ylo, yhi;  // pixel-centre rows that can reach alpha_min: |my - (y + 0.5)| <= half-height
+  float ylo, yhi, level, xk, xq, xa;
 };
-static_assert(sizeof(Splat) == 12 * sizeof(float), "Splat must stay a flat float record");
-constexpr int SPLAT_FLOATS = 12;
+static_assert(sizeof(Splat) == 16 * sizeof(float), "Splat must stay a flat float record");
+constexpr int SPLAT_FLOATS = 16;
 constexpr int GRAD_FLOATS = 10;  // d/d(mx, my, a, b, c, opacity, r, g, b, z)
 
 struct Consts {
@@ -136,6 +139,11 @@ __attribute__((noinline)) void backward_row(const Splat& s, float x0, float dy, 
   }
 }
 
+// Gradients of unused outputs arrive as empty tensors: read them as zeros.
+inline const float* optional_data(const torch::Tensor& t) {
+  return t.numel() ? t.data_ptr<float>() : nullptr;
+}
+
 struct Bins {
   torch::Tensor offsets;  // [B*tiles+1] int32: tile t's list is ids[offsets[t] .. offsets[t+1])
   torch::Tensor ids;      // [n_isect] int32 Gaussian index within its view
@@ -171,16 +179,17 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
       const float mx = m2[bi * 2], my = m2[bi * 2 + 1];
       const float a = cn[bi * 3], bb = cn[bi * 3 + 1], c = cn[bi * 3 + 2];
       const float op = opa[i];
-      Splat s{mx, my, a, bb, c, op, col[i * 3], col[i * 3 + 1], col[i * 3 + 2], dp[bi], 0.f, -1.f};
+      Splat s{mx, my, a, bb, c, op, col[i * 3], col[i * 3 + 1], col[i * 3 + 2], dp[bi],
+              0.f, -1.f, 0.f, 0.f, 0.f, 0.f};
       int32_t* t = &tight[bi * 4];
       t[0] = t[1] = t[2] = t[3] = 0;
       const int32_t* r = &rc[bi * 4];
       const float det = a * c - bb * bb;
       if (r[2] > r[0] && r[3] > r[1] && op >= k.alpha_min && det > 0.f) {
-        const float level = 2.0f * std::log(op / k.alpha_min);
-        // Ellipse half-extents, with slack far above float error in power and exp.
-        const float hx = std::sqrt((level + 1e-2f) * c / det) * 1.001f + 1e-3f;
-        const float hy = std::sqrt((level + 1e-2f) * a / det) * 1.001f + 1e-3f;
+        // slack far above the float error of power and exp
+        const float level = 2.0f * std::log(op / k.alpha_min) + 1e-2f;
+        const float hx = std::sqrt(level * c / det) * 1.001f + 1e-3f;  // ellipse half-extents
+        const float hy = std::sqrt(level * a / det) * 1.001f + 1e-3f;
         const int x0 = std::max<int>(r[0], static_cast<int>(std::floor((mx - hx - 0.5f) / TS)));
         const int x1 = std::min<int>(r[2], static_cast<int>(std::floor((mx + hx - 0.5f) / TS)) + 1);
         const int y0 = std::max<int>(r[1], static_cast<int>(std::floor((my - hy - 0.5f) / TS)));
@@ -189,6 +198,7 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
           t[0] = x0, t[1] = y0, t[2] = x1, t[3] = y1;
           s.ylo = my - hy - 0.5f;
           s.yhi = my + hy - 0.5f;
+          s.level = level, s.xk = bb / a, s.xq = det / a, s.xa = 1.0f / a;
           keyed.emplace_back(dp[bi], static_cast<int32_t>(i));
         }
       }
@@ -241,6 +251,25 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
 inline void row_range(const Splat& s, int py0, int rows, int& r0, int& r1) {
   r0 = std::max(0, static_cast<int>(std::ceil(s.ylo)) - py0);
   r1 = std::min(rows, static_cast<int>(std::floor(s.yhi)) - py0 + 1);
+}
+
+// Whether the ellipse of s meets the pixel centres xc0 .. xc0 + 15 of the row at offset dy.
+inline bool row_hits(const Splat& s, float dy, float xc0) {
+  const float disc = (s.level - s.xq * dy * dy) * s.xa;
+  if (disc < 0.f) return false;
+  const float half = std::sqrt(disc) * 1.001f + 1e-3f, centre = s.mx + s.xk * dy;
+  return centre + half >= xc0 && centre - half <= xc0 + static_cast<float>(TS - 1);
+}
+
+// Bit r set when row r of the tile has a pixel that still composites.
+inline uint32_t live_rows(const float* live) {
+  uint32_t mask = 0;
+  for (int r = 0; r < TS; ++r) {
+    float any = 0.f;
+    for (int x = 0; x < TS; ++x) any += live[r * TS + x];
+    mask |= (any != 0.f ? 1u : 0u) << r;
+  }
+  return mask;
 }
 
 
@@ -378,22 +407,19 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
     }
     const Splat* base = splats + b * N;
     const int32_t start = off[job], end = off[job + 1];
-    for (int32_t j = start; j < end; ++j) {
-      if (((j - start) & 31) == 31) {  // stop once every pixel of the tile is saturated
-        float any = 0.f;
-#pragma omp simd reduction(+ : any)
-        for (int p = 0; p < TP; ++p) any += live[p];
-        if (any == 0.f) break;
-      }
+    const float xc0 = static_cast<float>(px0) + 0.5f;
+    uint32_t alive = live_rows(live);
+    for (int32_t j = start; j < end && alive; ++j) {
+      if (((j - start) & 15) == 15) alive = live_rows(live);  // skip saturated rows, then the tile
       const Splat s = base[ids[j]];
       int r0, r1;
       row_range(s, py0, rows, r0, r1);
       const int32_t count = j - start + 1;
       for (int r = r0; r < r1; ++r) {
-        const int o = r * TS;
         const float dy = s.my - (static_cast<float>(py0 + r) + 0.5f);
-        forward_row(s, static_cast<float>(px0) + 0.5f, dy, count, k, T + o, ar + o, ag + o, ab + o, ad + o,
-                    live + o, used + o);
+        if (!((alive >> r) & 1u) || !row_hits(s, dy, xc0)) continue;
+        const int o = r * TS;
+        forward_row(s, xc0, dy, count, k, T + o, ar + o, ag + o, ab + o, ad + o, live + o, used + o);
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -414,6 +440,8 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
   return {rgb, alpha, depth, t_final, n_used, bins.offsets, bins.ids, bins.splats};
 }
 
+// Returns the gradients w.r.t. means2d [B,N,2], conics [B,N,3], depths [B,N], opacities [N],
+// colors [N,3] and background [3]. Empty output-gradient tensors stand for zeros.
 std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_alpha,
                                     torch::Tensor grad_depth, torch::Tensor background,
                                     torch::Tensor t_final, torch::Tensor n_used,
@@ -432,12 +460,13 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
   const int64_t n_isect = ids.size(0);
 
   std::vector<float> buf(static_cast<size_t>(n_isect) * GRAD_FLOATS);
+  std::vector<float> bg_part(static_cast<size_t>(B * nt) * 3);  // per-tile Σ T_final·dL/drgb
   const int32_t* off = offsets.data_ptr<int32_t>();
   const int32_t* idp = ids.data_ptr<int32_t>();
   const Splat* sp = reinterpret_cast<const Splat*>(splats.data_ptr<float>());
-  const float* g_rgb = grad_rgb.data_ptr<float>();
-  const float* g_a = grad_alpha.data_ptr<float>();
-  const float* g_d = grad_depth.data_ptr<float>();
+  const float* g_rgb = optional_data(grad_rgb);
+  const float* g_a = optional_data(grad_alpha);
+  const float* g_d = optional_data(grad_depth);
   const float* bg = background.data_ptr<float>();
   const float* tf = t_final.data_ptr<float>();
   const int32_t* nu = n_used.data_ptr<int32_t>();
@@ -461,11 +490,11 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
         const float t = tf[b * HW + q];
         T[p] = t;
         Br[p] = t * bg[0], Bg[p] = t * bg[1], Bb[p] = t * bg[2], Bd[p] = 0.f;
-        gr[p] = g_rgb[(b * 3 + 0) * HW + q];
-        gg[p] = g_rgb[(b * 3 + 1) * HW + q];
-        gb[p] = g_rgb[(b * 3 + 2) * HW + q];
-        gd[p] = g_d[b * HW + q];
-        gat[p] = g_a[b * HW + q] * t;
+        gr[p] = g_rgb ? g_rgb[(b * 3 + 0) * HW + q] : 0.f;
+        gg[p] = g_rgb ? g_rgb[(b * 3 + 1) * HW + q] : 0.f;
+        gb[p] = g_rgb ? g_rgb[(b * 3 + 2) * HW + q] : 0.f;
+        gd[p] = g_d ? g_d[b * HW + q] : 0.f;
+        gat[p] = g_a ? g_a[b * HW + q] * t : 0.f;
         nused[p] = nu[b * HW + q];
       } else {
         T[p] = 1.f, Br[p] = Bg[p] = Bb[p] = Bd[p] = 0.f;
@@ -474,8 +503,17 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
       }
       deepest = std::max(deepest, nused[p]);
     }
+    float bsum[3] = {0.f, 0.f, 0.f};
+    for (int p = 0; p < TP; ++p) bsum[0] += T[p] * gr[p], bsum[1] += T[p] * gg[p], bsum[2] += T[p] * gb[p];
+    for (int c = 0; c < 3; ++c) bg_part[job * 3 + c] = bsum[c];
+    int32_t row_deepest[TS];  // per row, the last entry any of its pixels consumed
+    for (int r = 0; r < TS; ++r) {
+      row_deepest[r] = 0;
+      for (int x = 0; x < TS; ++x) row_deepest[r] = std::max(row_deepest[r], nused[r * TS + x]);
+    }
     const Splat* base = sp + b * N;
     const int32_t start = off[job];
+    const float xc0 = static_cast<float>(px0) + 0.5f;
     for (int32_t j = start + deepest - 1; j >= start; --j) {
       const Splat s = base[idp[j]];
       const int32_t count = j - start + 1;
@@ -485,10 +523,11 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
       for (int m = 0; m < GRAD_FLOATS; ++m)
         for (int x = 0; x < TS; ++x) acc[m][x] = 0.f;
       for (int r = r0; r < r1; ++r) {
-        const int o = r * TS;
         const float dy = s.my - (static_cast<float>(py0 + r) + 0.5f);
-        backward_row(s, static_cast<float>(px0) + 0.5f, dy, count, amin, amax, T + o, Br + o, Bg + o, Bb + o,
-                     Bd + o, gr + o, gg + o, gb + o, gd + o, gat + o, nused + o, acc);
+        if (count > row_deepest[r] || !row_hits(s, dy, xc0)) continue;
+        const int o = r * TS;
+        backward_row(s, xc0, dy, count, amin, amax, T + o, Br + o, Bg + o, Bb + o, Bd + o, gr + o, gg + o,
+                     gb + o, gd + o, gat + o, nused + o, acc);
       }
       float* out = &buf[static_cast<size_t>(j) * GRAD_FLOATS];
       for (int m = 0; m < GRAD_FLOATS; ++m) {
@@ -499,19 +538,49 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
     }
   }
 
-  auto fopt = splats.options();
-  auto grads = torch::zeros({B, N, GRAD_FLOATS}, fopt);
-  float* gp = grads.data_ptr<float>();
+  // Sum the entries per view, in list order (deterministic), then over views for the
+  // view-independent opacity and colour.
+  std::vector<float> per_view(static_cast<size_t>(B * N) * GRAD_FLOATS);
 #pragma omp parallel for schedule(static, 1)
   for (int64_t b = 0; b < B; ++b) {
-    float* gv = gp + b * N * GRAD_FLOATS;
+    float* gv = per_view.data() + b * N * GRAD_FLOATS;
+    std::fill(gv, gv + N * GRAD_FLOATS, 0.f);
     for (int32_t j = off[b * nt]; j < off[(b + 1) * nt]; ++j) {
       float* dst = gv + static_cast<int64_t>(idp[j]) * GRAD_FLOATS;
       const float* src = &buf[static_cast<size_t>(j) * GRAD_FLOATS];
       for (int m = 0; m < GRAD_FLOATS; ++m) dst[m] += src[m];
     }
   }
-  return {grads};
+  auto fopt = splats.options();
+  auto g_means2d = torch::empty({B, N, 2}, fopt);
+  auto g_conics = torch::empty({B, N, 3}, fopt);
+  auto g_depths = torch::empty({B, N}, fopt);
+  auto g_opac = torch::empty({N}, fopt);
+  auto g_colors = torch::empty({N, 3}, fopt);
+  auto g_bg = torch::zeros({3}, fopt);
+  float* o_m2 = g_means2d.data_ptr<float>();
+  float* o_cn = g_conics.data_ptr<float>();
+  float* o_d = g_depths.data_ptr<float>();
+  float* o_op = g_opac.data_ptr<float>();
+  float* o_col = g_colors.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    float op = 0.f, col[3] = {0.f, 0.f, 0.f};
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t e = b * N + i;
+      const float* g = per_view.data() + e * GRAD_FLOATS;
+      o_m2[e * 2] = g[0], o_m2[e * 2 + 1] = g[1];
+      o_cn[e * 3] = g[2], o_cn[e * 3 + 1] = g[3], o_cn[e * 3 + 2] = g[4];
+      o_d[e] = g[9];
+      op += g[5], col[0] += g[6], col[1] += g[7], col[2] += g[8];
+    }
+    o_op[i] = op;
+    for (int c = 0; c < 3; ++c) o_col[i * 3 + c] = col[c];
+  }
+  float* o_bg = g_bg.data_ptr<float>();
+  for (int64_t job = 0; job < B * nt; ++job)
+    for (int c = 0; c < 3; ++c) o_bg[c] += bg_part[job * 3 + c];
+  return {g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg};
 }
 
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats,
@@ -590,7 +659,7 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
                                             double eps2d, double margin) {
   for (const auto* t : {&means, &quats, &scales, &viewmats, &ks, &g_means2d, &g_conics, &g_depths}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
-                "gaussians.project_backward expects contiguous float32 CPU tensors");
+                "gaussians.project_backward expects contiguous float32 CPU tensors (empty: zero gradient)");
   }
   const ProjParams pp{static_cast<int>(width), static_cast<int>(height), static_cast<float>(near),
                       static_cast<float>(far), static_cast<float>(eps2d), static_cast<float>(margin)};
@@ -604,9 +673,9 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
   const float* mu = means.data_ptr<float>();
   const float* qp = quats.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
-  const float* gm2 = g_means2d.data_ptr<float>();
-  const float* gcn = g_conics.data_ptr<float>();
-  const float* gdp = g_depths.data_ptr<float>();
+  const float* gm2 = optional_data(g_means2d);
+  const float* gcn = optional_data(g_conics);
+  const float* gdp = optional_data(g_depths);
   float* o_gm = g_means.data_ptr<float>();
   float* o_gq = g_quats.data_ptr<float>();
   float* o_gs = g_scales.data_ptr<float>();
@@ -621,15 +690,15 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
       const int64_t e = b * N + i;
       const Proj p = project_one(v, sh, mu + i * 3, pp.eps2d);
       const bool in_depth = p.z > pp.near && p.z <= pp.far;
-      const float g_mx = gm2[e * 2], g_my = gm2[e * 2 + 1];
-      float gx, gy, gz = gdp[e];
+      const float g_mx = gm2 ? gm2[e * 2] : 0.f, g_my = gm2 ? gm2[e * 2 + 1] : 0.f;
+      float gx, gy, gz = gdp ? gdp[e] : 0.f;
       if (!in_depth) {  // the reference divides by 1 there
         gx = g_mx * v.fx, gy = g_my * v.fy;
       } else {
         const float iz = 1.0f / p.z;
         gx = g_mx * v.fx * iz, gy = g_my * v.fy * iz;
         gz -= (g_mx * v.fx * p.x + g_my * v.fy * p.y) * iz * iz;
-        const float gA = gcn[e * 3], gB = gcn[e * 3 + 1], gC = gcn[e * 3 + 2];
+        const float gA = gcn ? gcn[e * 3] : 0.f, gB = gcn ? gcn[e * 3 + 1] : 0.f, gC = gcn ? gcn[e * 3 + 2] : 0.f;
         if (p.det > 0.f && (gA != 0.f || gB != 0.f || gC != 0.f)) {
           // conic (A, B, C) = (c, -b, a)/det  →  gradient w.r.t. the 2D covariance (a, b, c)
           const float id = 1.0f / p.det, id2 = id * id;
