@@ -1,18 +1,31 @@
-"""The ``microdreamer`` command: parse, call the pipeline, print. No logic of its own."""
+"""The ``microdreamer`` command: parse, call the pipeline or the batch runner, print. No logic of its own.
+
+Progress and messages go to stderr; stdout carries only results (tables of the listing commands, or the
+``--json`` document), so ``--json`` output can be piped.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.table import Table
 
+from .batch import BatchObserver, BatchRunner, Job, Manifest, ManifestEntry, expand_inputs, is_single_input
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .batch import BatchTask
+    from .config import RunConfig
+    from .video import VideoOptions
 
 app = typer.Typer(
     name="microdreamer",
@@ -21,12 +34,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+models_app = typer.Typer(help="Teacher weights: which exist, which are cached, fetch one.", no_args_is_help=True)
+presets_app = typer.Typer(help="Run presets: list them, show one resolved.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(presets_app, name="presets")
 
 SELFTEST_MIN_PSNR = 24.0
+MANIFEST_NAME = "manifest.json"
+_STATUS_STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
+_CHECK_STYLE = {"ok": "green", "missing": "dim", "warn": "yellow", "error": "red"}
 
 
 def _console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# configuration -------------------------------------------------------------------------------------
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -55,17 +82,151 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return out
 
 
-def _resolve_config(teacher: str | None, preset: str | None, config: Path | None, **flags: Any):
-    from .config import resolve
+def _resolve_config(teacher: str | None, preset: str | None, config: Path | None, **flags: Any) -> "RunConfig":
+    """Preset < ``--config`` < flags. The preset is ``--preset``, else the one a saved config names (when
+    the teacher is not changed by ``--teacher``), else the teacher's own."""
+    from .config import read_config_file, resolve
     from .teachers.registry import teacher_entry
 
-    entry = teacher_entry(teacher or "stable-zero123")
-    return resolve(preset or entry.preset, config, _overrides(teacher=teacher, **flags))
+    saved = read_config_file(config) if config is not None else {}
+    saved_teacher = saved.get("teacher", {}).get("name") if isinstance(saved.get("teacher"), dict) else None
+    entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
+    same_teacher = teacher is None or teacher == saved_teacher
+    chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
+    return resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags))
+
+
+def _removal(rembg: bool | None) -> str | None:
+    return None if rembg is None else ("rembg" if rembg else "uniform")
+
+
+def _video_options(video: bool, video_format: str | None) -> "VideoOptions | None":
+    from .video import VideoOptions, default_format, ffmpeg_exe
+
+    if not video and video_format is None:
+        return None
+    fmt = video_format or default_format()
+    if fmt == "mp4" and ffmpeg_exe() is None:
+        raise UserError("--video-format mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg); or use gif")
+    return VideoOptions(format=fmt)
+
+
+# progress and the batch runner ---------------------------------------------------------------------
+
+
+class _ProgressView(BatchObserver):
+    """Rich progress bars on stderr: one for the batch (several inputs), one for the current run."""
+
+    def __init__(self, console: Console, batch: bool) -> None:
+        self.console = console
+        self.batch = batch
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, transient=True, disable=console.quiet,
+        )
+        self.batch_task: Any = None
+        self.run_task: Any = None
+
+    def __enter__(self) -> "_ProgressView":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def batch_started(self, total: int) -> None:
+        if self.batch:
+            self.batch_task = self.progress.add_task("batch", total=total, info="")
+
+    def job_started(self, index: int, job: Job) -> None:
+        if self.run_task is not None:
+            self.progress.remove_task(self.run_task)
+        self.run_task = self.progress.add_task(escape(job.stem), total=None, info="")
+        if self.batch_task is not None:
+            self.progress.update(self.batch_task, info=escape(job.input))
+
+    def loading(self, active: bool) -> None:
+        self.progress.update(self.run_task, info="loading the teacher…" if active else "")
+
+    def step(self, done: int, total: int, info: str) -> None:
+        self.progress.update(self.run_task, completed=done, total=total, info=escape(info))
+
+    def job_finished(self, index: int, entry: ManifestEntry) -> None:
+        if self.batch_task is not None:
+            self.progress.advance(self.batch_task)
+            style = _STATUS_STYLE[entry.status]
+            detail = entry.error if entry.status == "failed" else entry.note
+            self.console.print(f"[{style}]{entry.status}[/] {escape(entry.input)}: {escape(detail or '')}")
+
+
+def run_batch(
+    command: str,
+    specs: list[Path],
+    jobs: list[Job],
+    task: "BatchTask",
+    out_dir: Path,
+    *,
+    manifest: Path | None,
+    skip_existing: bool,
+    json_out: bool,
+    quiet: bool,
+) -> Manifest:
+    """Run ``task`` over ``jobs`` with progress, a manifest, a summary and the exit code.
+
+    One plain input (:func:`is_single_input`) behaves like a single command: its error ends the command
+    (exit 2). Otherwise the batch goes on after failures, writes ``OUT/manifest.json`` (or ``manifest``)
+    and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written. For the image
+    commands of other engineers: build jobs with :func:`expand_inputs` and a task like ``ImageTask``.
+    """
+    single = is_single_input(specs)
+    manifest_path = manifest if manifest is not None or single else out_dir / MANIFEST_NAME
+    console = _console(quiet)
+    with _ProgressView(console, batch=not single) as view:
+        runner = BatchRunner(
+            command, out_dir, manifest=manifest_path, skip_existing=skip_existing, single=single, observer=view
+        )
+        try:
+            result = runner.run(jobs, task)
+        except KeyboardInterrupt:
+            where = f"; {manifest_path} records what finished" if manifest_path is not None else ""
+            print(f"interrupted: no partial outputs were left behind{where}", file=sys.stderr)
+            raise typer.Exit(130) from None
+    if single:
+        entry = result.entries[0]
+        console.print(f"[{_STATUS_STYLE[entry.status]}]{entry.status}[/] {escape(entry.input)}: {escape(entry.note)}")
+    else:
+        _print_summary(console, result, manifest_path)
+    if json_out:
+        _print_json(result.to_dict())
+    if result.failed:
+        raise typer.Exit(1)
+    return result
+
+
+def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> None:
+    table = Table("input", "status", "seconds", "result", title=f"{manifest.command}: {len(manifest.entries)} inputs")
+    for e in manifest.entries:
+        detail = e.error if e.status == "failed" else e.note
+        table.add_row(escape(e.input), f"[{_STATUS_STYLE[e.status]}]{e.status}[/]", f"{e.seconds:.1f}",
+                      escape(detail or ""))
+    console.print(table)
+    counts = ", ".join(f"{n} {s}" for s, n in manifest.counts().items() if n)
+    console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
+
+
+# image commands ------------------------------------------------------------------------------------
+
+Inputs = Annotated[
+    Optional[list[Path]],
+    typer.Argument(help="Images (PNG/JPG/WebP), folders or globs. None with --teacher reference: its front view.",
+                   show_default=False),
+]
 
 
 @app.command("image2gs")
 def image2gs(
-    image: Annotated[Optional[Path], typer.Argument(help="Input image (PNG/JPG/WebP). Optional with --teacher reference: its front render is used.")] = None,
+    images: Inputs = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
     teacher: Annotated[Optional[str], typer.Option(help="Teacher: stable-zero123 (default), zero123-xl, reference.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
@@ -76,49 +237,98 @@ def image2gs(
     steps: Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Views B per iteration.")] = None,
     res: Annotated[Optional[int], typer.Option(help="Render resolution.")] = None,
-    elevation: Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = from above).")] = None,
+    elevation: Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")] = None,
     backend: Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    border_ratio: Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")] = None,
+    rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
+    video: Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")] = False,
+    video_format: Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")] = False,
+    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
-    """Image → 3D Gaussians (DIR/<stem>.ply, <stem>_views.png, <stem>.json)."""
-    from .pipeline import ImageTo3D, resolve_device
-
-    from .io.images import load_image
+    """Image(s) → 3D Gaussians (OUT/<stem>.ply, <stem>_views.png, <stem>_rgba.png, <stem>.json)."""
+    from .pipeline import ImageTask, PreprocessOptions, front_view_stem, resolve_device
 
     cfg = _resolve_config(
         teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         elevation=elevation, backend=backend, device=device,
     )
-    if image is not None:
-        if not image.is_file():
-            raise UserError(f"input image not found: {image}")
-        load_image(image)  # fail on a bad image before any model is loaded
+    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
+    video_options = _video_options(video, video_format)
+    specs = images or []
+    if specs:
+        jobs = expand_inputs(specs)
+    elif cfg.teacher.name == "reference":
+        jobs = [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
+    else:
+        raise UserError("image2gs needs an input image (or --teacher reference --model MESH to use its front view)")
+    task = ImageTask(
+        cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite
+    )
+    run_batch("image2gs", specs, jobs, task, out, manifest=manifest, skip_existing=skip_existing,
+              json_out=json_out, quiet=quiet)
+
+
+@app.command("preprocess")
+def preprocess_(
+    images: Annotated[list[Path], typer.Argument(help="Images (PNG/JPG/WebP), folders or globs.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside each input).")] = None,
+    size: Annotated[int, typer.Option(help="Output side in pixels.")] = 256,
+    border_ratio: Annotated[float, typer.Option(help="Empty border around the recentred object.")] = 0.2,
+    rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose output exists.")] = False,
+    manifest: Annotated[Optional[Path], typer.Option(help="Also write a manifest JSON here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Mask, recentre and rescale images → <stem>_rgba.png (what every image command does first)."""
+    from .pipeline import PreprocessOptions, PreprocessTask
+    from .preprocess import is_preprocessed_output
+
+    options = PreprocessOptions(border_ratio=border_ratio, remove_background=_removal(rembg) or "auto", size=size)
+    jobs = expand_inputs(images, exclude=is_preprocessed_output, unique_stems=out is not None)
+    task = PreprocessTask(options, out, overwrite)
+    run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest, skip_existing=skip_existing,
+              json_out=json_out, quiet=quiet)
+
+
+@app.command("render")
+def render(
+    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh (.obj, .glb, .gltf).")],
+    video: Annotated[Optional[Path], typer.Option(help="Output .mp4 or .gif (default: RESULT_turntable.mp4).")] = None,
+    frames: Annotated[int, typer.Option(help="Frames over 360°.")] = 90,
+    fps: Annotated[int, typer.Option(help="Frames per second.")] = 30,
+    res: Annotated[int, typer.Option(help="Frame size in pixels.")] = 512,
+    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees (negative = from above).")] = 0.0,
+    radius: Annotated[float, typer.Option(help="Camera distance.")] = 2.0,
+    fovy: Annotated[float, typer.Option(help="Vertical field of view in degrees.")] = 49.1,
+    azimuth: Annotated[float, typer.Option(help="Azimuth of the first frame in degrees.")] = 0.0,
+    normalize: Annotated[bool, typer.Option(help="Fit a mesh into the unit box first.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing video.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """A 360° turntable video of a saved result."""
+    from .pipeline import resolve_device
+    from .video import VideoOptions, default_format, render_frames, result_renderer, turntable_cameras, write_video
+
+    target = video or result.with_name(f"{result.stem}_turntable.{default_format()}")
+    options = VideoOptions(format=target.suffix.lower().lstrip(".") or "?", frames=frames, fps=fps, resolution=res)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --video")
+    dev = resolve_device(device)
+    draw = result_renderer(result, dev, normalize=normalize)
+    cameras = turntable_cameras(options.frames, elevation, radius, res, fovy, start_azimuth=azimuth)
     console = _console(quiet)
-    dev = resolve_device(cfg.device)
-    with console.status(f"loading teacher {cfg.teacher.name} on {dev}"):
-        runner = ImageTo3D(cfg, dev)
-    report = _run_with_progress(console, runner, image, out, overwrite)
-    console.print(
-        f"[green]wrote[/] {report.outputs['ply']} ({report.primitives} Gaussians, "
-        f"{report.timings['sir']:.1f} s SIR, {report.evaluations['total']} network evaluations)"
-    )
-
-
-def _run_with_progress(console: Console, runner, image: Path | None, out: Path, overwrite: bool):
-    columns = (
-        TextColumn("[bold]SIR"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("sir", total=runner.cfg.schedule.iterations + 1, info="init")
-
-        def on_iteration(log, total):
-            info = "init (from noise)" if log.t2 is None else f"t2={log.t2} t1={log.t1}"
-            progress.update(task, completed=log.iteration + 1, info=f"{info} loss={log.loss:.0f}")
-
-        return runner.run(image, out, overwrite=overwrite, on_iteration=on_iteration)
+    with console.status(f"rendering {frames} frames of {escape(result.name)}"):
+        pixels = render_frames(draw, cameras)
+        write_video(target, pixels, options.fps)
+    console.print(f"[green]wrote[/] {escape(str(target))} ({frames} frames, {res}x{res}, {fps} fps)")
 
 
 @app.command("eval")
@@ -160,7 +370,7 @@ def selftest(
     import tempfile
 
     from .evaluate import evaluate_gaussians
-    from .pipeline import ImageTo3D, resolve_device
+    from .pipeline import ImageTo3D, describe_iteration, resolve_device
 
     mesh = Path(__file__).resolve().parent / "assets" / "spot" / "spot.obj"
     console = _console()
@@ -168,8 +378,15 @@ def selftest(
     cfg = _resolve_config("reference", None, None, model=str(mesh), device=device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp)
-        runner = ImageTo3D(cfg, dev)
-        report = _run_with_progress(console, runner, None, folder, overwrite=True)
+        with _ProgressView(console, batch=False) as view:
+            view.job_started(0, Job("spot", str(mesh)))
+            view.loading(True)
+            runner = ImageTo3D(cfg, dev)
+            view.loading(False)
+            report = runner.run(
+                None, folder, overwrite=True,
+                on_iteration=lambda log, total: view.step(log.iteration + 1, total, describe_iteration(log)),
+            )
         scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev)
     ok = scores.mean_psnr >= min_psnr
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
@@ -181,12 +398,143 @@ def selftest(
         raise typer.Exit(1)
 
 
+# models, presets, doctor ---------------------------------------------------------------------------
+
+CacheDir = Annotated[Optional[Path], typer.Option(help="Hugging Face hub cache (default: HF_HUB_CACHE).")]
+
+
+@models_app.command("list")
+def models_list(
+    cache_dir: CacheDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Every known teacher's weights: cached or not, size, licence."""
+    from .teachers.catalog import CATALOG, cache_status
+
+    rows = []
+    for entry in CATALOG:
+        cached, size = cache_status(entry, cache_dir)
+        rows.append({
+            "name": entry.name, "repo_id": entry.repo_id, "cached": cached, "size_bytes": size,
+            "approx_download_gb": entry.approx_size_gb, "commercial_use": entry.commercial_use,
+            "license": entry.license, "source": entry.source,
+        })
+    if json_out:
+        _print_json(rows)
+        return
+    table = Table("teacher", "weights", "cached", "size", "use", "licence", title="teacher weights")
+    for r in rows:
+        state = "[green]yes[/]" if r["cached"] else ("[yellow]incomplete[/]" if r["size_bytes"] else "no")
+        size = f"{r['size_bytes'] / 1e9:.2f} GB" if r["size_bytes"] else f"~{r['approx_download_gb']:.1f} GB"
+        use = "commercial ok" if r["commercial_use"] else "[bold red]NON-COMMERCIAL only[/]"
+        table.add_row(r["name"], r["repo_id"], state, size, use, escape(r["license"]))
+    Console().print(table)
+    Console().print("The reference teacher needs no weights: it renders a mesh you pass with --model.")
+
+
+@models_app.command("download")
+def models_download(
+    name: Annotated[str, typer.Argument(help="Teacher name, as in `microdreamer models list`.")],
+    cache_dir: CacheDir = None,
+) -> None:
+    """Fetch one teacher's configs and safetensors weights into the Hugging Face cache."""
+    from .teachers.catalog import download, find_entry
+
+    entry = find_entry(name)
+    console = _console()
+    if not entry.commercial_use:
+        console.print(f"[bold yellow]licence:[/] {escape(entry.license)}")
+    with console.status(f"fetching {entry.repo_id} (about {entry.approx_size_gb:.1f} GB)"):
+        folder = download(entry, cache_dir)
+    console.print(f"[green]ready[/] {entry.name}: {escape(str(folder))}")
+    typer.echo(str(folder))
+
+
+@presets_app.command("list")
+def presets_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False) -> None:
+    """The presets, with their teacher and description."""
+    from .config import PRESET_DIR, load_preset, preset_names
+
+    rows = []
+    for name in preset_names():
+        text = (PRESET_DIR / f"{name}.toml").read_text()
+        comment = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+        rows.append({"name": name, "teacher": load_preset(name).get("teacher", {}).get("name", ""), "about": comment})
+    if json_out:
+        _print_json(rows)
+        return
+    table = Table("preset", "teacher", "about", title="presets")
+    for r in rows:
+        table.add_row(r["name"], r["teacher"], escape(r["about"]))
+    Console().print(table)
+
+
+@presets_app.command("show")
+def presets_show(
+    name: Annotated[str, typer.Argument(help="Preset name.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+) -> None:
+    """The preset resolved over the defaults, as a TOML file usable with --config."""
+    from .config import resolve
+
+    data = resolve(name).to_dict()
+    if json_out:
+        _print_json(data)
+    else:
+        sys.stdout.write(_to_toml(data))
+
+
+def _to_toml(data: dict[str, Any]) -> str:
+    """Our configs as TOML: top-level values, then one table per section (None values are left out)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+@app.command("doctor")
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    build: Annotated[bool, typer.Option(help="Build the C++ kernels to check them (cached after the first time).")] = True,
+    cache_dir: CacheDir = None,
+) -> None:
+    """What this machine can run: torch and devices, GPU memory, backends, cached models, ffmpeg."""
+    from .doctor import run_checks, to_dict
+
+    console = _console()
+    with console.status("checking (the first run builds the C++ kernels, about a minute)"):
+        checks = run_checks(build_kernels=build, cache_dir=cache_dir)
+    report = to_dict(checks)
+    if json_out:
+        _print_json(report)
+    else:
+        table = Table("section", "check", "status", "detail", title="microdreamer doctor")
+        for c in checks:
+            style = _CHECK_STYLE.get(c.status, "")
+            table.add_row(c.section, c.name, f"[{style}]{c.status}[/]", escape(c.detail))
+        Console().print(table)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+# entry point ---------------------------------------------------------------------------------------
+
 # Typer may vendor its own click: take the usage-error class from its exception hierarchy.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: every expected failure is one line on stderr and exit code 2."""
+    """Entry point: every expected failure is one line on stderr and exit code 2; Ctrl-C is 130."""
     command = typer.main.get_command(app)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:

@@ -1,30 +1,38 @@
 """One run from an input to files on disk: preprocess → teacher → representation → SIR → export → report.
 
-``ImageTo3D`` loads the teacher once and can then run many inputs (batch mode keeps the models loaded).
+``ImageTo3D`` loads the teacher once and can then run many inputs; ``ImageTask`` plugs it into the batch
+runner (:mod:`microdreamer.batch`): inputs are loaded and preprocessed before the teacher is loaded, so a
+bad image fails without waiting for a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
-from .config import RunConfig
+from .batch import Job, JobResult, StepCallback
+from .config import RunConfig, read_config_file
 from .errors import UserError
 from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
-from .preprocess import preprocess
+from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
 from .representations.gaussians import Gaussians
 from .sir.cameras import CameraSampler, turntable
-from .sir.engine import ProgressCallback, Reference, SIREngine
+from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
 from .teachers.registry import teacher_entry
+from .video import VideoOptions, encode_video, render_frames, turntable_cameras
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,25 +67,100 @@ def versions(device: torch.device) -> dict[str, str]:
     return info
 
 
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How an input image becomes the reference view (see :func:`microdreamer.preprocess.preprocess`)."""
+
+    border_ratio: float = 0.2
+    remove_background: str = "auto"  # auto | rembg | uniform (--no-rembg) | none
+    size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.remove_background not in MODES:
+            raise UserError(f"unknown background removal '{self.remove_background}' (use {', '.join(MODES)})")
+        if not 0.0 <= self.border_ratio < 1.0:
+            raise UserError("--border-ratio must lie in [0, 1)")
+        if not 16 <= self.size <= 4096:
+            raise UserError("the preprocessing size must lie in 16..4096")
+
+    @classmethod
+    def resolve(cls, config_file: Path | None = None, **flags: Any) -> "PreprocessOptions":
+        """Defaults < the ``preprocess`` entry of a run's JSON report given as ``--config`` < flags (None = unset)."""
+        values: dict[str, Any] = {}
+        if config_file is not None and config_file.suffix == ".json":
+            read_config_file(config_file)  # one-line errors for a missing or unparsable file
+            saved = json.loads(config_file.read_text()).get("preprocess") or {}
+            names = {f.name for f in dataclasses.fields(cls)}
+            values.update({k: v for k, v in saved.items() if k in names})
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**values)
+
+
+class ImagePreparer:
+    """Loads and preprocesses input images; one rembg session serves a whole batch."""
+
+    def __init__(self, options: PreprocessOptions) -> None:
+        self.options = options
+        self._session: Any = None
+
+    def __call__(self, path: Path) -> np.ndarray:
+        rgba = load_image(path)
+        o = self.options
+        wants_rembg = o.remove_background == "rembg" or (
+            o.remove_background == "auto" and not has_alpha(rgba) and importlib.util.find_spec("rembg") is not None
+        )
+        if wants_rembg and self._session is None:
+            self._session = new_rembg_session()
+        try:
+            return preprocess(
+                rgba, border_ratio=o.border_ratio, size=o.size, remove_background=o.remove_background,
+                rembg_session=self._session,
+            )
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+
+
+@dataclass
+class PreparedInput:
+    """An input ready to run: its preprocessed RGBA image, or None for the teacher's own front view."""
+
+    stem: str
+    source: Path | None = None
+    rgba: np.ndarray | None = None
+
+
 @dataclass
 class RunOutputs:
     ply: Path
     views: Path
     report: Path
+    rgba: Path | None = None  # the preprocessed input image, when there is one
+    video: Path | None = None
 
     @classmethod
-    def for_stem(cls, out_dir: Path, stem: str) -> "RunOutputs":
-        return cls(out_dir / f"{stem}.ply", out_dir / f"{stem}_views.png", out_dir / f"{stem}.json")
+    def for_stem(
+        cls, out_dir: Path, stem: str, *, rgba: bool = False, video_format: str | None = None
+    ) -> "RunOutputs":
+        return cls(
+            out_dir / f"{stem}.ply", out_dir / f"{stem}_views.png", out_dir / f"{stem}.json",
+            out_dir / f"{stem}_rgba.png" if rgba else None,
+            out_dir / f"{stem}_turntable.{video_format}" if video_format else None,
+        )
+
+    def named(self) -> dict[str, Path]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
     def all(self) -> list[Path]:
-        return [self.ply, self.views, self.report]
+        return list(self.named().values())
 
 
 @dataclass
 class RunReport:
     stem: str
+    input: str | None
     seed: int
     config: dict[str, Any]
+    preprocess: dict[str, Any] | None
     timings: dict[str, float]
     evaluations: dict[str, int]
     primitives: int
@@ -93,7 +176,10 @@ class RunReport:
 def check_outputs_free(outputs: RunOutputs, overwrite: bool) -> None:
     taken = [p for p in outputs.all() if p.exists()]
     if taken and not overwrite:
-        raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
+        raise UserError(
+            f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "
+            "or choose another --out"
+        )
 
 
 class ImageTo3D:
@@ -105,37 +191,46 @@ class ImageTo3D:
         start = time.perf_counter()
         self.teacher: Teacher = teacher_entry(cfg.teacher.name).build(cfg, device, allow_download)
         self.load_seconds = time.perf_counter() - start
+        self._load_reported = False
 
-    def reference_view(self, image: Path | None) -> tuple[Reference, str]:
+    def reference_view(self, prepared: PreparedInput) -> Reference:
         """The input image and its camera; without an image, the reference teacher's front render."""
         c = self.cfg.cameras
         camera = CameraSampler(
             c.views, c.elevation, c.min_ver, c.max_ver, c.radius, c.resolution, c.fovy
         ).reference(self.teacher.reference_azimuth).to(self.device)
-        if image is not None:
-            rgba = preprocess(load_image(image))
-            rgb, mask = to_reference(rgba, c.resolution, self.cfg.background)
-            stem = image.stem
+        if prepared.rgba is not None:
+            rgb, mask = to_reference(prepared.rgba, c.resolution, self.cfg.background)
         else:
             front = getattr(self.teacher, "front_image", None)
             if front is None:
                 raise UserError(f"teacher '{self.cfg.teacher.name}' needs an input image")
             rgb, mask = front(camera)
-            stem = Path(self.cfg.teacher.model or "reference").stem
-        return Reference(rgb.to(self.device), mask.to(self.device), camera), stem
+        return Reference(rgb.to(self.device), mask.to(self.device), camera)
 
     def run(
         self,
-        image: Path | None,
+        image: PreparedInput | Path | None,
         out_dir: Path,
         overwrite: bool = False,
         on_iteration: ProgressCallback | None = None,
+        *,
+        preprocess: PreprocessOptions | None = None,
+        video: VideoOptions | None = None,
     ) -> RunReport:
-        timings: dict[str, float] = {"load_teacher": self.load_seconds}
+        """Reconstruct one input and write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (plus
+        ``<stem>_rgba.png`` for an image input and ``<stem>_turntable.*`` with ``video``), all at once."""
+        preprocess = preprocess or PreprocessOptions()
+        # The teacher load time is reported once, by the first run after loading.
+        timings: dict[str, float] = {} if self._load_reported else {"load_teacher": self.load_seconds}
+        self._load_reported = True
         start = time.perf_counter()
-        reference, stem = self.reference_view(image)
-        outputs = RunOutputs.for_stem(out_dir, stem)
+        prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
+        outputs = RunOutputs.for_stem(
+            out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None
+        )
         check_outputs_free(outputs, overwrite)
+        reference = self.reference_view(prepared)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         condition = Condition(image=reference.rgb, mask=reference.mask, elevation=self.cfg.cameras.elevation)
         self.teacher.prepare(condition, generator)
@@ -153,27 +248,148 @@ class ImageTo3D:
 
         start = time.perf_counter()
         c = self.cfg.cameras
-        sheet_cams = turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0).to(self.device)
         background = torch.tensor(self.cfg.background, device=self.device)
+        sheet_cams = turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0).to(self.device)
         with torch.no_grad():
             views = gaussians.render(sheet_cams, background).rgb
-        # All three files appear together, only once all of them are complete.
-        with atomic_path(outputs.ply) as ply, atomic_path(outputs.views) as sheet, atomic_path(outputs.report) as rep:
-            gaussians.save(ply)
-            save_image(sheet, image_grid(views.cpu(), cols=4))
+        frames = None
+        if video is not None:
+            video_cams = turntable_cameras(
+                video.frames, c.elevation, c.radius, video.resolution or c.resolution, c.fovy,
+                start_azimuth=self.teacher.reference_azimuth,
+            ).to(self.device)
+            frames = render_frames(lambda cams: gaussians.render(cams, background).rgb, video_cams)
+        # All files appear together, only once all of them are complete.
+        with ExitStack() as stack:
+            tmp = {name: stack.enter_context(atomic_path(path)) for name, path in outputs.named().items()}
+            gaussians.save(tmp["ply"])
+            save_image(tmp["views"], image_grid(views.cpu(), cols=4))
+            if outputs.rgba is not None:
+                save_image(tmp["rgba"], prepared.rgba)
+            if frames is not None:
+                encode_video(tmp["video"], frames, video.fps, video.format)
             timings["export"] = time.perf_counter() - start
             after = self.teacher.evaluations.as_dict()
             report = RunReport(
-                stem=stem,
+                stem=prepared.stem,
+                input=None if prepared.source is None else str(prepared.source),
                 seed=self.cfg.seed,
                 config=self.cfg.to_dict(),
+                preprocess=dataclasses.asdict(preprocess) if prepared.rgba is not None else None,
                 timings={k: round(v, 4) for k, v in timings.items()},
                 evaluations={k: after[k] - before[k] for k in after},
                 primitives=gaussians.num_primitives,
                 optimisation_steps=result.optimisation_steps,
                 iterations=[log.__dict__ for log in result.iterations],
                 versions=versions(self.device),
-                outputs={"ply": str(outputs.ply), "views": str(outputs.views), "report": str(outputs.report)},
+                outputs={name: str(path) for name, path in outputs.named().items()},
             )
-            rep.write_text(report.to_json())
+            tmp["report"].write_text(report.to_json())
         return report
+
+
+def front_view_stem(cfg: RunConfig) -> str:
+    """Outputs of a run on the reference teacher's own front view are named after its mesh."""
+    return Path(cfg.teacher.model or "reference").stem
+
+
+def prepare_input(image: Path | None, cfg: RunConfig, options: PreprocessOptions) -> PreparedInput:
+    """One input without a batch: load and preprocess ``image``, or stand for the teacher's front view."""
+    if image is None:
+        return PreparedInput(front_view_stem(cfg))
+    return PreparedInput(image.stem, image, ImagePreparer(options)(image))
+
+
+def describe_iteration(log: IterationLog) -> str:
+    """One short line for a progress bar."""
+    where = "init (from noise)" if log.t2 is None else f"t2={log.t2} t1={log.t1}"
+    return f"{where} loss={log.loss:.0f}"
+
+
+class ImageTask:
+    """The batch task of the image commands (:class:`microdreamer.batch.BatchTask`) for ``ImageTo3D``.
+
+    A job without a source runs on the reference teacher's own front view (kept out of preprocessing).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        device: torch.device,
+        out_dir: Path,
+        *,
+        preprocess: PreprocessOptions | None = None,
+        video: VideoOptions | None = None,
+        overwrite: bool = False,
+        allow_download: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.out_dir = Path(out_dir)
+        self.preprocess = preprocess or PreprocessOptions()
+        self.video = video
+        self.overwrite = overwrite
+        self.allow_download = allow_download
+        self.preparer = ImagePreparer(self.preprocess)
+
+    def _outputs(self, job: Job) -> RunOutputs:
+        return RunOutputs.for_stem(
+            self.out_dir, job.stem, rgba=job.source is not None,
+            video_format=self.video.format if self.video else None,
+        )
+
+    def outputs(self, job: Job) -> list[Path]:
+        return self._outputs(job).all()
+
+    def prepare(self, job: Job) -> PreparedInput:
+        check_outputs_free(self._outputs(job), self.overwrite)
+        if job.source is None:
+            return PreparedInput(job.stem)
+        return PreparedInput(job.stem, job.source, self.preparer(job.source))
+
+    def load(self) -> ImageTo3D:
+        return ImageTo3D(self.cfg, self.device, self.allow_download)
+
+    def run(self, pipeline: ImageTo3D, job: Job, prepared: PreparedInput, progress: StepCallback) -> JobResult:
+        report = pipeline.run(
+            prepared, self.out_dir, self.overwrite,
+            on_iteration=lambda log, total: progress(log.iteration + 1, total, describe_iteration(log)),
+            preprocess=self.preprocess, video=self.video,
+        )
+        return JobResult(
+            outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
+            evaluations=report.evaluations,
+            note=f"{report.primitives} Gaussians, {report.timings['sir']:.1f} s SIR, "
+                 f"{report.evaluations['total']} network evaluations",
+        )
+
+
+class PreprocessTask:
+    """The batch task of ``microdreamer preprocess``: each input → ``<stem>_rgba.png`` in ``out_dir``
+    (None: beside the input). The "pipeline" is nothing; the rembg session is loaded on first need."""
+
+    def __init__(self, options: PreprocessOptions, out_dir: Path | None = None, overwrite: bool = False) -> None:
+        self.out_dir = out_dir
+        self.overwrite = overwrite
+        self.preparer = ImagePreparer(options)
+
+    def _output(self, job: Job) -> Path:
+        assert job.source is not None
+        return preprocessed_path(job.source, self.out_dir or job.source.parent)
+
+    def outputs(self, job: Job) -> list[Path]:
+        return [self._output(job)]
+
+    def prepare(self, job: Job) -> np.ndarray:
+        out = self._output(job)
+        if out.exists() and not self.overwrite:
+            raise UserError(f"{out} already exists: pass --overwrite to replace it, or --skip-existing to keep it")
+        return self.preparer(job.source)
+
+    def load(self) -> None:
+        return None
+
+    def run(self, pipeline: None, job: Job, prepared: np.ndarray, progress: StepCallback) -> JobResult:
+        out = save_image(self._output(job), prepared, overwrite=self.overwrite)
+        progress(1, 1, "")
+        return JobResult(outputs={"rgba": str(out)}, note=f"{prepared.shape[1]}x{prepared.shape[0]} RGBA")
