@@ -60,7 +60,8 @@ def randomize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: 
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=g)
-    return model.to(dtype).eval().requires_grad_(False)
+    # torch's own cast: diffusers' ModelMixin.to warns on every dtype cast
+    return nn.Module.to(model, dtype=dtype).eval().requires_grad_(False)
 
 
 def _randn(g: torch.Generator, device: torch.device, dtype: torch.dtype, *shape: int) -> Tensor:
