@@ -168,6 +168,7 @@ def run_batch(
     out_dir: Path,
     *,
     manifest: Path | None,
+    manifest_default: Path | None,
     skip_existing: bool,
     json_out: bool,
     quiet: bool,
@@ -175,12 +176,12 @@ def run_batch(
     """Run ``task`` over ``jobs`` with progress, a manifest, a summary and the exit code.
 
     One plain input (:func:`is_single_input`) behaves like a single command: its error ends the command
-    (exit 2). Otherwise the batch goes on after failures, writes ``OUT/manifest.json`` (or ``manifest``)
-    and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written. For the image
+    (exit 2). Otherwise the batch goes on after failures, writes the manifest (``manifest``, else
+    ``manifest_default``) and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written. For the image
     commands of other engineers: build jobs with :func:`expand_inputs` and a task like ``ImageTask``.
     """
     single = is_single_input(specs)
-    manifest_path = manifest if manifest is not None or single else out_dir / MANIFEST_NAME
+    manifest_path = manifest if manifest is not None or single else manifest_default
     console = _console(quiet)
     with _ProgressView(console, batch=not single) as view:
         runner = BatchRunner(
@@ -269,8 +270,8 @@ def image2gs(
     task = ImageTask(
         cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite
     )
-    run_batch("image2gs", specs, jobs, task, out, manifest=manifest, skip_existing=skip_existing,
-              json_out=json_out, quiet=quiet)
+    run_batch("image2gs", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
+              skip_existing=skip_existing, json_out=json_out, quiet=quiet)
 
 
 @app.command("preprocess")
@@ -282,7 +283,7 @@ def preprocess_(
     rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose output exists.")] = False,
-    manifest: Annotated[Optional[Path], typer.Option(help="Also write a manifest JSON here.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json with --out).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
@@ -293,7 +294,8 @@ def preprocess_(
     options = PreprocessOptions(border_ratio=border_ratio, remove_background=_removal(rembg) or "auto", size=size)
     jobs = expand_inputs(images, exclude=is_preprocessed_output, unique_stems=out is not None)
     task = PreprocessTask(options, out, overwrite)
-    run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest, skip_existing=skip_existing,
+    run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest,
+              manifest_default=None if out is None else out / MANIFEST_NAME, skip_existing=skip_existing,
               json_out=json_out, quiet=quiet)
 
 
@@ -422,14 +424,17 @@ def models_list(
     if json_out:
         _print_json(rows)
         return
-    table = Table("teacher", "weights", "cached", "size", "use", "licence", title="teacher weights")
+    console = Console()
+    table = Table("teacher", "cached", "size", "use", "weights", title="teacher weights")
     for r in rows:
         state = "[green]yes[/]" if r["cached"] else ("[yellow]incomplete[/]" if r["size_bytes"] else "no")
         size = f"{r['size_bytes'] / 1e9:.2f} GB" if r["size_bytes"] else f"~{r['approx_download_gb']:.1f} GB"
-        use = "commercial ok" if r["commercial_use"] else "[bold red]NON-COMMERCIAL only[/]"
-        table.add_row(r["name"], r["repo_id"], state, size, use, escape(r["license"]))
-    Console().print(table)
-    Console().print("The reference teacher needs no weights: it renders a mesh you pass with --model.")
+        use = "commercial ok" if r["commercial_use"] else "[bold red]non-commercial only[/]"
+        table.add_row(r["name"], state, size, use, r["repo_id"])
+    console.print(table)
+    for r in rows:
+        console.print(f"[bold]{r['name']}[/]: {escape(r['license'])}")
+    console.print("The reference teacher needs no weights: it renders a mesh you pass with --model.")
 
 
 @models_app.command("download")
@@ -458,7 +463,8 @@ def presets_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
     rows = []
     for name in preset_names():
         text = (PRESET_DIR / f"{name}.toml").read_text()
-        comment = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+        header = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+        comment = header.split(". ")[0].rstrip(".")
         rows.append({"name": name, "teacher": load_preset(name).get("teacher", {}).get("name", ""), "about": comment})
     if json_out:
         _print_json(rows)
