@@ -12,6 +12,7 @@ import importlib.util
 import json
 import platform
 import time
+import unicodedata
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +123,13 @@ class ImagePreparer:
 
 @dataclass
 class PreparedInput:
-    """An input ready to run: its preprocessed RGBA image, or None for the teacher's own front view."""
+    """An input ready to run: its preprocessed RGBA image (None for a text run or the teacher's own front
+    view) and its prompt (text and image+text teachers)."""
 
     stem: str
     source: Path | None = None
     rgba: np.ndarray | None = None
+    prompt: str | None = None
 
 
 @dataclass
@@ -168,6 +171,7 @@ class RunReport:
     iterations: list[dict[str, Any]]
     versions: dict[str, str]
     outputs: dict[str, str] = field(default_factory=dict)
+    prompt: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -189,7 +193,9 @@ class ImageTo3D:
         self.cfg = cfg
         self.device = device
         start = time.perf_counter()
-        self.teacher: Teacher = teacher_entry(cfg.teacher.name).build(cfg, device, allow_download)
+        entry = teacher_entry(cfg.teacher.name)
+        self.text_only = entry.inputs == "text"  # no reference image, no reference view
+        self.teacher: Teacher = entry.build(cfg, device, allow_download)
         self.load_seconds = time.perf_counter() - start
         self._load_reported = False
 
@@ -230,10 +236,19 @@ class ImageTo3D:
             out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None
         )
         check_outputs_free(outputs, overwrite)
-        reference = self.reference_view(prepared)
+        reference = None if self.text_only else self.reference_view(prepared)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        condition = Condition(image=reference.rgb, mask=reference.mask, elevation=self.cfg.cameras.elevation)
+        condition = Condition(
+            image=None if reference is None else reference.rgb,
+            mask=None if reference is None else reference.mask,
+            prompt=prepared.prompt,
+            negative_prompt=self.cfg.guidance.negative_prompt,
+            elevation=self.cfg.cameras.elevation,
+        )
         self.teacher.prepare(condition, generator)
+        w = self.cfg.loss
+        if not (w.reference_rgb or w.reference_mask):  # no reference-view terms: the view is not rendered
+            reference = None
         timings["preprocess"] = time.perf_counter() - start
 
         before = self.teacher.evaluations.as_dict()
@@ -283,6 +298,7 @@ class ImageTo3D:
                 iterations=[log.__dict__ for log in result.iterations],
                 versions=versions(self.device),
                 outputs={name: str(path) for name, path in outputs.named().items()},
+                prompt=prepared.prompt,
             )
             tmp["report"].write_text(report.to_json())
         return report
@@ -291,6 +307,34 @@ class ImageTo3D:
 def front_view_stem(cfg: RunConfig) -> str:
     """Outputs of a run on the reference teacher's own front view are named after its mesh."""
     return Path(cfg.teacher.model or "reference").stem
+
+
+def prompt_stem(prompt: str, limit: int = 60) -> str:
+    """Output stem of a prompt: its words (letters, digits and marks of any script, lower-cased) joined by
+    ``_``, at most ``limit`` characters; quotes, slashes, dots and other punctuation are dropped."""
+    text = unicodedata.normalize("NFC", prompt)
+    if not text.strip():
+        raise UserError("empty prompt: give a text prompt describing the object")
+    kept = "".join(c if unicodedata.category(c)[0] in "LNM" else " " for c in text)
+    return "_".join(kept.lower().split())[:limit].strip("_") or "prompt"
+
+
+def prompt_jobs(prompts: list[str]) -> list[Job]:
+    """One job per prompt, named by :func:`prompt_stem`; an empty prompt or a repeated stem fails its job."""
+    jobs, owners = [], {}
+    for prompt in prompts:
+        try:
+            stem = prompt_stem(prompt)
+        except UserError as error:
+            jobs.append(Job("prompt", prompt, None, str(error)))
+            continue
+        problem = None
+        if stem in owners:
+            problem = f"prompt {prompt!r} would write the same outputs as {owners[stem]!r} ('{stem}'); reword one"
+        else:
+            owners[stem] = prompt
+        jobs.append(Job(stem, prompt, None, problem))
+    return jobs
 
 
 def prepare_input(image: Path | None, cfg: RunConfig, options: PreprocessOptions) -> PreparedInput:
@@ -322,8 +366,10 @@ class ImageTask:
         video: VideoOptions | None = None,
         overwrite: bool = False,
         allow_download: bool = True,
+        prompt: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.prompt = prompt  # for image+text teachers, the same for every image
         self.device = device
         self.out_dir = Path(out_dir)
         self.preprocess = preprocess or PreprocessOptions()
@@ -344,8 +390,8 @@ class ImageTask:
     def prepare(self, job: Job) -> PreparedInput:
         check_outputs_free(self._outputs(job), self.overwrite)
         if job.source is None:
-            return PreparedInput(job.stem)
-        return PreparedInput(job.stem, job.source, self.preparer(job.source))
+            return PreparedInput(job.stem, prompt=self.prompt)
+        return PreparedInput(job.stem, job.source, self.preparer(job.source), self.prompt)
 
     def load(self) -> ImageTo3D:
         return ImageTo3D(self.cfg, self.device, self.allow_download)
@@ -362,6 +408,14 @@ class ImageTask:
             note=f"{report.primitives} Gaussians, {report.timings['sir']:.1f} s SIR, "
                  f"{report.evaluations['total']} network evaluations",
         )
+
+
+class PromptTask(ImageTask):
+    """The batch task of the text commands: each job's input is a prompt (jobs from :func:`prompt_jobs`)."""
+
+    def prepare(self, job: Job) -> PreparedInput:
+        check_outputs_free(self._outputs(job), self.overwrite)
+        return PreparedInput(job.stem, prompt=job.input)
 
 
 class PreprocessTask:
