@@ -67,6 +67,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "res": ("cameras", "resolution"),
         "elevation": ("cameras", "elevation"),
         "backend": ("gaussians", "backend"),
+        "negative_prompt": ("guidance", "negative_prompt"),
         "seed": ("seed",),
         "device": ("device",),
     }
@@ -172,6 +173,7 @@ def run_batch(
     skip_existing: bool,
     json_out: bool,
     quiet: bool,
+    single: bool | None = None,
 ) -> Manifest:
     """Run ``task`` over ``jobs`` with progress, a manifest, a summary and the exit code.
 
@@ -180,7 +182,7 @@ def run_batch(
     ``manifest_default``) and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written. For the image
     commands of other engineers: build jobs with :func:`expand_inputs` and a task like ``ImageTask``.
     """
-    single = is_single_input(specs)
+    single = is_single_input(specs) if single is None else single
     manifest_path = manifest if manifest is not None or single else manifest_default
     console = _console(quiet)
     with _ProgressView(console, batch=not single) as view:
@@ -229,7 +231,8 @@ Inputs = Annotated[
 def image2gs(
     images: Inputs = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: stable-zero123 (default), zero123-xl, reference.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt for an image+text teacher (imagedream); optional there.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML config, or the JSON saved by an earlier run.")] = None,
@@ -258,6 +261,7 @@ def image2gs(
         teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         elevation=elevation, backend=backend, device=device,
     )
+    _check_image_teacher(cfg.teacher.name, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     video_options = _video_options(video, video_format)
     specs = images or []
@@ -268,10 +272,69 @@ def image2gs(
     else:
         raise UserError("image2gs needs an input image (or --teacher reference --model MESH to use its front view)")
     task = ImageTask(
-        cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite
+        cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite,
+        prompt=prompt,
     )
     run_batch("image2gs", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet)
+
+
+def _check_image_teacher(name: str, prompt: str | None) -> None:
+    """Image commands take image and image+text teachers; ``--prompt`` only the latter, and not blank."""
+    from .teachers.registry import teacher_entry
+
+    inputs = teacher_entry(name).inputs
+    if inputs == "text":
+        raise UserError(f"teacher '{name}' generates from text alone: use text2gs PROMPT")
+    if prompt is not None and inputs != "image+text":
+        raise UserError(f"--prompt needs an image+text teacher (imagedream); '{name}' reads only the image")
+    if prompt is not None and not prompt.strip():
+        raise UserError("empty prompt: leave --prompt out, or describe the object")
+
+
+# text commands -------------------------------------------------------------------------------------
+
+
+@app.command("text2gs")
+def text2gs(
+    prompts: Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: mvdream (default).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt (default: the preset's).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config, or the JSON saved by an earlier run.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")] = None,
+    res: Annotated[Optional[int], typer.Option(help="Render resolution.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    video: Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")] = False,
+    video_format: Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")] = False,
+    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Prompt(s) → 3D Gaussians (OUT/<prompt words>.ply, _views.png, .json)."""
+    from .pipeline import PromptTask, prompt_jobs, resolve_device
+    from .teachers.registry import teacher_entry
+
+    jobs = prompt_jobs(prompts)
+    if len(jobs) == 1 and jobs[0].problem is not None:
+        raise UserError(jobs[0].problem)  # before any model is loaded
+    cfg = _resolve_config(
+        teacher or "mvdream", preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views,
+        res=res, backend=backend, device=device, negative_prompt=negative_prompt,
+    )
+    if teacher_entry(cfg.teacher.name).inputs != "text":
+        raise UserError(f"text2gs needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
+    task = PromptTask(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite)
+    run_batch("text2gs", [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
+              skip_existing=skip_existing, json_out=json_out, quiet=quiet, single=len(jobs) == 1)
 
 
 @app.command("preprocess")
