@@ -144,6 +144,32 @@ inline const float* optional_data(const torch::Tensor& t) {
   return t.numel() ? t.data_ptr<float>() : nullptr;
 }
 
+// A float's bits mapped so that unsigned order is the float order.
+inline uint32_t sortable_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits ^ ((bits >> 31) ? 0xffffffffu : 0x80000000u);
+}
+
+// Indices sorted by key, stable, so equal depths keep index order as torch.sort(stable=True)
+// does. LSD radix sort, 2 × 16 bits.
+std::vector<int32_t> sort_by_depth(const std::vector<std::pair<uint32_t, int32_t>>& keyed) {
+  const size_t n = keyed.size();
+  std::vector<std::pair<uint32_t, int32_t>> a(keyed), tmp(n);
+  std::vector<uint32_t> count(1 << 16);
+  for (int shift = 0; shift < 32; shift += 16) {
+    std::fill(count.begin(), count.end(), 0u);
+    for (const auto& e : a) ++count[(e.first >> shift) & 0xffff];
+    uint32_t sum = 0;
+    for (auto& c : count) sum += std::exchange(c, sum);
+    for (const auto& e : a) tmp[count[(e.first >> shift) & 0xffff]++] = e;
+    a.swap(tmp);
+  }
+  std::vector<int32_t> order(n);
+  for (size_t j = 0; j < n; ++j) order[j] = a[j].second;
+  return order;
+}
+
 struct Bins {
   torch::Tensor offsets;  // [B*tiles+1] int32: tile t's list is ids[offsets[t] .. offsets[t+1])
   torch::Tensor ids;      // [n_isect] int32 Gaussian index within its view
@@ -172,7 +198,7 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
-    std::vector<std::pair<float, int32_t>> keyed;
+    std::vector<std::pair<uint32_t, int32_t>> keyed;  // (sortable depth bits, index)
     keyed.reserve(N);
     for (int64_t i = 0; i < N; ++i) {
       const int64_t bi = b * N + i;
@@ -199,19 +225,16 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
           s.ylo = my - hy - 0.5f;
           s.yhi = my + hy - 0.5f;
           s.level = level, s.xk = bb / a, s.xq = det / a, s.xa = 1.0f / a;
-          keyed.emplace_back(dp[bi], static_cast<int32_t>(i));
+          keyed.emplace_back(sortable_bits(dp[bi]), static_cast<int32_t>(i));
         }
       }
       std::memcpy(&sp[bi * SPLAT_FLOATS], &s, sizeof(Splat));
     }
-    std::sort(keyed.begin(), keyed.end());
     auto& ord = order[b];
-    ord.resize(keyed.size());
+    ord = sort_by_depth(keyed);
     auto& cnt = tile_count[b];
     int64_t total = 0;
-    for (size_t j = 0; j < keyed.size(); ++j) {
-      const int32_t i = keyed[j].second;
-      ord[j] = i;
+    for (const int32_t i : ord) {
       const int32_t* t = &tight[(b * N + i) * 4];
       for (int ty = t[1]; ty < t[3]; ++ty)
         for (int tx = t[0]; tx < t[2]; ++tx) ++cnt[ty * tw + tx];
