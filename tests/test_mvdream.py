@@ -374,3 +374,114 @@ def test_text_to_gaussians_sir_run_with_the_tiny_mvdream(mv_dir):
     again, gaussians_again, _ = run(0)
     assert [log.loss for log in again.iterations] == [log.loss for log in result.iterations]
     assert torch.equal(gaussians_again.means, gaussians.means)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: text2gs and image2gs --prompt with the tiny models
+
+
+@pytest.fixture()
+def tiny_run_config(tmp_path: Path) -> Path:
+    f = tmp_path / "tiny.toml"
+    f.write_text(
+        "[schedule]\niterations = 2\nsteps = 2\ninit_steps = 2\ndenoise_steps = 10\n"
+        "[cameras]\nresolution = 32\n[gaussians]\nnum_points = 200\nbackend = \"torch\"\n"
+    )
+    return f
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+@pytest.mark.parametrize("prompt, stem", [
+    ("a corgi", "a_corgi"),
+    ('A "quoted" cat\'s hat / ../etc', "a_quoted_cat_s_hat_etc"),
+    ("猫のぬいぐるみ, über-cute 🐱", "猫のぬいぐるみ_über_cute"),
+    ("नमस्ते दुनिया", "नमस्ते_दुनिया"),  # combining vowel signs stay inside their words
+    ("!!!", "prompt"),
+    ("word " * 40, ("word_" * 12)[:60].strip("_")),
+])
+def test_prompt_stems_are_safe_file_names(prompt, stem):
+    from microdreamer.pipeline import prompt_stem
+
+    assert prompt_stem(prompt) == stem and len(stem) <= 60 and "/" not in stem and not stem.startswith(".")
+
+
+def test_prompt_jobs_flag_empty_and_colliding_prompts():
+    from microdreamer.pipeline import prompt_jobs
+
+    jobs = prompt_jobs(["a cat", "A CAT!", " \t"])
+    assert [(j.stem, j.input) for j in jobs] == [("a_cat", "a cat"), ("a_cat", "A CAT!"), ("prompt", " \t")]
+    assert jobs[0].problem is None and "same outputs" in jobs[1].problem and "empty prompt" in jobs[2].problem
+
+
+def test_text2gs_writes_loadable_prompt_named_outputs(tmp_path, capsys, mv_dir, tiny_run_config):
+    from microdreamer.cli import main
+    from microdreamer.config import GaussianConfig
+
+    prompt = 'a "corgi" / 猫'
+
+    def argv(out: Path) -> list[str]:
+        return ["text2gs", prompt, "--model", str(mv_dir), "--config", str(tiny_run_config), "--out", str(out),
+                "--device", "cpu", "--seed", "2", "-q"]
+
+    out = tmp_path / "out"
+    assert main(argv(out)) == 0
+    stem = "a_corgi_猫"
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.ply", f"{stem}_views.png"]
+    gaussians = Gaussians.load(out / f"{stem}.ply", GaussianConfig(), torch.device("cpu"))
+    report = json.loads((out / f"{stem}.json").read_text())
+    assert report["prompt"] == prompt and report["input"] is None and report["primitives"] == gaussians.num_primitives
+    assert report["config"]["teacher"]["name"] == "mvdream" and report["config"]["guidance"]["scale"] == 7.5
+    assert report["config"]["guidance"]["negative_prompt"].startswith("ugly, bad anatomy")
+    schedule = SIRSchedule.from_config(resolve("mvdream", tiny_run_config).schedule)
+    assert report["evaluations"]["guided"] == schedule.guided_passes
+    assert report["evaluations"]["single_branch"] == schedule.uncond_passes
+
+    ply = (out / f"{stem}.ply").read_bytes()
+    assert main(argv(out)) == 2 and "already exists" in _error_line(capsys)  # never overwrites silently
+    again = tmp_path / "again"
+    assert main(argv(again)) == 0
+    assert (again / f"{stem}.ply").read_bytes() == ply  # same seed, same result
+
+
+@pytest.mark.parametrize("args, message", [
+    (["text2gs", ""], "empty prompt"),
+    (["text2gs", "   "], "empty prompt"),
+    (["text2gs", "a cat", "--views", "6"], "multiple of 4"),
+    (["text2gs", "a cat", "--teacher", "stable-zero123"], "text-to-3D teacher"),
+    (["image2gs", "{image}", "--teacher", "mvdream"], "use text2gs"),
+    (["image2gs", "{image}", "--prompt", "a cat"], "image+text teacher"),
+    (["image2gs", "{image}", "--teacher", "imagedream", "--prompt", " "], "empty prompt"),
+])
+def test_prompt_errors_are_one_line_exit_2(tmp_path, capsys, mv_dir, args, message):
+    from microdreamer.cli import main
+
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(image)
+    out = tmp_path / "out"
+    argv = [a.format(image=image) for a in args] + ["--out", str(out), "--device", "cpu"]
+    if args[0] == "text2gs":
+        argv += ["--model", str(mv_dir)]
+    assert main(argv) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_image2gs_with_imagedream_and_a_prompt(tmp_path, id_dir, tiny_run_config):
+    from microdreamer.cli import main
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 20:44] = (200, 60, 40, 255)
+    image = tmp_path / "cat.png"
+    Image.fromarray(rgba).save(image)
+    out = tmp_path / "out"
+    argv = ["image2gs", str(image), "--teacher", "imagedream", "--prompt", "a cat statue", "--model", str(id_dir),
+            "--config", str(tiny_run_config), "--out", str(out), "--device", "cpu", "-q"]
+    assert main(argv) == 0
+    report = json.loads((out / "cat.json").read_text())
+    assert report["prompt"] == "a cat statue" and report["config"]["guidance"]["eta"] == 1.0
+    assert sorted(p.name for p in out.iterdir()) == ["cat.json", "cat.ply", "cat_rgba.png", "cat_views.png"]
