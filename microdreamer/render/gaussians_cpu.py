@@ -101,22 +101,20 @@ class _RasterizeCPU(torch.autograd.Function):
         width: int,
         height: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        rgb, alpha, depth, t_final, n_used, offsets, ids, splats = extension().forward(
+        rgb, alpha, depth, *state = extension().forward(
             means2d, conics, depths, opacities, colors, background, rects,
             width, height, ALPHA_MIN, ALPHA_MAX, T_MIN,
-        )
-        ctx.save_for_backward(background, t_final, n_used, offsets, ids, splats)
-        ctx.size = (width, height)
+        )  # state: per-pixel final transmittance and list depth, the tile lists
+        ctx.save_for_backward(background, *state)
+        ctx.size = (opacities.shape[0], width, height)
         ctx.set_materialize_grads(False)
         return rgb, alpha, depth
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, g_rgb: Tensor | None, g_alpha: Tensor | None, g_depth: Tensor | None):  # type: ignore[override]
-        width, height = ctx.size
         g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg = extension().backward(
-            _grad(g_rgb), _grad(g_alpha), _grad(g_depth), *ctx.saved_tensors,
-            width, height, ALPHA_MIN, ALPHA_MAX,
+            _grad(g_rgb), _grad(g_alpha), _grad(g_depth), *ctx.saved_tensors, *ctx.size, ALPHA_MIN, ALPHA_MAX
         )
         return g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg, None, None, None
 

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -170,10 +171,16 @@ std::vector<int32_t> sort_by_depth(const std::vector<std::pair<uint32_t, int32_t
   return order;
 }
 
+// The tile lists. Entry e (a tile/Gaussian pair) holds a copy of its Gaussian's Splat, so the
+// raster loops read memory in order; its "slot" numbers the entries Gaussian-major (view, depth
+// rank, tile), so the backward writes each entry's gradient to its slot and a Gaussian's
+// gradient is then the sum over one contiguous span of slots.
 struct Bins {
-  torch::Tensor offsets;  // [B*tiles+1] int32: tile t's list is ids[offsets[t] .. offsets[t+1])
-  torch::Tensor ids;      // [n_isect] int32 Gaussian index within its view
-  torch::Tensor splats;   // [B,N,12] float
+  torch::Tensor offsets;  // [B*tiles+1] int32: tile t's entries are offsets[t] .. offsets[t+1]-1
+  torch::Tensor entries;  // [n_isect, SPLAT_FLOATS] float: the entries' Splats, in list order
+  torch::Tensor slots;    // [n_isect] int32
+  torch::Tensor owners;   // [n_binned] int32: span k belongs to (view, Gaussian) b·N + i
+  torch::Tensor spans;    // [n_binned+1] int32: span k covers slots spans[k] .. spans[k+1]-1
 };
 
 Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& depths,
@@ -181,12 +188,11 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
          int width, int height, const Consts& k) {
   const int64_t B = means2d.size(0), N = means2d.size(1);
   const int tw = (width + TS - 1) / TS, th = (height + TS - 1) / TS, nt = tw * th;
-  auto splats = torch::empty({B, N, SPLAT_FLOATS}, means2d.options());
-  // Tight tile rect per (view, Gaussian); x1 <= x0 means not drawn.
-  std::vector<int32_t> tight(static_cast<size_t>(B * N * 4));
-  std::vector<std::vector<int32_t>> order(B);
-  std::vector<int64_t> view_count(B + 1, 0);
-  std::vector<std::vector<int32_t>> tile_count(B, std::vector<int32_t>(nt + 1, 0));
+  std::vector<Splat> splats(static_cast<size_t>(B * N));
+  std::vector<int32_t> tight(static_cast<size_t>(B * N * 4));  // tile rect (x0, y0, x1, y1)
+  std::vector<std::vector<int32_t>> order(B);                   // binned Gaussians, by depth
+  std::vector<int64_t> view_isect(B + 1, 0), view_binned(B + 1, 0);
+  std::vector<std::vector<int32_t>> tile_count(B, std::vector<int32_t>(nt, 0));
 
   const float* m2 = means2d.data_ptr<float>();
   const float* cn = conics.data_ptr<float>();
@@ -194,7 +200,6 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
   const float* opa = opacities.data_ptr<float>();
   const float* col = colors.data_ptr<float>();
   const int32_t* rc = rects.data_ptr<int32_t>();
-  float* sp = splats.data_ptr<float>();
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
@@ -205,69 +210,80 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
       const float mx = m2[bi * 2], my = m2[bi * 2 + 1];
       const float a = cn[bi * 3], bb = cn[bi * 3 + 1], c = cn[bi * 3 + 2];
       const float op = opa[i];
-      Splat s{mx, my, a, bb, c, op, col[i * 3], col[i * 3 + 1], col[i * 3 + 2], dp[bi],
-              0.f, -1.f, 0.f, 0.f, 0.f, 0.f};
-      int32_t* t = &tight[bi * 4];
-      t[0] = t[1] = t[2] = t[3] = 0;
       const int32_t* r = &rc[bi * 4];
       const float det = a * c - bb * bb;
-      if (r[2] > r[0] && r[3] > r[1] && op >= k.alpha_min && det > 0.f) {
-        // slack far above the float error of power and exp
-        const float level = 2.0f * std::log(op / k.alpha_min) + 1e-2f;
-        const float hx = std::sqrt(level * c / det) * 1.001f + 1e-3f;  // ellipse half-extents
-        const float hy = std::sqrt(level * a / det) * 1.001f + 1e-3f;
-        const int x0 = std::max<int>(r[0], static_cast<int>(std::floor((mx - hx - 0.5f) / TS)));
-        const int x1 = std::min<int>(r[2], static_cast<int>(std::floor((mx + hx - 0.5f) / TS)) + 1);
-        const int y0 = std::max<int>(r[1], static_cast<int>(std::floor((my - hy - 0.5f) / TS)));
-        const int y1 = std::min<int>(r[3], static_cast<int>(std::floor((my + hy - 0.5f) / TS)) + 1);
-        if (x1 > x0 && y1 > y0) {
-          t[0] = x0, t[1] = y0, t[2] = x1, t[3] = y1;
-          s.ylo = my - hy - 0.5f;
-          s.yhi = my + hy - 0.5f;
-          s.level = level, s.xk = bb / a, s.xq = det / a, s.xa = 1.0f / a;
-          keyed.emplace_back(sortable_bits(dp[bi]), static_cast<int32_t>(i));
-        }
-      }
-      std::memcpy(&sp[bi * SPLAT_FLOATS], &s, sizeof(Splat));
+      if (!(r[2] > r[0] && r[3] > r[1] && op >= k.alpha_min && det > 0.f)) continue;
+      // slack far above the float error of power and exp
+      const float level = 2.0f * std::log(op / k.alpha_min) + 1e-2f;
+      const float hx = std::sqrt(level * c / det) * 1.001f + 1e-3f;  // ellipse half-extents
+      const float hy = std::sqrt(level * a / det) * 1.001f + 1e-3f;
+      const int x0 = std::max<int>(r[0], static_cast<int>(std::floor((mx - hx - 0.5f) / TS)));
+      const int x1 = std::min<int>(r[2], static_cast<int>(std::floor((mx + hx - 0.5f) / TS)) + 1);
+      const int y0 = std::max<int>(r[1], static_cast<int>(std::floor((my - hy - 0.5f) / TS)));
+      const int y1 = std::min<int>(r[3], static_cast<int>(std::floor((my + hy - 0.5f) / TS)) + 1);
+      if (x1 <= x0 || y1 <= y0) continue;
+      int32_t* t = &tight[bi * 4];
+      t[0] = x0, t[1] = y0, t[2] = x1, t[3] = y1;
+      splats[bi] = Splat{mx, my, a, bb, c, op, col[i * 3], col[i * 3 + 1], col[i * 3 + 2], dp[bi],
+                         my - hy - 0.5f, my + hy - 0.5f, level, bb / a, det / a, 1.0f / a};
+      keyed.emplace_back(sortable_bits(dp[bi]), static_cast<int32_t>(i));
     }
-    auto& ord = order[b];
-    ord = sort_by_depth(keyed);
+    order[b] = sort_by_depth(keyed);
     auto& cnt = tile_count[b];
     int64_t total = 0;
-    for (const int32_t i : ord) {
+    for (const int32_t i : order[b]) {
       const int32_t* t = &tight[(b * N + i) * 4];
       for (int ty = t[1]; ty < t[3]; ++ty)
         for (int tx = t[0]; tx < t[2]; ++tx) ++cnt[ty * tw + tx];
       total += static_cast<int64_t>(t[2] - t[0]) * (t[3] - t[1]);
     }
-    view_count[b + 1] = total;
+    view_isect[b + 1] = total;
+    view_binned[b + 1] = static_cast<int64_t>(order[b].size());
   }
-  for (int64_t b = 0; b < B; ++b) view_count[b + 1] += view_count[b];
-  const int64_t n_isect = view_count[B];
-  TORCH_CHECK(n_isect < INT32_MAX, "too many tile/Gaussian pairs for int32 offsets");
-  auto offsets = torch::empty({B * nt + 1}, rects.options());
-  auto ids = torch::empty({n_isect}, rects.options());
-  int32_t* off = offsets.data_ptr<int32_t>();
-  int32_t* idp = ids.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    view_isect[b + 1] += view_isect[b];
+    view_binned[b + 1] += view_binned[b];
+  }
+  const int64_t n_isect = view_isect[B], n_binned = view_binned[B];
+  TORCH_CHECK(n_isect < INT32_MAX && B * N < INT32_MAX, "too many Gaussians for int32 indices");
+  const auto iopt = rects.options();
+  Bins bins{torch::empty({B * nt + 1}, iopt), torch::empty({n_isect, SPLAT_FLOATS}, means2d.options()),
+            torch::empty({n_isect}, iopt), torch::empty({n_binned}, iopt), torch::empty({n_binned + 1}, iopt)};
+  int32_t* off = bins.offsets.data_ptr<int32_t>();
+  Splat* entries = reinterpret_cast<Splat*>(bins.entries.data_ptr<float>());
+  int32_t* slots = bins.slots.data_ptr<int32_t>();
+  int32_t* owners = bins.owners.data_ptr<int32_t>();
+  int32_t* spans = bins.spans.data_ptr<int32_t>();
   off[B * nt] = static_cast<int32_t>(n_isect);
+  spans[n_binned] = static_cast<int32_t>(n_isect);
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
-    auto& cnt = tile_count[b];
+    const auto& cnt = tile_count[b];
     std::vector<int32_t> cursor(nt);
-    int64_t acc = view_count[b];
+    int64_t acc = view_isect[b];
     for (int t = 0; t < nt; ++t) {
       off[b * nt + t] = static_cast<int32_t>(acc);
       cursor[t] = static_cast<int32_t>(acc);
       acc += cnt[t];
     }
+    int32_t slot = static_cast<int32_t>(view_isect[b]);
+    int64_t kk = view_binned[b];
     for (const int32_t i : order[b]) {
-      const int32_t* t = &tight[(b * N + i) * 4];
-      for (int ty = t[1]; ty < t[3]; ++ty)
-        for (int tx = t[0]; tx < t[2]; ++tx) idp[cursor[ty * tw + tx]++] = i;
+      const int64_t bi = b * N + i;
+      owners[kk] = static_cast<int32_t>(bi);
+      spans[kk++] = slot;
+      const int32_t* t = &tight[bi * 4];
+      for (int ty = t[1]; ty < t[3]; ++ty) {
+        for (int tx = t[0]; tx < t[2]; ++tx) {
+          const int32_t e = cursor[ty * tw + tx]++;
+          entries[e] = splats[bi];
+          slots[e] = slot++;
+        }
+      }
     }
   }
-  return {offsets, ids, splats};
+  return bins;
 }
 
 // Rows [r0, r1) of the tile (local) that Gaussian s can touch.
@@ -406,8 +422,7 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
   auto n_used = torch::empty({B, H, W}, rects.options());
 
   const int32_t* off = bins.offsets.data_ptr<int32_t>();
-  const int32_t* ids = bins.ids.data_ptr<int32_t>();
-  const Splat* splats = reinterpret_cast<const Splat*>(bins.splats.data_ptr<float>());
+  const Splat* entries = reinterpret_cast<const Splat*>(bins.entries.data_ptr<float>());
   const float* bg = background.data_ptr<float>();
   float* o_rgb = rgb.data_ptr<float>();
   float* o_alpha = alpha.data_ptr<float>();
@@ -428,13 +443,12 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
       T[p] = 1.f, ar[p] = ag[p] = ab[p] = ad[p] = 0.f, used[p] = 0;
       live[p] = ((p / TS) < rows && (p % TS) < cols) ? 1.f : 0.f;
     }
-    const Splat* base = splats + b * N;
     const int32_t start = off[job], end = off[job + 1];
     const float xc0 = static_cast<float>(px0) + 0.5f;
     uint32_t alive = live_rows(live);
     for (int32_t j = start; j < end && alive; ++j) {
       if (((j - start) & 15) == 15) alive = live_rows(live);  // skip saturated rows, then the tile
-      const Splat s = base[ids[j]];
+      const Splat& s = entries[j];
       int r0, r1;
       row_range(s, py0, rows, r0, r1);
       const int32_t count = j - start + 1;
@@ -460,7 +474,7 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
       }
     }
   }
-  return {rgb, alpha, depth, t_final, n_used, bins.offsets, bins.ids, bins.splats};
+  return {rgb, alpha, depth, t_final, n_used, bins.offsets, bins.entries, bins.slots, bins.owners, bins.spans};
 }
 
 // Returns the gradients w.r.t. means2d [B,N,2], conics [B,N,3], depths [B,N], opacities [N],
@@ -468,25 +482,27 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
 std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_alpha,
                                     torch::Tensor grad_depth, torch::Tensor background,
                                     torch::Tensor t_final, torch::Tensor n_used,
-                                    torch::Tensor offsets, torch::Tensor ids, torch::Tensor splats,
+                                    torch::Tensor offsets, torch::Tensor entries, torch::Tensor slots,
+                                    torch::Tensor owners, torch::Tensor spans, int64_t n_gaussians,
                                     int64_t width, int64_t height, double alpha_min,
                                     double alpha_max) {
-  for (const auto* t : {&grad_rgb, &grad_alpha, &grad_depth, &background, &t_final, &splats}) {
+  for (const auto* t : {&grad_rgb, &grad_alpha, &grad_depth, &background, &t_final, &entries}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
                 "gaussians.backward expects contiguous float32 CPU tensors");
   }
   const float amin = static_cast<float>(alpha_min), amax = static_cast<float>(alpha_max);
   const int W = static_cast<int>(width), H = static_cast<int>(height);
-  const int64_t B = splats.size(0), N = splats.size(1);
+  const int64_t N = n_gaussians, B = t_final.size(0);
   const int tw = (W + TS - 1) / TS, th = (H + TS - 1) / TS, nt = tw * th;
   const int64_t HW = static_cast<int64_t>(H) * W;
-  const int64_t n_isect = ids.size(0);
+  const int64_t n_isect = entries.size(0);
 
-  std::vector<float> buf(static_cast<size_t>(n_isect) * GRAD_FLOATS);
+  // Entry gradients by slot; every slot is written (zeros for entries no pixel reached).
+  std::unique_ptr<float[]> buf(new float[static_cast<size_t>(n_isect) * GRAD_FLOATS]);
   std::vector<float> bg_part(static_cast<size_t>(B * nt) * 3);  // per-tile Σ T_final·dL/drgb
   const int32_t* off = offsets.data_ptr<int32_t>();
-  const int32_t* idp = ids.data_ptr<int32_t>();
-  const Splat* sp = reinterpret_cast<const Splat*>(splats.data_ptr<float>());
+  const Splat* list = reinterpret_cast<const Splat*>(entries.data_ptr<float>());
+  const int32_t* slot = slots.data_ptr<int32_t>();
   const float* g_rgb = optional_data(grad_rgb);
   const float* g_a = optional_data(grad_alpha);
   const float* g_d = optional_data(grad_depth);
@@ -534,11 +550,12 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
       row_deepest[r] = 0;
       for (int x = 0; x < TS; ++x) row_deepest[r] = std::max(row_deepest[r], nused[r * TS + x]);
     }
-    const Splat* base = sp + b * N;
-    const int32_t start = off[job];
+    const int32_t start = off[job], end = off[job + 1];
+    for (int32_t j = start + deepest; j < end; ++j)
+      std::fill_n(&buf[static_cast<size_t>(slot[j]) * GRAD_FLOATS], GRAD_FLOATS, 0.f);
     const float xc0 = static_cast<float>(px0) + 0.5f;
     for (int32_t j = start + deepest - 1; j >= start; --j) {
-      const Splat s = base[idp[j]];
+      const Splat& s = list[j];
       const int32_t count = j - start + 1;
       int r0, r1;
       row_range(s, py0, rows, r0, r1);
@@ -552,7 +569,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
         backward_row(s, xc0, dy, count, amin, amax, T + o, Br + o, Bg + o, Bb + o, Bd + o, gr + o, gg + o,
                      gb + o, gd + o, gat + o, nused + o, acc);
       }
-      float* out = &buf[static_cast<size_t>(j) * GRAD_FLOATS];
+      float* out = &buf[static_cast<size_t>(slot[j]) * GRAD_FLOATS];
       for (int m = 0; m < GRAD_FLOATS; ++m) {
         float sum = 0.f;
         for (int x = 0; x < TS; ++x) sum += acc[m][x];
@@ -561,44 +578,51 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
     }
   }
 
-  // Sum the entries per view, in list order (deterministic), then over views for the
-  // view-independent opacity and colour.
-  std::vector<float> per_view(static_cast<size_t>(B * N) * GRAD_FLOATS);
-#pragma omp parallel for schedule(static, 1)
-  for (int64_t b = 0; b < B; ++b) {
-    float* gv = per_view.data() + b * N * GRAD_FLOATS;
-    std::fill(gv, gv + N * GRAD_FLOATS, 0.f);
-    for (int32_t j = off[b * nt]; j < off[(b + 1) * nt]; ++j) {
-      float* dst = gv + static_cast<int64_t>(idp[j]) * GRAD_FLOATS;
-      const float* src = &buf[static_cast<size_t>(j) * GRAD_FLOATS];
-      for (int m = 0; m < GRAD_FLOATS; ++m) dst[m] += src[m];
-    }
-  }
-  auto fopt = splats.options();
+  // A Gaussian's gradient in one view is the sum over its span of slots (a fixed order, so
+  // deterministic); spans are visited in slot order. Opacity and colour then sum over views.
+  auto fopt = entries.options();
   auto g_means2d = torch::empty({B, N, 2}, fopt);
   auto g_conics = torch::empty({B, N, 3}, fopt);
   auto g_depths = torch::empty({B, N}, fopt);
   auto g_opac = torch::empty({N}, fopt);
   auto g_colors = torch::empty({N, 3}, fopt);
   auto g_bg = torch::zeros({3}, fopt);
+  std::unique_ptr<float[]> opcol(new float[static_cast<size_t>(B * N) * 4]);  // per view
   float* o_m2 = g_means2d.data_ptr<float>();
   float* o_cn = g_conics.data_ptr<float>();
   float* o_d = g_depths.data_ptr<float>();
   float* o_op = g_opac.data_ptr<float>();
   float* o_col = g_colors.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N; ++i) {
-    float op = 0.f, col[3] = {0.f, 0.f, 0.f};
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t e = b * N + i;
-      const float* g = per_view.data() + e * GRAD_FLOATS;
+  const int32_t* own = owners.data_ptr<int32_t>();
+  const int32_t* sp = spans.data_ptr<int32_t>();
+  const int64_t n_binned = owners.numel();
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < B * N; ++e) {
+      o_m2[e * 2] = o_m2[e * 2 + 1] = o_d[e] = 0.f;
+      o_cn[e * 3] = o_cn[e * 3 + 1] = o_cn[e * 3 + 2] = 0.f;
+      for (int m = 0; m < 4; ++m) opcol[e * 4 + m] = 0.f;
+    }
+#pragma omp for schedule(static)
+    for (int64_t kk = 0; kk < n_binned; ++kk) {
+      float g[GRAD_FLOATS] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int32_t q = sp[kk]; q < sp[kk + 1]; ++q)
+        for (int m = 0; m < GRAD_FLOATS; ++m) g[m] += buf[static_cast<size_t>(q) * GRAD_FLOATS + m];
+      const int64_t e = own[kk];
       o_m2[e * 2] = g[0], o_m2[e * 2 + 1] = g[1];
       o_cn[e * 3] = g[2], o_cn[e * 3 + 1] = g[3], o_cn[e * 3 + 2] = g[4];
       o_d[e] = g[9];
-      op += g[5], col[0] += g[6], col[1] += g[7], col[2] += g[8];
+      for (int m = 0; m < 4; ++m) opcol[e * 4 + m] = g[5 + m];
     }
-    o_op[i] = op;
-    for (int c = 0; c < 3; ++c) o_col[i * 3 + c] = col[c];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t b = 0; b < B; ++b)
+        for (int m = 0; m < 4; ++m) acc[m] += opcol[(b * N + i) * 4 + m];
+      o_op[i] = acc[0];
+      for (int c = 0; c < 3; ++c) o_col[i * 3 + c] = acc[1 + c];
+    }
   }
   float* o_bg = g_bg.data_ptr<float>();
   for (int64_t job = 0; job < B * nt; ++job)
