@@ -1,6 +1,7 @@
 """The command line as a user meets it: bad input fails in one line with exit 2, runs write loadable files."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def tiny_config(tmp_path: Path) -> Path:
     f = tmp_path / "tiny.toml"
     f.write_text(
         "[schedule]\niterations = 2\nsteps = 2\ninit_steps = 2\ndenoise_steps = 10\n"
-        "[cameras]\nviews = 2\nresolution = 48\n[gaussians]\nnum_points = 300\nbackend = \"torch\"\n"
+        "[cameras]\nviews = 2\nresolution = 48\n[gaussians]\nnum_points = 300\nbackend = \"auto\"\n"
     )
     return f
 
@@ -39,6 +40,9 @@ def tiny_config(tmp_path: Path) -> Path:
         (["image2gs", "--teacher", "reference", "--model", "{spot}", "--iters", "abc"], "--iters"),
         (["image2gs", "--teacher", "reference", "--model", "{spot}", "--device", "cuda:7"], "cuda"),
         (["image2gs", "--teacher", "reference"], "--model MESH"),
+        (["image2gs"], "needs an input image"),
+        (["image2gs", "{tmp}/notes.png", "--rembg", "--no-rembg", "--border-ratio", "1.5"], "--border-ratio"),
+        (["image2gs", "--teacher", "reference", "--model", "{spot}", "--video-format", "avi"], "avi"),
         (["eval", "{tmp}/none.ply", "--reference", "{spot}"], "result not found"),
     ],
 )
@@ -92,3 +96,272 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     assert main(["eval", str(ply), "--reference", str(SPOT), "--json", str(scores), "--res", "64"]) == 0
     result = json.loads(scores.read_text())
     assert len(result["views"]) == 16 and 5.0 < result["mean_psnr"] < 60.0
+
+
+# batch, preprocessing, presets, models ------------------------------------------------------------
+
+MICRO = (
+    "[schedule]\niterations = 1\nsteps = 1\ninit_steps = 1\ndenoise_steps = 4\n"
+    "[cameras]\nviews = 1\nresolution = 32\n[gaussians]\nnum_points = 100\nbackend = \"auto\"\n"
+)
+
+
+@pytest.fixture(scope="module")
+def cow_pngs(tmp_path_factory) -> list[Path]:
+    """Two RGBA renders of Spot (names with dots), as a user's transparent PNGs."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from microdreamer.sir.cameras import Cameras
+    from microdreamer.teachers.reference import ReferenceTeacher
+
+    folder = tmp_path_factory.mktemp("cows")
+    teacher = ReferenceTeacher(SPOT, resolution=64)
+    paths = []
+    for index, azimuth in enumerate([0.0, 50.0]):
+        out = teacher.render(Cameras.orbit([0.0], [azimuth], 2.0, 64))
+        rgba = torch.cat([out.rgb, out.alpha], 1)[0].permute(1, 2, 0).numpy()
+        path = folder / f"cow.v{index}.png"
+        Image.fromarray((rgba * 255 + 0.5).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def micro_config(tmp_path: Path) -> Path:
+    f = tmp_path / "micro.toml"
+    f.write_text(MICRO)
+    return f
+
+
+def _batch_folder(root: Path, cows: list[Path]) -> Path:
+    import shutil
+
+    folder = root / "photos"
+    folder.mkdir()
+    for cow in cows:
+        shutil.copy(cow, folder / cow.name)
+    (folder / "broken.png").write_bytes(cows[0].read_bytes()[:150])  # truncated PNG
+    (folder / "notes.png").write_text("a text file with an image name")
+    (folder / "readme.txt").write_text("not an input")
+    return folder
+
+
+def _no_model_load(monkeypatch) -> None:
+    from microdreamer import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher must not be loaded")
+
+    monkeypatch.setattr(pipeline.ImageTo3D, "__init__", refuse)
+
+
+@pytest.mark.slow
+def test_batch_reports_failures_in_the_manifest_resumes_and_reproduces(
+    tmp_path: Path, capsys, monkeypatch, cow_pngs, micro_config
+):
+    import numpy as np
+    from PIL import Image
+
+    folder = _batch_folder(tmp_path, cow_pngs)
+    out = tmp_path / "out"
+    argv = ["image2gs", str(folder), "--teacher", "reference", "--model", str(SPOT), "--config", str(micro_config),
+            "--out", str(out), "--seed", "4", "--border-ratio", "0.3", "--no-rembg", "--json", "-q"]
+    assert main(argv) == 1  # something failed
+    printed = json.loads(capsys.readouterr().out)  # stdout holds the JSON summary and nothing else
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert printed == manifest
+    entries = {Path(e["input"]).name: e for e in manifest["entries"]}
+    assert set(entries) == {"broken.png", "cow.v0.png", "cow.v1.png", "notes.png"}
+    assert manifest["counts"] == {"done": 2, "failed": 2, "skipped": 0, "interrupted": 0, "pending": 0}
+    assert "truncated or corrupt" in entries["broken.png"]["error"]
+    assert "not an image" in entries["notes.png"]["error"]
+    stems = ["cow.v0", "cow.v1"]
+    expected = sorted(f"{s}{suffix}" for s in stems for suffix in (".json", ".ply", "_rgba.png", "_views.png"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected + ["manifest.json"])
+    done = entries["cow.v0.png"]
+    # precedence: preset (radius, teacher) < --config (steps, resolution) < flags (seed)
+    assert done["status"] == "done" and done["seed"] == 4 and done["config"]["seed"] == 4
+    assert done["config"]["schedule"]["steps"] == 1 and done["config"]["cameras"]["resolution"] == 32
+    assert done["config"]["teacher"]["name"] == "reference" and done["config"]["cameras"]["radius"] == 2.0
+    assert done["evaluations"]["total"] > 0 and "sir" in done["timings"]
+    assert set(done["outputs"]) == {"ply", "views", "report", "rgba"}
+    rgba = np.asarray(Image.open(out / "cow.v0_rgba.png"))
+    assert rgba.shape == (256, 256, 4)
+    rows = np.flatnonzero(rgba[:, :, 3].any(axis=1))
+    cols = np.flatnonzero(rgba[:, :, 3].any(axis=0))
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 == round(256 * 0.7)  # --border-ratio 0.3
+
+    # resume: nothing is redone, the teacher is not even loaded
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        assert main(argv[:-2] + ["--skip-existing", "-q"]) == 1
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["counts"]["skipped"] == 2 and again["counts"]["failed"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"} == stamps
+
+    # the JSON written beside an output reproduces it bit for bit
+    capsys.readouterr()
+    copy = tmp_path / "again"
+    assert main(["image2gs", str(folder / "cow.v0.png"), "--config", str(out / "cow.v0.json"),
+                 "--out", str(copy), "--json", "-q"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert [e["status"] for e in single["entries"]] == ["done"]
+    first, second = json.loads((out / "cow.v0.json").read_text()), json.loads((copy / "cow.v0.json").read_text())
+    assert second["config"] == first["config"] and second["preprocess"] == first["preprocess"]
+    assert (copy / "cow.v0.ply").read_bytes() == (out / "cow.v0.ply").read_bytes()
+    assert (copy / "cow.v0_rgba.png").read_bytes() == (out / "cow.v0_rgba.png").read_bytes()
+    assert not (copy / "manifest.json").exists()  # a single run writes no manifest
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_partial_outputs_and_the_manifest_says_what_finished(
+    tmp_path: Path, capsys, monkeypatch, cow_pngs, micro_config
+):
+    import shutil
+
+    from microdreamer.representations.gaussians import Gaussians
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ["a.png", "b.png", "c.png"]:
+        shutil.copy(cow_pngs[0], folder / name)
+    save = Gaussians.save
+    calls = []
+
+    def save_then_interrupt(self, path):
+        calls.append(path)
+        if len(calls) == 2:  # Ctrl-C in the middle of writing b's outputs
+            Path(path).write_bytes(b"half a ply")
+            raise KeyboardInterrupt
+        save(self, path)
+
+    monkeypatch.setattr(Gaussians, "save", save_then_interrupt)
+    out = tmp_path / "out"
+    argv = ["image2gs", str(folder), "--teacher", "reference", "--model", str(SPOT), "--config", str(micro_config),
+            "--out", str(out), "--video-format", "gif", "-q"]
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.json", "a.ply", "a_rgba.png", "a_turntable.gif", "a_views.png", "manifest.json"
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["interrupted"] is True
+    assert [e["status"] for e in manifest["entries"]] == ["done", "interrupted", "pending"]
+    assert manifest["entries"][0]["outputs"]["video"] == str(out / "a_turntable.gif")
+
+
+def _rgba_file(path: Path, size=(120, 80), box=(10, 20, 40, 60)) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((size[1], size[0], 4), np.uint8)
+    x0, y0, x1, y1 = box
+    rgba[y0:y1, x0:x1] = (30, 120, 200, 255)
+    Image.fromarray(rgba).save(path)
+    return path
+
+
+def test_preprocess_rgba_and_white_jpg_and_folder_mode(tmp_path: Path, capsys):
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _rgba_file(photos / "my.cat.v2.png")  # 30 wide, 40 tall, off centre
+    white = Image.new("RGB", (200, 160), "white")
+    ImageDraw.Draw(white).rectangle((60, 40, 139, 119), fill=(200, 30, 30))  # an 80x80 square
+    white.save(photos / "ball.jpg", quality=95)
+    assert main(["preprocess", str(photos), "--no-rembg", "-q"]) == 0
+    assert sorted(p.name for p in photos.iterdir()) == ["ball.jpg", "ball_rgba.png", "my.cat.v2.png",
+                                                       "my.cat.v2_rgba.png"]
+    cat = np.asarray(Image.open(photos / "my.cat.v2_rgba.png"))
+    rows, cols = np.flatnonzero(cat[:, :, 3].any(1)), np.flatnonzero(cat[:, :, 3].any(0))
+    # the longer side becomes round(256 · 0.8) = 205, the shorter 30 · 205/40 ≈ 154, centred
+    assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (25, 230, 51, 205)
+    assert tuple(cat[128, 128]) == (30, 120, 200, 255)
+    ball = np.asarray(Image.open(photos / "ball_rgba.png"))
+    assert ball[128, 128, 3] == 255 and np.abs(ball[128, 128, :3].astype(int) - (200, 30, 30)).max() <= 6
+    assert ball[5, 5, 3] == 0 and ball[250, 250, 3] == 0
+    rows = np.flatnonzero(ball[:, :, 3].any(1))  # the found mask, recentred and scaled like the RGBA one
+    assert (rows[0], rows[-1] + 1) == (25, 230)
+    # fully opaque up to the soft edge band (JPEG ringing, about 2 source pixels = 5 px here on each side)
+    core = np.flatnonzero((ball[:, :, 3] == 255).any(1))
+    assert 190 <= core[-1] + 1 - core[0] <= 205
+
+    # folder mode never takes its own outputs as inputs, and resumes
+    assert main(["preprocess", str(photos), "--no-rembg", "--skip-existing", "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["status"] for e in summary["entries"]] == ["skipped", "skipped"]
+    assert not any("_rgba_rgba" in p.name for p in photos.iterdir())
+    # without --skip-existing or --overwrite nothing is replaced
+    assert main(["preprocess", str(photos / "ball.jpg"), "--no-rembg"]) == 2
+    assert "already exists" in _error_line(capsys)
+
+
+def test_missing_rembg_is_one_line_and_auto_falls_back(tmp_path: Path, capsys, monkeypatch):
+    from PIL import Image, ImageDraw
+
+    monkeypatch.setitem(sys.modules, "rembg", None)  # import rembg fails, as when it is not installed
+    photo = tmp_path / "ball.jpg"
+    image = Image.new("RGB", (100, 100), "white")
+    ImageDraw.Draw(image).ellipse((30, 30, 70, 70), fill=(20, 90, 20))
+    image.save(photo)
+    out = tmp_path / "out"
+    assert main(["preprocess", str(photo), "--rembg", "-o", str(out)]) == 2
+    err = _error_line(capsys)
+    assert "rembg" in err and "--no-rembg" in err
+    assert not out.exists() or not any(out.iterdir())
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        assert main(["image2gs", str(photo), "--teacher", "reference", "--model", str(SPOT), "--rembg",
+                     "-o", str(out)]) == 2
+    assert "rembg" in _error_line(capsys)
+    assert main(["preprocess", str(photo), "-o", str(out), "-q"]) == 0  # auto: the uniform background
+    assert (out / "ball_rgba.png").is_file()
+
+
+def test_presets_list_and_show_round_trip(tmp_path: Path, capsys):
+    import tomllib
+
+    from microdreamer.config import resolve
+    from microdreamer.teachers.registry import TEACHERS
+
+    assert main(["presets", "list", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert {entry.preset for entry in TEACHERS.values()} <= set(listed)  # every teacher has its preset
+    assert listed["stable-zero123"]["teacher"] == "stable-zero123" and listed["reference"]["about"]
+    for name in ("reference", "stable-zero123"):
+        assert main(["presets", "show", name]) == 0
+        shown = tmp_path / f"{name}.toml"
+        shown.write_text(capsys.readouterr().out)
+        assert tomllib.loads(shown.read_text())["teacher"]["name"] == name
+        assert resolve(name, shown) == resolve(name)
+    assert main(["presets", "show", "nope"]) == 2
+    assert "unknown preset 'nope'" in _error_line(capsys)
+
+
+def test_models_list_and_download_from_a_cache(tmp_path: Path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    from test_loading import _fake_cache
+    from tiny_models import build_tiny_zero123
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub = tmp_path / "hub"
+    snapshot = _fake_cache(hub, build_tiny_zero123(tmp_path / "model"), "ashawkey/stable-zero123-diffusers")
+    size = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file())
+    assert main(["models", "list", "--cache-dir", str(hub), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["stable-zero123"]["cached"] is True and rows["stable-zero123"]["size_bytes"] == size
+    assert rows["stable-zero123"]["commercial_use"] is False
+    assert rows["zero123-xl"]["cached"] is False and rows["zero123-xl"]["size_bytes"] is None
+    assert main(["models", "list", "--cache-dir", str(hub)]) == 0
+    assert "non-commercial only" in capsys.readouterr().out
+    assert main(["models", "download", "stable-zero123", "--cache-dir", str(hub)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(snapshot) and "Non-Commercial" in captured.err
+    assert main(["models", "download", "nope"]) == 2
+    assert "unknown model 'nope'" in _error_line(capsys)
