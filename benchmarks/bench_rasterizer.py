@@ -9,8 +9,9 @@ Each (backend, N) runs in its own subprocess so that memory peaks do not mix. Me
 process's peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``): reported both as
 the absolute peak and as the rise over the peak reached before the first render (scene, cameras,
 imports, compiled kernel). On CUDA it is ``torch.cuda.max_memory_allocated``. Times are wall-clock
-medians (and minima) over ``--repeats`` steps after ``--warmup`` steps; the machine's load average
-is printed alongside because timings on a shared machine are only as good as its idle cores.
+medians (and minima) over ``--repeats`` steps after ``--warmup`` steps, plus the median process CPU
+time per step (all threads). The machine's load average is printed alongside: on a shared machine
+wall time depends on idle cores, and with one thread (``--threads 1``) CPU time measures the work.
 
     python benchmarks/bench_rasterizer.py --sizes 5000 20000 50000
 """
@@ -73,14 +74,15 @@ def child(backend: str, n: int, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     record = {
         "backend": backend, "n": n, "median_s": statistics.median(times), "min_s": min(times),
-        "threads": torch.get_num_threads(),
+        "cpu_s": statistics.median(cpu_times), "threads": torch.get_num_threads(),
     }
     if device == "cuda":
         record["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -116,7 +118,8 @@ def main() -> None:
     backends = args.backends or [name for name in ("torch", "cpu", "gsplat") if available[name]]
     print(f"{args.views} views at {args.resolution}², forward+backward; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-    header = f"{'backend':8} {'N':>7} {'median ms':>10} {'min ms':>8} {'threads':>7} {'peak MiB':>9} {'rise MiB':>9}  memory"
+    header = (f"{'backend':8} {'N':>7} {'median ms':>10} {'min ms':>8} {'cpu ms':>8} {'threads':>7} "
+              f"{'peak MiB':>9} {'rise MiB':>9}  memory")
     print(header)
     print("-" * len(header))
     for backend in backends:
@@ -136,8 +139,8 @@ def main() -> None:
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             rise = f"{r['rise_mib']:>9.0f}" if "rise_mib" in r else f"{'':>9}"
-            print(f"{backend:8} {n:>7} {r['median_s'] * 1e3:>10.1f} {r['min_s'] * 1e3:>8.1f} {r['threads']:>7} "
-                  f"{r['peak_mib']:>9.0f} {rise}  {r['memory']}")
+            print(f"{backend:8} {n:>7} {r['median_s'] * 1e3:>10.1f} {r['min_s'] * 1e3:>8.1f} "
+                  f"{r['cpu_s'] * 1e3:>8.1f} {r['threads']:>7} {r['peak_mib']:>9.0f} {rise}  {r['memory']}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

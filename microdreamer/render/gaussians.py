@@ -73,8 +73,9 @@ def rasterize_gaussians(
     world units), ``opacities [N]`` (activated), ``colors [N,3]`` (activated RGB),
     ``background [3]``. Returns ``rgb [B,3,H,W]``, ``alpha``/``depth [B,1,H,W]`` (depth is the
     weighted sum Σ wᵢzᵢ) and extras ``means2d [B,N,2]`` (pixel-space centres, a non-leaf tensor
-    in the graph: call ``.retain_grad()`` on it for densification) and ``radii [B,N]`` (int32,
-    0 = not drawn).
+    in the graph: call ``.retain_grad()`` on it for densification; its gradient is per pixel, not
+    per NDC unit as in diff-gaussian-rasterization) and ``radii [B,N]`` (int32, 0 = not drawn).
+    The cpu backend computes in float32 whatever the input dtype.
     """
     n = means.shape[0]
     expected = {"means": (means, (n, 3)), "quats": (quats, (n, 4)), "scales": (scales, (n, 3)),

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._build import ExtensionUnavailable, load_extension
 from ..sir.cameras import Cameras
+from ._build import ExtensionUnavailable, load_extension
 from .gaussians_torch import ALPHA_MAX, ALPHA_MIN, EPS2D, FOV_MARGIN, T_MIN, Projection
 
 
@@ -68,7 +68,9 @@ class _ProjectCPU(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, g_means2d: Tensor | None, g_conics: Tensor | None, g_depths: Tensor | None, *_):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, g_means2d: Tensor | None, g_conics: Tensor | None, g_depths: Tensor | None, *_
+    ):
         width, height, near, far = ctx.settings
         g_means, g_quats, g_scales = extension().project_backward(
             *ctx.saved_tensors, _grad(g_means2d), _grad(g_conics), _grad(g_depths),
@@ -106,15 +108,17 @@ class _RasterizeCPU(torch.autograd.Function):
             width, height, ALPHA_MIN, ALPHA_MAX, T_MIN,
         )  # state: per-pixel final transmittance and list depth, the tile lists
         ctx.save_for_backward(background, *state)
-        ctx.size = (opacities.shape[0], width, height)
+        ctx.sizes = (opacities.shape[0], width, height)
         ctx.set_materialize_grads(False)
         return rgb, alpha, depth
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, g_rgb: Tensor | None, g_alpha: Tensor | None, g_depth: Tensor | None):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, g_rgb: Tensor | None, g_alpha: Tensor | None, g_depth: Tensor | None
+    ):
         g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg = extension().backward(
-            _grad(g_rgb), _grad(g_alpha), _grad(g_depth), *ctx.saved_tensors, *ctx.size, ALPHA_MIN, ALPHA_MAX
+            _grad(g_rgb), _grad(g_alpha), _grad(g_depth), *ctx.saved_tensors, *ctx.sizes, ALPHA_MIN, ALPHA_MAX
         )
         return g_means2d, g_conics, g_depths, g_opac, g_colors, g_bg, None, None, None
 

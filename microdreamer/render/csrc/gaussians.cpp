@@ -1,18 +1,22 @@
-// Tile-based rasterization of projected 3D Gaussians on the CPU (OpenMP), forward and backward.
+// 3D Gaussian splatting on the CPU (OpenMP): EWA projection and tile rasterization, each with a
+// hand-written backward. Semantics are those of microdreamer/render/gaussians_torch.py (the
+// reference the tests compare against).
 //
-// Input is the output of the shared torch projection (means2d, conics, depths, tile rects); the
-// semantics are those of microdreamer/render/gaussians_torch.py. Layout of the work:
-//   1. binning, per view: visible Gaussians sorted by (depth, index), appended to each tile they
-//      touch, so every tile's list is depth-sorted (a counting sort by tile, no global sort);
-//   2. forward, parallel over (view, tile): a tile's 256 pixels are updated one Gaussian at a time
-//      (rows of 16 lanes that the compiler vectorizes); the final transmittance and the number of
-//      list entries each pixel consumed are stored for the backward;
+// Projection (project_forward / project_backward): one pass per Gaussian over the views.
+// Rasterization (forward / backward):
+//   1. binning, per view: drawn Gaussians radix-sorted by depth (stable), then appended to every
+//      tile they touch, so each tile's list comes out depth-sorted. A list entry holds a copy of
+//      its Gaussian's screen-space record, so the raster loops read memory in order;
+//   2. forward, parallel over (view, tile): the tile's 256 pixels are updated one entry at a time,
+//      in rows of 16 lanes that the compiler vectorizes; each pixel's final transmittance and the
+//      number of entries it consumed are kept for the backward;
 //   3. backward, parallel over (view, tile): the list is walked back to front, recovering each
-//      pixel's transmittance by division as 3DGS does; per-entry gradients go to a buffer indexed
-//      like the lists, then are summed per view in list order (deterministic, no atomics).
-// A Gaussian only touches the rows/tiles where opacity·exp(-power) can reach alpha_min (the
-// ellipse power <= log(opacity/alpha_min), with slack for rounding), a superset of the pixels the
-// threshold test accepts, so the results equal the reference's.
+//      pixel's transmittance by division as 3DGS does; each entry's gradient goes to its slot in
+//      a Gaussian-major buffer and a Gaussian's gradient is the sum over its contiguous slots (a
+//      fixed order: results do not depend on the thread count).
+// A Gaussian is only evaluated on tiles and rows where opacity·exp(-power) can reach alpha_min
+// (the ellipse power <= log(opacity/alpha_min), with slack for rounding): a superset of the
+// pixels the threshold test accepts, so the results equal the reference's.
 
 #include <torch/extension.h>
 
@@ -24,17 +28,12 @@
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace {
 
 constexpr int TS = 16;
 constexpr int TP = TS * TS;
 
-// Per-(view, Gaussian) record used by the raster loops.
-// The pixels that can reach alpha_min lie in the ellipse a·dx² + 2b·dx·dy + c·dy² <= level
+// A (view, Gaussian)'s screen-space record for the raster loops. The pixels that can reach alpha_min lie in the ellipse a·dx² + 2b·dx·dy + c·dy² <= level
 // (level = 2·log(opacity/alpha_min) plus slack), d = mean - pixel centre; per row that is the
 // interval |x - (mx + xk·dy)| <= sqrt((level - xq·dy²)·xa), and rows lie in [ylo, yhi].
 struct Splat {
@@ -101,11 +100,12 @@ void forward_row(const Splat& s, float x0, float dy, int32_t count, const Consts
 // composited behind it (background included), g* the output gradients (gat = dL/dalpha · T_final);
 // per-lane gradient sums for the entry's 10 parameters are added to acc.
 // (Kept out of line: inlined into the tile loop, GCC 12 fails to if-convert it.)
-__attribute__((noinline)) void backward_row(const Splat& s, float x0, float dy, int32_t count, float amin, float amax,
-                  float* __restrict T, float* __restrict Br, float* __restrict Bg, float* __restrict Bb,
-                  float* __restrict Bd, const float* __restrict gr, const float* __restrict gg,
-                  const float* __restrict gb, const float* __restrict gd, const float* __restrict gat,
-                  const int32_t* __restrict n_used, float (*__restrict acc)[TS]) {
+__attribute__((noinline)) void backward_row(
+    const Splat& s, float x0, float dy, int32_t count, float amin, float amax, float* __restrict T,
+    float* __restrict Br, float* __restrict Bg, float* __restrict Bb, float* __restrict Bd,
+    const float* __restrict gr, const float* __restrict gg, const float* __restrict gb,
+    const float* __restrict gd, const float* __restrict gat, const int32_t* __restrict n_used,
+    float (*__restrict acc)[TS]) {
   const float cdy = 0.5f * s.c * dy * dy, bdy = s.b * dy;
 #pragma omp simd
   for (int x = 0; x < TS; ++x) {
@@ -411,6 +411,9 @@ std::vector<torch::Tensor> forward(torch::Tensor means2d, torch::Tensor conics, 
   const Consts k{static_cast<float>(alpha_min), static_cast<float>(alpha_max), static_cast<float>(t_min)};
   const int W = static_cast<int>(width), H = static_cast<int>(height);
   const int64_t B = means2d.size(0), N = means2d.size(1);
+  TORCH_CHECK(conics.size(0) == B && conics.size(1) == N && depths.size(1) == N && rects.size(1) == N &&
+                  opacities.size(0) == N && colors.size(0) == N && background.numel() == 3,
+              "gaussians.forward: inconsistent shapes");
   const int tw = (W + TS - 1) / TS, th = (H + TS - 1) / TS, nt = tw * th;
 
   Bins bins = bin(means2d, conics, depths, opacities, colors, rects, W, H, k);
