@@ -198,8 +198,12 @@ def run_batch(
     if single:
         entry = result.entries[0]
         console.print(f"[{_STATUS_STYLE[entry.status]}]{entry.status}[/] {escape(entry.input)}: {escape(entry.note)}")
-    else:
+    elif not quiet:
         _print_summary(console, result, manifest_path)
+    else:  # errors are printed even when quiet
+        for e in result.entries:
+            if e.status == "failed":
+                print(f"failed: {e.input}: {e.error}", file=sys.stderr)
     if json_out:
         _print_json(result.to_dict())
     if result.failed:

@@ -169,7 +169,9 @@ def test_batch_reports_failures_in_the_manifest_resumes_and_reproduces(
     argv = ["image2gs", str(folder), "--teacher", "reference", "--model", str(SPOT), "--config", str(micro_config),
             "--out", str(out), "--seed", "4", "--border-ratio", "0.3", "--no-rembg", "--json", "-q"]
     assert main(argv) == 1  # something failed
-    printed = json.loads(capsys.readouterr().out)  # stdout holds the JSON summary and nothing else
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)  # stdout holds the JSON summary and nothing else
+    assert sorted(captured.err.splitlines())[0].startswith(f"failed: {folder / 'broken.png'}: ")  # even with -q
     manifest = json.loads((out / "manifest.json").read_text())
     assert printed == manifest
     entries = {Path(e["input"]).name: e for e in manifest["entries"]}
