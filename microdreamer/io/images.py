@@ -7,7 +7,6 @@ preprocessing and saving; the model side gets float tensors from :func:`to_refer
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
+from .atomic import atomic_path
 
 ImageLike = np.ndarray | torch.Tensor | Image.Image
 
@@ -195,34 +195,10 @@ def save_image(path: str | os.PathLike[str], image: ImageLike, *, overwrite: boo
         array = to_uint8(array[:, :, :3] * alpha + 255.0 * (1.0 - alpha))
     pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     if not overwrite and path.exists():
-        raise UserError(f"{path} already exists; delete it or allow overwriting (--overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=extension, dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            pil.save(stream, format=image_format)
-            stream.flush()
-            os.fsync(stream.fileno())
-        _publish(Path(temporary), path, overwrite)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        raise UserError(f"{path} already exists; delete it or pass --overwrite")
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        pil.save(temporary, format=image_format)
     return path
-
-
-def _publish(temporary: Path, path: Path, overwrite: bool) -> None:
-    """Move a finished temporary file into place; without ``overwrite`` never clobber (hard link)."""
-    if overwrite:
-        os.replace(temporary, path)
-        return
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        raise UserError(f"{path} already exists; delete it or allow overwriting (--overwrite)") from None
-    except OSError:  # file system without hard links: check, then rename
-        if path.exists():
-            raise UserError(f"{path} already exists; delete it or allow overwriting (--overwrite)") from None
-        os.replace(temporary, path)
 
 
 def image_grid(images: torch.Tensor | np.ndarray, cols: int, *, fill: float = 1.0) -> np.ndarray:
