@@ -44,7 +44,7 @@ def rasterize_gsplat(
     cams = cameras.to(means.device)
     viewmats = cams.viewmats().float()
     ks = cams.intrinsics().float()
-    backgrounds = background.float().expand(len(cams), 3)
+    backgrounds = background.float().expand(len(cams), 3).contiguous()
     render, alphas, meta = rasterization(
         means.float(), quats.float(), scales.float(), opacities.float(), colors.float(),
         viewmats, ks, cams.width, cams.height,
