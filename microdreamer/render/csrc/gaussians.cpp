@@ -174,13 +174,14 @@ std::vector<int32_t> sort_by_depth(const std::vector<std::pair<uint32_t, int32_t
 // The tile lists. Entry e (a tile/Gaussian pair) holds a copy of its Gaussian's Splat, so the
 // raster loops read memory in order; its "slot" numbers the entries Gaussian-major (view, depth
 // rank, tile), so the backward writes each entry's gradient to its slot and a Gaussian's
-// gradient is then the sum over one contiguous span of slots.
+// gradient is then the sum over one contiguous span of slots. Every (view, Gaussian) has a span,
+// empty when it is not drawn.
 struct Bins {
   torch::Tensor offsets;  // [B*tiles+1] int32: tile t's entries are offsets[t] .. offsets[t+1]-1
   torch::Tensor entries;  // [n_isect, SPLAT_FLOATS] float: the entries' Splats, in list order
   torch::Tensor slots;    // [n_isect] int32
-  torch::Tensor owners;   // [n_binned] int32: span k belongs to (view, Gaussian) b·N + i
-  torch::Tensor spans;    // [n_binned+1] int32: span k covers slots spans[k] .. spans[k+1]-1
+  torch::Tensor owners;   // [B*N] int32: span k belongs to (view, Gaussian) b·N + i
+  torch::Tensor spans;    // [B*N+1] int32: span k covers slots spans[k] .. spans[k+1]-1
 };
 
 Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& depths,
@@ -191,7 +192,7 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
   std::vector<Splat> splats(static_cast<size_t>(B * N));
   std::vector<int32_t> tight(static_cast<size_t>(B * N * 4));  // tile rect (x0, y0, x1, y1)
   std::vector<std::vector<int32_t>> order(B);                   // binned Gaussians, by depth
-  std::vector<int64_t> view_isect(B + 1, 0), view_binned(B + 1, 0);
+  std::vector<int64_t> view_isect(B + 1, 0);
   std::vector<std::vector<int32_t>> tile_count(B, std::vector<int32_t>(nt, 0));
 
   const float* m2 = means2d.data_ptr<float>();
@@ -238,24 +239,20 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
       total += static_cast<int64_t>(t[2] - t[0]) * (t[3] - t[1]);
     }
     view_isect[b + 1] = total;
-    view_binned[b + 1] = static_cast<int64_t>(order[b].size());
   }
-  for (int64_t b = 0; b < B; ++b) {
-    view_isect[b + 1] += view_isect[b];
-    view_binned[b + 1] += view_binned[b];
-  }
-  const int64_t n_isect = view_isect[B], n_binned = view_binned[B];
+  for (int64_t b = 0; b < B; ++b) view_isect[b + 1] += view_isect[b];
+  const int64_t n_isect = view_isect[B];
   TORCH_CHECK(n_isect < INT32_MAX && B * N < INT32_MAX, "too many Gaussians for int32 indices");
   const auto iopt = rects.options();
   Bins bins{torch::empty({B * nt + 1}, iopt), torch::empty({n_isect, SPLAT_FLOATS}, means2d.options()),
-            torch::empty({n_isect}, iopt), torch::empty({n_binned}, iopt), torch::empty({n_binned + 1}, iopt)};
+            torch::empty({n_isect}, iopt), torch::empty({B * N}, iopt), torch::empty({B * N + 1}, iopt)};
   int32_t* off = bins.offsets.data_ptr<int32_t>();
   Splat* entries = reinterpret_cast<Splat*>(bins.entries.data_ptr<float>());
   int32_t* slots = bins.slots.data_ptr<int32_t>();
   int32_t* owners = bins.owners.data_ptr<int32_t>();
   int32_t* spans = bins.spans.data_ptr<int32_t>();
   off[B * nt] = static_cast<int32_t>(n_isect);
-  spans[n_binned] = static_cast<int32_t>(n_isect);
+  spans[B * N] = static_cast<int32_t>(n_isect);
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
@@ -268,7 +265,7 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
       acc += cnt[t];
     }
     int32_t slot = static_cast<int32_t>(view_isect[b]);
-    int64_t kk = view_binned[b];
+    int64_t kk = b * N;  // this view's spans: drawn Gaussians by depth, then the empty ones
     for (const int32_t i : order[b]) {
       const int64_t bi = b * N + i;
       owners[kk] = static_cast<int32_t>(bi);
@@ -281,6 +278,11 @@ Bins bin(const torch::Tensor& means2d, const torch::Tensor& conics, const torch:
           slots[e] = slot++;
         }
       }
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (tight[(b * N + i) * 4 + 2] > tight[(b * N + i) * 4]) continue;  // drawn: has its span
+      owners[kk] = static_cast<int32_t>(b * N + i);
+      spans[kk++] = slot;
     }
   }
   return bins;
@@ -598,17 +600,10 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
   float* o_col = g_colors.data_ptr<float>();
   const int32_t* own = owners.data_ptr<int32_t>();
   const int32_t* sp = spans.data_ptr<int32_t>();
-  const int64_t n_binned = owners.numel();
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t e = 0; e < B * N; ++e) {
-      o_m2[e * 2] = o_m2[e * 2 + 1] = o_d[e] = 0.f;
-      o_cn[e * 3] = o_cn[e * 3 + 1] = o_cn[e * 3 + 2] = 0.f;
-      for (int m = 0; m < 4; ++m) opcol[e * 4 + m] = 0.f;
-    }
-#pragma omp for schedule(static)
-    for (int64_t kk = 0; kk < n_binned; ++kk) {
+#pragma omp for schedule(dynamic, 1024)
+    for (int64_t kk = 0; kk < B * N; ++kk) {  // every (view, Gaussian) once, slots in order
       float g[GRAD_FLOATS] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int32_t q = sp[kk]; q < sp[kk + 1]; ++q)
         for (int m = 0; m < GRAD_FLOATS; ++m) g[m] += buf[static_cast<size_t>(q) * GRAD_FLOATS + m];
@@ -618,7 +613,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_rgb, torch::Tensor grad_a
       o_d[e] = g[9];
       for (int m = 0; m < 4; ++m) opcol[e * 4 + m] = g[5 + m];
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1024)
     for (int64_t i = 0; i < N; ++i) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t b = 0; b < B; ++b)
@@ -664,7 +659,7 @@ std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor qu
   int32_t* o_r = radii.data_ptr<int32_t>();
   int32_t* o_rc = rects.data_ptr<int32_t>();
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 256)
   for (int64_t i = 0; i < N; ++i) {
     const Shape sh = make_shape(qp + i * 4, sp + i * 3);
     for (int64_t b = 0; b < B; ++b) {
@@ -730,7 +725,7 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
   float* o_gq = g_quats.data_ptr<float>();
   float* o_gs = g_scales.data_ptr<float>();
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 256)
   for (int64_t i = 0; i < N; ++i) {
     const Shape sh = make_shape(qp + i * 4, sp + i * 3);
     float gmu[3] = {0.f, 0.f, 0.f};
