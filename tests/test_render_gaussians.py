@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from microdreamer.errors import UserError
 from microdreamer.render.gaussians import available_backends, rasterize_gaussians, resolve_backend
 from microdreamer.render.gaussians_cpu import project_cpu, rasterize_cpu, unavailable_reason
+from microdreamer.render.gaussians_gsplat import rasterize_gsplat
 from microdreamer.render.gaussians_torch import EPS2D, project_gaussians, rasterize_dense, rasterize_tiled
 from microdreamer.sir.cameras import Cameras
 
@@ -221,6 +224,32 @@ def test_backend_resolution_and_errors():
     params = scene(3)
     with pytest.raises(UserError):
         rasterize_gaussians(*params, CAMS, BG, backend="nope")
+
+
+@pytest.mark.parametrize("per_axis_radii", [False, True])  # gsplat 1.4: [C,N]; 1.5: [C,N,2]
+def test_gsplat_adapter_layout(monkeypatch, per_axis_radii):
+    """The adapter against a stand-in gsplat that honours gsplat's documented contract."""
+    params = scene(40, seed=6)
+    reference = rasterize_gaussians(*params, CAMS, BG, backend="torch")
+
+    def rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kw):
+        assert kw["packed"] is False and kw["render_mode"] == "RGB+D" and kw["eps2d"] == 0.3
+        assert kw["rasterize_mode"] == "classic" and kw["near_plane"] == CAMS.near
+        torch.testing.assert_close(viewmats, CAMS.viewmats())
+        torch.testing.assert_close(Ks, CAMS.intrinsics())
+        assert (width, height) == (CAMS.width, CAMS.height) and kw["backgrounds"].shape == (3, 3)
+        radii = reference.extras["radii"]
+        meta = {"means2d": reference.extras["means2d"],
+                "radii": torch.stack([radii, radii - 1], -1) if per_axis_radii else radii}
+        colors_depth = torch.cat([reference.rgb, reference.depth], 1).permute(0, 2, 3, 1)
+        return colors_depth, reference.alpha.permute(0, 2, 3, 1), meta
+
+    monkeypatch.setitem(sys.modules, "gsplat", types.SimpleNamespace(rasterization=rasterization))
+    out = rasterize_gsplat(*params, CAMS, BG)
+    for a, b in [(reference.rgb, out.rgb), (reference.alpha, out.alpha), (reference.depth, out.depth)]:
+        assert torch.equal(a, b)
+    assert torch.equal(out.extras["radii"], reference.extras["radii"])
+    assert out.extras["means2d"] is reference.extras["means2d"]
 
 
 @pytest.mark.skipif(not available_backends()["gsplat"], reason="needs CUDA and the gsplat package")
