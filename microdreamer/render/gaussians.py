@@ -42,7 +42,9 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         return name
     if name == "cpu":
         if device.type != "cpu":
-            raise UserError(f"rasterizer backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'")
+            raise UserError(
+                f"rasterizer backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'"
+            )
         reason = unavailable_reason()
         if reason is not None:
             raise UserError(f"rasterizer backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")

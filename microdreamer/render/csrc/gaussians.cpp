@@ -33,9 +33,10 @@ namespace {
 constexpr int TS = 16;
 constexpr int TP = TS * TS;
 
-// A (view, Gaussian)'s screen-space record for the raster loops. The pixels that can reach alpha_min lie in the ellipse a·dx² + 2b·dx·dy + c·dy² <= level
-// (level = 2·log(opacity/alpha_min) plus slack), d = mean - pixel centre; per row that is the
-// interval |x - (mx + xk·dy)| <= sqrt((level - xq·dy²)·xa), and rows lie in [ylo, yhi].
+// A (view, Gaussian)'s screen-space record for the raster loops. The pixels that can reach
+// alpha_min lie in the ellipse a·dx² + 2b·dx·dy + c·dy² <= level (level = 2·log(opacity/alpha_min)
+// plus slack), d = mean - pixel centre; per row that is the interval
+// |x - (mx + xk·dy)| <= sqrt((level - xq·dy²)·xa), and rows lie in [ylo, yhi].
 struct Splat {
   float mx, my, a, b, c, op, r, g, bl, z;
   float ylo, yhi, level, xk, xq, xa;
