@@ -122,8 +122,12 @@ class Cameras:
 
     def viewmats(self) -> Tensor:
         """``[B,4,4]`` OpenCV world-to-camera matrices (x right, y down, looking along +z)."""
-        w2c = torch.linalg.inv(self.c2w.double())
-        return (_GL_TO_CV.to(w2c.device) @ w2c).to(self.c2w.dtype)
+        rot, t = self.c2w[:, :3, :3], self.c2w[:, :3, 3:]
+        w2c = torch.zeros_like(self.c2w)
+        w2c[:, :3, :3] = rot.transpose(1, 2)  # the exact rigid inverse: [Rᵀ | −Rᵀt]
+        w2c[:, :3, 3:] = -rot.transpose(1, 2) @ t
+        w2c[:, 3, 3] = 1.0
+        return _GL_TO_CV.to(w2c) @ w2c
 
     def centers(self) -> Tensor:
         return self.c2w[:, :3, 3]
