@@ -1,12 +1,12 @@
 """load_mesh: the shared CC0 assets, unit-box normalisation, scene flattening with a texture atlas, bad files."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import trimesh
 from PIL import Image
+from shared_assets import SHARED_ASSETS
 from trimesh.visual import ColorVisuals, TextureVisuals
 from trimesh.visual.material import PBRMaterial
 
@@ -14,7 +14,7 @@ from microdreamer.errors import UserError
 from microdreamer.io.mesh import TexturedMesh, load_mesh
 from microdreamer.render.mesh import sample_texture
 
-ASSETS = Path("/work/shared/assets")
+ASSETS = SHARED_ASSETS
 # (file, faces, texture side) as the files define them
 SHARED = [
     ("spot/spot.obj", 5856, 1024),

@@ -1,9 +1,9 @@
 """ReferenceTeacher: its eps predicts the mesh's rendering exactly, pixel-space encode/decode, counting, front view."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from shared_assets import SHARED_ASSETS
 
 from microdreamer.io.mesh import TexturedMesh, load_mesh
 from microdreamer.render.mesh import rasterize_mesh
@@ -12,7 +12,7 @@ from microdreamer.sir.scheduler import ddim_step
 from microdreamer.teachers.base import Condition
 from microdreamer.teachers.reference import ReferenceTeacher
 
-AVOCADO = Path("/work/shared/assets/avocado/avocado.gltf")
+AVOCADO = SHARED_ASSETS / "avocado" / "avocado.gltf"
 RES = 32
 
 

@@ -1,20 +1,24 @@
 """Mesh rendering: analytic coverage and depth, brute-force ray casting, cpu vs torch, texturing and gradients."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_assets import SHARED_ASSETS
 
 from microdreamer.errors import UserError
 from microdreamer.io.mesh import TexturedMesh, load_mesh
 from microdreamer.render._build import ExtensionUnavailable, load_extension
-from microdreamer.render.mesh import rasterize_mesh, resolve_mesh_backend, sample_texture
+from microdreamer.render.mesh import (
+    rasterize_mesh,
+    resolve_mesh_backend,
+    sample_texture,
+)
 from microdreamer.sir.cameras import Cameras
 
-SPOT = Path("/work/shared/assets/spot/spot.obj")
+SPOT = SHARED_ASSETS / "spot" / "spot.obj"
 WHITE = torch.ones(3)
 
 
