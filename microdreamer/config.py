@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,29 @@ class GaussianConfig:
 
 
 @dataclass
+class MeshConfig:
+    """Textured-mesh export (paper §V; spec §6.7–6.8): geometry, UV atlas, bake, SIR texture refinement."""
+
+    resolution: int = 256  # density grid points per axis
+    threshold: float = 0.5  # iso-level of the summed-opacity field Σ o_i G_i(x)
+    min_component: float = 0.05  # drop connected parts with less than this share of the largest's area
+    faces: int = 50_000  # face budget after decimation
+    texture: int = 1024  # texture side in texels (a power of two)
+    bake_resolution: int = 512  # Gaussian renders the initial texture is baked from
+    refine_steps: int = 30  # optimisation steps of the one SIR texture iteration (0 = bake only)
+    refine_views: int = 8
+    refine_t: int = 181  # noise-adding timestep: DDIM(50) index 40, as the reference
+    refine_denoise_steps: int = 50  # DDIM discretisation of the refinement
+    refine_eta: float = 0.0
+    refine_guidance: float = 2.0
+    refine_lr: float = 0.05  # Adam on the texture logits (the reference 0.2 leaves texel noise here)
+    refine_resolution: int = 256  # refinement renders (the teacher resizes to its own size)
+    up: str = "y"  # y: glTF/our world convention; z: rotated so the object's top points along +z
+    scale: float = 1.0  # longest side of the output's bounding box (centred at the origin)
+    format: str = "glb"  # glb | obj | ply
+
+
+@dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -97,6 +121,7 @@ class RunConfig:
     cameras: CameraConfig = field(default_factory=CameraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     seed: int = 0
     device: str = "auto"
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -125,10 +150,39 @@ class RunConfig:
             (self.seed >= 0, "--seed must be >= 0"),
             (all(0.0 <= b <= 1.0 for b in self.background) and len(self.background) == 3,
              "background must be three numbers in [0, 1]"),
+            *self._mesh_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad configuration: {message}")
+
+
+    def _mesh_checks(self) -> list[tuple[bool, str]]:
+        from .sir.scheduler import ddim_timesteps
+
+        m = self.mesh
+        steps_ok = 1 <= m.refine_denoise_steps <= 1000
+        return [
+            (16 <= m.resolution <= 1024, "mesh.resolution (density grid) must lie in 16..1024"),
+            (m.threshold > 0, "mesh.threshold must be positive"),
+            (0.0 <= m.min_component <= 1.0, "mesh.min_component must lie in [0, 1]"),
+            (m.faces >= 100, f"mesh.faces (the face budget, --faces) must be at least 100, got {m.faces}"),
+            (16 <= m.texture <= 8192 and m.texture & (m.texture - 1) == 0,
+             "mesh.texture (--texture-size) must be a power of two in 16..8192"),
+            (16 <= m.bake_resolution <= 4096, "mesh.bake_resolution must lie in 16..4096"),
+            (m.refine_steps >= 0, "mesh.refine_steps must be >= 0"),
+            (1 <= m.refine_views <= 64, "mesh.refine_views must lie in 1..64"),
+            (steps_ok, "mesh.refine_denoise_steps must lie in 1..1000"),
+            (not steps_ok or m.refine_t in ddim_timesteps(m.refine_denoise_steps),
+             f"mesh.refine_t must be a DDIM timestep for {m.refine_denoise_steps} steps (e.g. 181 for 50)"),
+            (0.0 <= m.refine_eta <= 1.0, "mesh.refine_eta must lie in [0, 1]"),
+            (m.refine_lr > 0, "mesh.refine_lr must be positive"),
+            (16 <= m.refine_resolution <= 2048, "mesh.refine_resolution must lie in 16..2048"),
+            (m.up in ("y", "z"), "mesh.up (--up) must be y or z"),
+            (m.scale > 0 and math.isfinite(m.scale), "mesh.scale (--scale) must be a positive number"),
+            (m.format in ("glb", "obj", "ply"), "mesh.format (--format) must be glb, obj or ply"),
+            (m.format != "glb" or m.up == "y", "glTF is Y-up by definition: --up z applies to obj and ply"),
+        ]
 
 
 def _merge(obj: Any, data: dict[str, Any], where: str) -> Any:

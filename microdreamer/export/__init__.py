@@ -1,0 +1,150 @@
+"""Trained Gaussians → a clean, textured mesh file (paper §V "3DGS settings and mesh refinement").
+
+Stages, each timed: ``grid`` (opacity field) → ``marching_cubes`` → ``cleanup`` (floaters, orientation)
+→ ``decimation`` (face budget) → ``uv`` (xatlas) → ``bake`` (texture from Gaussian renders, padded
+across chart borders) → ``refine`` (one SIR iteration on the texture, when a teacher is given) →
+``write`` (GLB, OBJ+MTL+PNG or PLY, plus ``<stem>_mesh.json`` with this report).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..errors import UserError
+from ..io.atomic import atomic_path
+from ..render.mesh import rasterize_mesh
+from ..representations.gaussians import Gaussians
+from ..sir.engine import Reference
+from ..teachers.base import Teacher
+from .extract import GaussianField, clean, decimate, density_grid, marching_cubes
+from .texture import RefineLog, bake, bake_cameras, dilate, refine_texture, texel_surface
+from .uv import UVMesh, unwrap
+from .writers import output_frame, output_paths, write_mesh
+
+__all__ = ["MeshExportReport", "export_mesh", "mesh_output_paths"]
+
+StageCallback = Callable[[str], None]
+
+
+@dataclass
+class MeshExportReport:
+    stem: str
+    outputs: list[str]
+    vertices: int
+    faces: int
+    faces_by_stage: dict[str, int]
+    timings: dict[str, float]
+    refine: dict | None = None
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def mesh_output_paths(out_dir: Path, stem: str, fmt: str) -> list[Path]:
+    """Every file :func:`export_mesh` writes: the mesh file(s), then ``<stem>_mesh.json``."""
+    return [*output_paths(out_dir, stem, fmt), out_dir / f"{stem}_mesh.json"]
+
+
+def export_mesh(
+    gaussians: Gaussians,
+    out_dir: Path,
+    stem: str,
+    cfg: RunConfig,
+    teacher: Teacher | None = None,
+    reference: Reference | None = None,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    backend: str = "auto",
+    on_stage: StageCallback | None = None,
+) -> MeshExportReport:
+    """Mesh, unwrap, texture and write ``gaussians`` (settings in ``cfg.mesh``).
+
+    The texture is refined with ``teacher`` (and the ``reference`` view, when given) unless
+    ``cfg.mesh.refine_steps`` is 0 or there is no teacher. Nothing is written unless every stage
+    succeeds; an existing output is an error unless ``overwrite``. Randomness (refinement cameras and
+    noise) comes from a generator seeded with ``cfg.seed``.
+    """
+    m = cfg.mesh
+    paths = mesh_output_paths(Path(out_dir), stem, m.format)
+    taken = [p for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
+    device = torch.device(device)
+    timings: dict[str, float] = {}
+    faces: dict[str, int] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if on_stage is not None:
+            on_stage(name)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name] = round(time.perf_counter() - start, 3)
+
+    with stage("grid"):
+        grid = density_grid(GaussianField.from_gaussians(gaussians), m.resolution, m.threshold)
+    with stage("marching_cubes"):
+        vertices, tris = marching_cubes(grid, m.threshold)
+        faces["marching_cubes"] = len(tris)
+    with stage("cleanup"):
+        vertices, tris = clean(vertices, tris, m.min_component)
+        faces["cleanup"] = len(tris)
+    with stage("decimation"):
+        vertices, tris = decimate(vertices, tris, m.faces)
+        faces["decimation"] = len(tris)
+    with stage("uv"):
+        mesh = unwrap(vertices, tris, m.texture, padding=max(2, m.texture // 256))
+    background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
+    with stage("bake"):
+        texture, covered = _bake(gaussians, mesh, cfg, background, device, backend)
+    refine_log: RefineLog | None = None
+    if teacher is not None and m.refine_steps > 0:
+        with stage("refine"):
+            generator = torch.Generator().manual_seed(cfg.seed)
+            texture, refine_log = refine_texture(
+                mesh.textured().to(device), texture, covered, teacher, m, cfg.cameras.radius, cfg.cameras.fovy,
+                background, generator, reference, backend)
+    with stage("write"):
+        asset = output_frame(mesh, texture, m.up, m.scale)
+        report = MeshExportReport(
+            stem=stem,
+            outputs=[str(p) for p in paths],
+            vertices=len(asset.vertices),
+            faces=len(asset.uv_faces),
+            faces_by_stage=faces,
+            timings=timings,
+            refine=None if refine_log is None else asdict(refine_log),
+            settings=asdict(m),
+        )
+        with atomic_path(paths[-1]) as report_tmp:
+            write_mesh(asset, Path(out_dir), stem, m.format)
+            report_tmp.write_text(report.to_json())
+    report.timings = dict(timings)
+    return report
+
+
+def _bake(gaussians: Gaussians, mesh: UVMesh, cfg: RunConfig, background: torch.Tensor, device: torch.device,
+          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial texture from Gaussian renders around the object, padded across chart borders."""
+    m = cfg.mesh
+    surface = texel_surface(mesh, m.texture, backend, device)
+    cameras = bake_cameras(cfg.cameras.radius, m.bake_resolution, cfg.cameras.fovy).to(device)
+    textured = mesh.textured().to(device)
+    with torch.no_grad():
+        images = gaussians.render(cameras, background).rgb
+        depth = rasterize_mesh(textured, cameras, background, backend).depth
+    extent = float(np.ptp(mesh.vertices, axis=0).max())
+    texture = bake(surface, m.texture, images, depth, cameras, depth_tolerance=0.01 * extent)
+    return dilate(texture, surface.covered), surface.covered

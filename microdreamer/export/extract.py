@@ -1,0 +1,295 @@
+"""Geometry from trained Gaussians: opacity field on a grid → marching cubes → clean-up → decimation.
+
+The field is the one :meth:`Gaussians.density` defines, ``σ(x) = Σ_i o_i exp(−½ dᵀΣ_i⁻¹d)``, each term
+cut off outside the box around its 3-sigma ellipsoid. The grid is computed coarse to fine (see
+:func:`density_grid`); evaluation is point-block centric: each block of ``BLOCK³`` grid points meets
+only the Gaussians whose boxes touch it, and all its quadratic forms are one batched matrix product.
+
+3DGS reconstructions are shells with holes around a hollow, so before marching cubes the deep
+interior is made solid (see :func:`solidify`) and only the outer surface remains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import Tensor
+
+from ..errors import UserError
+from ..representations.densify import quaternion_to_matrix
+from ..representations.gaussians import Gaussians
+
+#: grid points per block side in the block evaluator
+BLOCK = 4
+#: a coarse cell is evaluated finely when its largest corner value reaches this share of the threshold
+#: (a thin part can peak between coarse points at a few times its corner values)
+THIN_FEATURE_SHARE = 0.25
+#: the halo that closes holes in a reconstruction's shell, as a share of the meshing threshold
+HULL_SHARE = 0.1
+#: below the halo's boundary, deeper than this share of the grid side counts as the object's interior
+SHELL_DEPTH = 0.02
+#: largest interpolation error, as a share of the threshold, of a Gaussian taken from the coarse grid
+SMOOTH_ERROR = 0.02
+#: entries of the [blocks, points, Gaussians] product evaluated at once
+_BATCH_ENTRIES = 1 << 22
+
+
+@dataclass(frozen=True)
+class GaussianField:
+    """The Gaussians' activated parameters in the form the grid evaluator needs (float64, CPU)."""
+
+    means: Tensor  # [G,3]
+    precision: Tensor  # [G,6] upper triangle of Σ⁻¹: xx yy zz xy xz yz
+    opacity: Tensor  # [G]
+    reach: Tensor  # [G,3] half extents of the box around the cutoff ellipsoid
+    smallest_scale: Tensor  # [G]
+
+    @classmethod
+    def from_gaussians(cls, gaussians: Gaussians, cutoff: float = 3.0) -> "GaussianField":
+        """Terms are cut off outside the box around their ``cutoff``-sigma ellipsoid."""
+        with torch.no_grad():
+            scales = gaussians.scales.detach().double().cpu()
+            rot = quaternion_to_matrix(gaussians.params["rotation"].detach().double().cpu())
+            precision = rot @ torch.diag_embed(scales.pow(-2)) @ rot.transpose(1, 2)
+            reach = cutoff * (rot.square() @ scales.square()[:, :, None]).squeeze(-1).sqrt()
+            return cls(
+                means=gaussians.means.detach().double().cpu(),
+                precision=precision[:, [0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]],
+                opacity=gaussians.opacities.detach().double().cpu(),
+                reach=reach,
+                smallest_scale=scales.amin(-1),
+            )
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    def subset(self, keep: Tensor) -> "GaussianField":
+        return GaussianField(self.means[keep], self.precision[keep], self.opacity[keep], self.reach[keep],
+                             self.smallest_scale[keep])
+
+
+@dataclass
+class DensityGrid:
+    """Field values at the points ``origin + spacing·(i, j, k)``; axis 0 is x, 1 is y, 2 is z."""
+
+    values: np.ndarray  # [R,R,R] float32
+    origin: np.ndarray  # [3]
+    spacing: float
+
+    def to_world(self, index_coords: np.ndarray) -> np.ndarray:
+        return self.origin + self.spacing * index_coords
+
+
+def evaluate_grid(field: GaussianField, origin: Tensor, spacing: float, size: int,
+                  active_blocks: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+    """Field values at the ``size³`` points ``origin + spacing·(i,j,k)`` → ``[size,size,size]`` float32.
+
+    With ``active_blocks`` (bool ``[n,n,n]``, ``n = ceil(size / BLOCK)``) only the points of those
+    blocks get the field's terms. The terms are added to ``base`` (zeros when not given).
+    """
+    n = math.ceil(size / BLOCK)
+    padded = torch.zeros(n * BLOCK, n * BLOCK, n * BLOCK)
+    if base is not None:
+        padded[:size, :size, :size] = base
+    # Which blocks does each Gaussian's box touch? Point indices in the box: ceil(lo) .. floor(hi).
+    first = torch.ceil((field.means - field.reach - origin) / spacing).long()
+    last = torch.floor((field.means + field.reach - origin) / spacing).long()
+    inside = ((last >= 0) & (first <= size - 1)).all(-1) & (last >= first).all(-1)
+    gauss = inside.nonzero()[:, 0]
+    lo_b = first[gauss].clamp(0, size - 1) // BLOCK
+    hi_b = last[gauss].clamp(0, size - 1) // BLOCK
+    extent = hi_b - lo_b + 1  # [g,3]
+    count = extent.prod(-1)
+    # Enumerate every (Gaussian, block) pair.
+    pair_gauss = torch.repeat_interleave(torch.arange(len(gauss)), count)
+    local = torch.arange(int(count.sum())) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    ext = extent[pair_gauss]
+    block_xyz = lo_b[pair_gauss] + torch.stack(
+        [local // (ext[:, 1] * ext[:, 2]), (local // ext[:, 2]) % ext[:, 1], local % ext[:, 2]], -1)
+    block_id = (block_xyz[:, 0] * n + block_xyz[:, 1]) * n + block_xyz[:, 2]
+    if active_blocks is not None:
+        keep = active_blocks.reshape(-1)[block_id]
+        block_id, pair_gauss = block_id[keep], pair_gauss[keep]
+    if block_id.numel() == 0:
+        return padded[:size, :size, :size].contiguous()
+    order = torch.argsort(block_id, stable=True)
+    block_id, pair_gauss = block_id[order], gauss[pair_gauss[order]]
+    blocks, per_block = torch.unique_consecutive(block_id, return_counts=True)
+    starts = per_block.cumsum(0) - per_block
+    # Offsets of a block's points from its centre (the same for every block), as quadratic monomials.
+    k = (torch.arange(BLOCK, dtype=torch.float64) - (BLOCK - 1) / 2) * spacing
+    q = torch.stack(torch.meshgrid(k, k, k, indexing="ij"), -1).reshape(-1, 3)
+    x, y, z = q.unbind(-1)
+    monomials = torch.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z, x, y, z,
+                             torch.ones_like(x)], -1).float()  # [P,10]
+    points = monomials.shape[0]
+    # Blocks with similar Gaussian counts go into one padded batch.
+    by_count = torch.argsort(per_block)
+    sorted_counts = per_block[by_count]
+    position = 0
+    by_block = padded.view(n, BLOCK, n, BLOCK, n, BLOCK).permute(0, 2, 4, 1, 3, 5).reshape(n ** 3, points)
+    while position < len(blocks):
+        take = max(1, _BATCH_ENTRIES // (points * int(sorted_counts[position])))
+        while take > 1 and take * points * int(sorted_counts[min(position + take, len(blocks)) - 1]) > _BATCH_ENTRIES:
+            take //= 2
+        chosen = by_count[position:position + take]
+        width = int(sorted_counts[position:position + take].max())
+        position += len(chosen)
+        slot = torch.arange(width)
+        valid = slot[None] < per_block[chosen, None]  # [b,w]
+        index = pair_gauss[(starts[chosen, None] + slot[None]).clamp_max(len(pair_gauss) - 1)]  # [b,w]
+        ids = blocks[chosen]
+        centre = origin + spacing * (
+            torch.stack([ids // (n * n), (ids // n) % n, ids % n], -1).double() * BLOCK + (BLOCK - 1) / 2)
+        m = field.means[index] - centre[:, None]  # [b,w,3] Gaussian centres relative to the block centre
+        p = field.precision[index]
+        pm = torch.stack([
+            p[..., 0] * m[..., 0] + p[..., 3] * m[..., 1] + p[..., 4] * m[..., 2],
+            p[..., 3] * m[..., 0] + p[..., 1] * m[..., 1] + p[..., 5] * m[..., 2],
+            p[..., 4] * m[..., 0] + p[..., 5] * m[..., 1] + p[..., 2] * m[..., 2],
+        ], -1)  # Σ⁻¹μ
+        coef = -0.5 * torch.cat([p, -2 * pm, (m * pm).sum(-1, keepdim=True)], -1)  # [b,w,10]
+        exponent = torch.matmul(monomials, coef.float().transpose(1, 2))  # −½ dᵀΣ⁻¹d, [b,P,w]
+        weight = (field.opacity[index] * valid).float()  # padding slots weigh nothing
+        by_block[ids] += torch.bmm(exponent.exp_(), weight[:, :, None]).squeeze(-1)
+    grid = by_block.reshape(n, n, n, BLOCK, BLOCK, BLOCK).permute(0, 3, 1, 4, 2, 5).reshape(n * BLOCK, n * BLOCK, -1)
+    return grid[:size, :size, :size].contiguous()
+
+
+def density_grid(field: GaussianField, resolution: int, threshold: float) -> DensityGrid:
+    """The field on ``resolution³`` points spanning a cube around the Gaussians, coarse to fine.
+
+    The cube holds the cutoff boxes of the Gaussians with opacity ≥ :data:`THIN_FEATURE_SHARE` of the
+    threshold (all of them if none is). The coarse grid takes every :data:`BLOCK`-th point, so a block
+    of fine points is one coarse cell. A block is evaluated finely when its cell's corner values bracket
+    the threshold or reach :data:`THIN_FEATURE_SHARE` of it; elsewhere fine values are trilinear in the
+    coarse ones, hence all below or all above the threshold (only features thinner than a coarse cell
+    that stay under that share at its corners are lost). In fine blocks, faint wide Gaussians — whose
+    trilinear interpolation from the coarse grid errs by at most ``3·o·H²/(8·s_min²) ≤``
+    :data:`SMOOTH_ERROR`·threshold (H the coarse spacing) — come from the coarse grid too.
+    """
+    if len(field) == 0:
+        raise UserError("empty density field: the Gaussian file holds no Gaussians")
+    strong = field.opacity >= THIN_FEATURE_SHARE * threshold
+    boxed = field.subset(strong) if strong.any() else field
+    lo, hi = (boxed.means - boxed.reach).amin(0), (boxed.means + boxed.reach).amax(0)
+    side = float((hi - lo).max().clamp_min(1e-6))
+    origin = (lo + hi) / 2 - side / 2
+    spacing = side / (resolution - 1)
+    coarse_size = math.ceil((resolution - 1) / BLOCK) + 1
+    coarse_spacing = spacing * BLOCK
+    smooth = 3 * field.opacity * coarse_spacing**2 / (8 * field.smallest_scale**2) <= SMOOTH_ERROR * threshold
+    coarse_smooth = evaluate_grid(field.subset(smooth), origin, coarse_spacing, coarse_size)
+    coarse = evaluate_grid(field.subset(~smooth), origin, coarse_spacing, coarse_size, base=coarse_smooth)
+    corners = torch.stack([coarse[i:coarse_size - 1 + i, j:coarse_size - 1 + j, k:coarse_size - 1 + k]
+                           for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    cmin, cmax = corners.amin(0), corners.amax(0)
+    active = (cmax >= THIN_FEATURE_SHARE * threshold) & (cmin <= threshold)
+
+    def upsample(values: Tensor) -> Tensor:
+        fine = F.interpolate(values[None, None], size=(coarse_size - 1) * BLOCK + 1, mode="trilinear",
+                             align_corners=True)
+        return fine[0, 0, :resolution, :resolution, :resolution]
+
+    in_active = active.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)
+    in_active = in_active[:resolution, :resolution, :resolution]
+    base = torch.where(in_active, upsample(coarse_smooth), upsample(coarse))
+    values = evaluate_grid(field.subset(~smooth), origin, spacing, resolution, active, base)
+    return DensityGrid(values.numpy(), origin.numpy(), spacing)
+
+
+def enclosed(occupied: np.ndarray) -> np.ndarray:
+    """``occupied`` plus every empty region that the grid border cannot reach."""
+    labels, _ = ndimage.label(~occupied)
+    border = np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()])
+    return ~np.isin(labels, np.unique(border[border > 0]))
+
+
+def solidify(grid: DensityGrid, threshold: float) -> np.ndarray:
+    """Grid values with the object's deep interior raised above ``threshold``.
+
+    The interior of a reconstruction is often hollow, and its shell has holes, so the hollow cannot be
+    told from the outside by connectivity at the meshing threshold. The faint halo at
+    :data:`HULL_SHARE`·threshold closes those holes: everything it encloses deeper than
+    :data:`SHELL_DEPTH` (share of the grid side) below its boundary becomes solid, and the surface is
+    found within that shell.
+    """
+    hull = enclosed(grid.values > HULL_SHARE * threshold)
+    # depth below the hull boundary, on a half-resolution grid (a voxel is inside when all 8 are)
+    even = [(0, -s % 2) for s in hull.shape]
+    coarse = np.pad(hull, even)
+    r = [s // 2 for s in coarse.shape]
+    coarse = coarse.reshape(r[0], 2, r[1], 2, r[2], 2).all(axis=(1, 3, 5))
+    side = grid.spacing * (grid.values.shape[0] - 1)
+    deep = ndimage.distance_transform_edt(coarse) * 2 * grid.spacing >= SHELL_DEPTH * side
+    deep = deep.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, s) for s in hull.shape)]
+    return np.where(deep, np.maximum(grid.values, 2 * threshold), grid.values)
+
+
+def marching_cubes(grid: DensityGrid, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The closed outer surface ``σ = threshold`` in world units, faces oriented outwards."""
+    import mcubes
+
+    if not (grid.values > threshold).any():
+        raise UserError(
+            f"empty density field: the Gaussians' density peaks at {float(grid.values.max()):.3g}, below "
+            f"the meshing threshold {threshold:g} (lower mesh.threshold)"
+        )
+    padded = np.pad(solidify(grid, threshold), 1)  # zero border: surfaces touching the grid edge still close
+    vertices, faces = mcubes.marching_cubes(padded, threshold)
+    return grid.to_world(vertices - 1.0), faces.astype(np.int64)
+
+
+def clean(vertices: np.ndarray, faces: np.ndarray, min_component: float) -> tuple[np.ndarray, np.ndarray]:
+    """Drop degenerate faces and connected parts with less than ``min_component`` of the largest part's
+    area, orient every closed part outwards (positive signed volume), drop unused vertices."""
+    tri = vertices[faces]
+    double_area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    good = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    good &= double_area > 1e-14
+    faces, double_area = faces[good], double_area[good]
+    if len(faces) == 0:
+        raise UserError("empty density field: marching cubes found no surface (lower mesh.threshold)")
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    adjacency = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(vertices),) * 2)
+    _, label = connected_components(adjacency, directed=False)
+    part = label[faces[:, 0]]
+    area = np.bincount(part, double_area)
+    keep = area[part] >= min_component * area.max()
+    faces, part = faces[keep], part[keep]
+    tri = vertices[faces]
+    volume = np.bincount(part, np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])))
+    flip = volume[part] < 0
+    faces[flip] = faces[flip][:, ::-1]
+    return compact(vertices, faces)
+
+
+def compact(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices that some face uses, faces re-indexed."""
+    used, inverse = np.unique(faces, return_inverse=True)
+    return vertices[used], inverse.reshape(faces.shape).astype(np.int64)
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric edge-collapse decimation (fast-simplification) down to at most ``budget`` faces."""
+    import fast_simplification
+
+    if budget < 1:
+        raise UserError(f"mesh face budget must be at least 1, got {budget}")
+    aggression = 7.0
+    while len(faces) > budget:
+        vertices, faces = fast_simplification.simplify(
+            vertices.astype(np.float64), faces.astype(np.int32), target_count=budget, agg=aggression)
+        aggression += 2.0  # only when the collapse stopped short of the budget
+        if aggression > 20:
+            raise UserError(f"could not decimate the mesh to {budget} faces (stopped at {len(faces)})")
+    faces = np.asarray(faces, np.int64)
+    good = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    return compact(np.asarray(vertices, np.float64), faces[good])
