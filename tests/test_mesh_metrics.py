@@ -1,0 +1,71 @@
+"""Surface metrics against hand-computable cases."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from microdreamer.mesh_metrics import compare_surfaces, sample_surface
+
+SQUARE_V = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+SQUARE_F = np.array([[0, 1, 2], [0, 2, 3]])
+
+
+def test_identical_meshes_score_perfectly():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    s = compare_surfaces(sphere.vertices, sphere.faces, sphere.vertices, sphere.faces, samples=5000)
+    assert s.chamfer == 0.0
+    assert s.fscore == {0.01: 1.0, 0.05: 1.0}
+    assert s.normal_consistency == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shift", [0.003, 0.02, 0.08])
+def test_a_copy_shifted_along_its_normal_is_exactly_that_far(shift):
+    # Every point of the shifted square lies straight above a point of the original and vice versa.
+    moved = SQUARE_V + [0.0, 0.0, shift]
+    s = compare_surfaces(moved, SQUARE_F, SQUARE_V, SQUARE_F, samples=4000)
+    assert s.chamfer == pytest.approx(shift, rel=1e-9)
+    for tau in (0.01, 0.05):
+        expected = 1.0 if shift <= tau else 0.0
+        assert s.fscore[tau] == expected and s.precision[tau] == expected and s.recall[tau] == expected
+    assert s.normal_consistency == pytest.approx(1.0)
+
+
+def test_flipped_reference_faces_do_not_lower_normal_consistency():
+    s = compare_surfaces(SQUARE_V, SQUARE_F, SQUARE_V, SQUARE_F[:, ::-1], samples=2000)
+    assert s.normal_consistency == pytest.approx(1.0)
+
+
+def test_perpendicular_surfaces_have_zero_normal_consistency():
+    wall = SQUARE_V[:, [0, 2, 1]]  # the square turned into the xz plane
+    s = compare_surfaces(SQUARE_V, SQUARE_F, wall, SQUARE_F, samples=2000)
+    assert s.normal_consistency == pytest.approx(0.0, abs=1e-9)
+
+
+def test_concentric_spheres_chamfer_is_the_radius_gap():
+    inner = trimesh.creation.icosphere(subdivisions=5, radius=0.5)
+    outer = trimesh.creation.icosphere(subdivisions=5, radius=0.53)
+    s = compare_surfaces(outer.vertices, outer.faces, inner.vertices, inner.faces, samples=20000)
+    # flat facets sit up to ~0.1 % inside the true sphere and samples are discrete: allow a little slack
+    assert s.chamfer == pytest.approx(0.03, abs=2e-3)
+    assert s.fscore[0.05] == 1.0 and s.fscore[0.01] == 0.0
+
+
+def test_samples_are_uniform_by_area():
+    big = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # area 3
+    small = np.array([[10.0, 0.0, 0.0], [12.0, 0.0, 0.0], [10.0, 1.0, 0.0]])  # area 1
+    points, normals = sample_surface(np.concatenate([big, small]), np.array([[0, 1, 2], [3, 4, 5]]), 40000,
+                                     torch.Generator().manual_seed(0))
+    share_small = (points[:, 0] >= 10).mean()
+    assert share_small == pytest.approx(0.25, abs=0.01)
+    on_big = points[points[:, 0] < 10]
+    assert (on_big[:, 0] / 3 + on_big[:, 1] / 2 <= 1 + 1e-12).all()  # inside the big triangle
+    assert np.allclose(np.abs(normals[:, 2]), 1.0)
+
+
+def test_same_seed_same_samples_and_degenerate_mesh_is_an_error():
+    a = sample_surface(SQUARE_V, SQUARE_F, 100, torch.Generator().manual_seed(3))[0]
+    b = sample_surface(SQUARE_V, SQUARE_F, 100, torch.Generator().manual_seed(3))[0]
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError):
+        sample_surface(np.zeros((3, 3)), np.array([[0, 1, 2]]), 10, torch.Generator())
