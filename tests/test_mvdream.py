@@ -29,13 +29,7 @@ RES = 16  # the tiny teachers' image size (latents 8×8)
 NEGATIVE = "blurry, lowres"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from microdreamer.teachers.base import Condition, guide
 from microdreamer.teachers.zero123 import Zero123Teacher, camera_embedding
 from tiny_models import CLIP_MEAN, CLIP_STD, TINY_CLIP_IMAGE, build_tiny_zero123, save_diffusers, tiny_unet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RES = 16  # the tiny teacher's image size (latents 8×8)
 
 
