@@ -14,10 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -35,7 +33,7 @@ from .loading import (
 )
 from .mv_cameras import FRONT_AZIMUTH, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
-from .zero123 import _posterior_draw
+from .sd_parts import clip_pixel_values, posterior_draw
 
 #: views denoised together per object (both models were trained on 4 views)
 VIEWS_PER_OBJECT = 4
@@ -180,7 +178,7 @@ class MultiViewTeacher(Teacher):
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         posterior = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
-        return _posterior_draw(posterior, generator).float()
+        return posterior_draw(posterior, generator).float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -284,9 +282,7 @@ class ImageDreamTeacher(MultiViewTeacher):
     def image_features(self, image: Tensor) -> Tensor:
         """CLIP ``hidden_states[-2]`` ``[1, 257, E]`` of a ``[1,3,H,W]`` image in [0,1] (spec §3.2),
         through uint8 PIL and the CLIP image processor."""
-        pixels = (image[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8)
-        inputs = self.image_processor(images=Image.fromarray(pixels), return_tensors="pt")
-        pixel_values = torch.as_tensor(np.asarray(inputs["pixel_values"])).to(self.device, self.dtype)
+        pixel_values = clip_pixel_values(self.image_processor, image).to(self.device, self.dtype)
         return self.image_encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
 
     def _half(self, half: str, x: Tensor, camera: Tensor) -> dict[str, Tensor]:

@@ -14,13 +14,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
 from ..sir.cameras import Cameras
 from .base import Branch, Condition, Teacher, guide
 from .catalog import find_entry
+from .sd_parts import clip_pixel_values, posterior_draw
 from .loading import (
     build_model,
     expect_components,
@@ -202,15 +202,13 @@ class Zero123Teacher(Teacher):
             image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         self._image_embeds = self.clip_embedding(image)
         posterior = self.vae.encode((image * 2 - 1).to(self.dtype)).latent_dist
-        self._image_latent = _posterior_draw(posterior, generator)
+        self._image_latent = posterior_draw(posterior, generator)
         self._reference_elevation = float(condition.elevation)
 
     @torch.no_grad()
     def clip_embedding(self, image: Tensor) -> Tensor:
         """``image_embeds`` ``[1,D]`` of a ``[1,3,H,W]`` image in [0,1], via uint8 PIL and the CLIP processor."""
-        pixels = (image[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8)
-        inputs = self.image_processor(images=Image.fromarray(pixels), return_tensors="pt")
-        pixel_values = torch.as_tensor(np.asarray(inputs["pixel_values"]))
+        pixel_values = clip_pixel_values(self.image_processor, image)
         return self.image_encoder(pixel_values.to(self.device, self.dtype)).image_embeds
 
     @torch.no_grad()
@@ -223,7 +221,7 @@ class Zero123Teacher(Teacher):
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, (self.resolution, self.resolution), mode="bicubic", align_corners=False)
         posterior = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
-        return (_posterior_draw(posterior, generator) * self.scaling_factor).float()
+        return (posterior_draw(posterior, generator) * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -268,10 +266,3 @@ class Zero123Teacher(Teacher):
             return guide(eps_uncond, eps_cond, guidance_scale)
         return eps
 
-
-def _posterior_draw(posterior: Any, generator: torch.Generator | None) -> Tensor:
-    """A sample of the VAE's diagonal Gaussian drawn with ``generator``, or its mean without one."""
-    if generator is None:
-        return posterior.mean
-    noise = torch.randn(posterior.mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return posterior.mean + posterior.std * noise.to(posterior.mean)
