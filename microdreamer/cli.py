@@ -68,6 +68,14 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "elevation": ("cameras", "elevation"),
         "backend": ("gaussians", "backend"),
         "negative_prompt": ("guidance", "negative_prompt"),
+        "mesh_format": ("mesh", "format"),
+        "faces": ("mesh", "faces"),
+        "texture_size": ("mesh", "texture"),
+        "grid": ("mesh", "resolution"),
+        "threshold": ("mesh", "threshold"),
+        "refine_steps": ("mesh", "refine_steps"),
+        "up": ("mesh", "up"),
+        "scale": ("mesh", "scale"),
         "seed": ("seed",),
         "device": ("device",),
     }
@@ -283,6 +291,145 @@ def image2gs(
               skip_existing=skip_existing, json_out=json_out, quiet=quiet)
 
 
+# mesh options, shared by image2mesh and export
+MeshFormat = Annotated[Optional[str], typer.Option("--format", help="Mesh file: glb (default; embedded texture), obj (+mtl+png), ply (vertex colours).")]
+Faces = Annotated[Optional[int], typer.Option(help="Face budget after decimation (default 50000).")]
+TextureSize = Annotated[Optional[int], typer.Option(help="Texture side in texels, a power of two (default 1024).")]
+Grid = Annotated[Optional[int], typer.Option(help="Density grid points per axis (default 256).")]
+Threshold = Annotated[Optional[float], typer.Option(help="Iso-level of the Gaussians' summed-opacity field (default 0.5).")]
+RefineSteps = Annotated[Optional[int], typer.Option(help="Steps of the SIR texture refinement (default 30; 0 = bake only).")]
+Up = Annotated[Optional[str], typer.Option(help="Up axis of the file: y (default; glTF) or z (obj/ply only).")]
+Scale = Annotated[Optional[float], typer.Option(help="Longest side of the object's box, centred at the origin (default 1).")]
+
+
+@app.command("image2mesh")
+def image2mesh(
+    images: Inputs = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt for an image+text teacher (imagedream); optional there.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML config, or the JSON saved by an earlier run.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Views B per iteration.")] = None,
+    res: Annotated[Optional[int], typer.Option(help="Render resolution.")] = None,
+    elevation: Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    border_ratio: Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")] = None,
+    rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
+    mesh_format: MeshFormat = None,
+    faces: Faces = None,
+    texture_size: TextureSize = None,
+    grid: Grid = None,
+    threshold: Threshold = None,
+    refine_steps: RefineSteps = None,
+    up: Up = None,
+    scale: Scale = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")] = False,
+    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Image(s) → 3D Gaussians → textured mesh (image2gs outputs plus OUT/<stem>.glb and <stem>_mesh.json).
+
+    The mesh is centred at the origin in a box of side --scale, Y-up with the input view's camera on +z
+    (glTF convention). Its texture is baked from the Gaussians and refined with one SIR pass of the teacher.
+    """
+    from .pipeline import MeshTask, PreprocessOptions, front_view_stem, resolve_device
+
+    cfg = _resolve_config(
+        teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        elevation=elevation, backend=backend, device=device, mesh_format=mesh_format, faces=faces,
+        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+    )
+    _check_image_teacher(cfg.teacher.name, prompt)
+    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
+    specs = images or []
+    if specs:
+        jobs = expand_inputs(specs)
+    elif cfg.teacher.name == "reference":
+        jobs = [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
+    else:
+        raise UserError("image2mesh needs an input image (or --teacher reference --model MESH to use its front view)")
+    task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite, prompt=prompt)
+    run_batch("image2mesh", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
+              skip_existing=skip_existing, json_out=json_out, quiet=quiet)
+
+
+@app.command("export")
+def export(
+    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs.")],
+    to: Annotated[str, typer.Option("--to", help="What to make of it: mesh.")] = "mesh",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside RESULT).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="The run's JSON report or a TOML config (default: RESULT's <stem>.json when present).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher that refines the texture (default: the run's).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="The run's input image (default: the one its report names).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="The run's prompt, for text and image+text teachers (default: the report's).")] = None,
+    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine the baked texture with the teacher (one SIR pass).")] = True,
+    mesh_format: MeshFormat = None,
+    faces: Faces = None,
+    texture_size: TextureSize = None,
+    grid: Grid = None,
+    threshold: Threshold = None,
+    refine_steps: RefineSteps = None,
+    up: Up = None,
+    scale: Scale = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed of the refinement (default: the run's).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """A saved 3DGS run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
+    from .pipeline import PreprocessOptions, export_saved_run, resolve_device
+
+    if to != "mesh":
+        raise UserError(f"--to must be mesh, got '{to}'")
+    if not result.is_file():
+        raise UserError(f"result not found: {result}")
+    beside = result.with_suffix(".json")
+    if config is None and beside.is_file() and _is_run_report(beside):
+        config = beside
+    cfg = _resolve_config(
+        teacher, None, config, model=model, seed=seed, device=device, mesh_format=mesh_format, faces=faces,
+        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+    )
+    report = json.loads(config.read_text()) if config is not None and config.suffix == ".json" else {}
+    console = _console(quiet)
+    unrefined = config is None and teacher is None and refine  # nothing says which teacher the run used
+    refine = refine and not unrefined
+    if image is None and report.get("input") and Path(report["input"]).is_file():
+        image = Path(report["input"])
+    if image is not None and not image.is_file():
+        raise UserError(f"input image not found: {image}")
+    options = PreprocessOptions.resolve(config)
+    target = out or result.parent
+    with console.status(f"meshing {escape(result.name)}") as status:
+        mesh = export_saved_run(
+            result, cfg, resolve_device(cfg.device), target, refine=refine, image=image,
+            prompt=prompt or report.get("prompt"), preprocess=options, overwrite=overwrite,
+            on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
+        )
+    console.print(f"[green]wrote[/] {escape(mesh.outputs[0])} ({mesh.faces} faces, "
+                  f"{sum(mesh.timings.values()):.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in mesh.timings.items()) + ")")
+    if unrefined:
+        console.print(f"no run report beside {escape(str(result))}: the texture is baked, not refined "
+                      "(give --config, or --teacher/--model/--image, to refine it)")
+
+
+def _is_run_report(path: Path) -> bool:
+    """Whether ``path`` is the JSON report of a run (it holds the run's ``config``)."""
+    try:
+        return isinstance(json.loads(path.read_text()).get("config"), dict)
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def _check_image_teacher(name: str, prompt: str | None) -> None:
     """Image commands take image and image+text teachers; ``--prompt`` only the latter, and not blank."""
     from .teachers.registry import teacher_entry
@@ -402,15 +549,16 @@ def render(
 
 @app.command("eval")
 def eval_(
-    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs.")],
+    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Path, typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf).")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
     radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.")] = 2.0,
     res: Annotated[int, typer.Option(help="Render resolution.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
-    """PSNR and SSIM on 16 held-out views against a reference mesh."""
-    from .evaluate import evaluate_gaussians
+    """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
+    distance, F-score at 0.01 and 0.05 and normal consistency (both meshes in the unit box)."""
+    from .evaluate import MeshEvalReport, evaluate_gaussians, evaluate_mesh, is_gaussian_ply
     from .io.atomic import atomic_path
     from .pipeline import resolve_device
 
@@ -418,12 +566,19 @@ def eval_(
         raise UserError(f"result not found: {result}")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
-    report = evaluate_gaussians(result, reference, resolve_device(device), radius=radius, resolution=res)
+    evaluate = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
+    report = evaluate(result, reference, resolve_device(device), radius=radius, resolution=res)
     table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", title=f"{result.name} vs {reference.name}")
     for v in report.views:
         table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}")
     table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", style="bold")
     Console().print(table)
+    if isinstance(report, MeshEvalReport):
+        s = report.surface
+        Console().print(
+            f"surface (unit box): Chamfer {s.chamfer:.4f}, F-score@0.01 {s.fscore[0.01]:.3f}, "
+            f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
+        )
     if json_out is not None:
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2))

@@ -2,6 +2,9 @@
 
 The 16 evaluation cameras sit at half-integer azimuths and elevations, which the training sampler
 (integer azimuth offsets and integer elevation offsets) can never draw, so no view was seen in training.
+A result is 3D Gaussians (a 3DGS PLY) or a mesh (an exported GLB/OBJ/PLY, Y-up as exported by
+default); a mesh is also compared as a surface (:mod:`microdreamer.mesh_metrics`). Both the result
+mesh and the reference are fitted into the unit box first.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from .config import GaussianConfig
 from .io.mesh import load_mesh
+from .mesh_metrics import DEFAULT_SAMPLES, SurfaceScores, compare_surfaces
 from .metrics import psnr, ssim
 from .render.mesh import rasterize_mesh
 from .representations.gaussians import Gaussians
@@ -84,3 +88,56 @@ def evaluate_gaussians(
         for i in range(len(cams))
     ]
     return EvalReport(str(ply), str(mesh_path), views)
+
+
+def is_gaussian_ply(path: Path) -> bool:
+    """Whether ``path`` is a PLY whose header declares 3D Gaussian properties (else: a mesh file)."""
+    if Path(path).suffix.lower() != ".ply":
+        return False
+    with open(path, "rb") as f:
+        header = f.read(4096).split(b"end_header")[0]
+    return all(f"property float {name}".encode() in header for name in ("opacity", "scale_0", "rot_0"))
+
+
+@dataclass
+class MeshEvalReport(EvalReport):
+    surface: SurfaceScores | None = None
+
+    def to_dict(self) -> dict:
+        s = self.surface
+        return {
+            **super().to_dict(),
+            "chamfer": s.chamfer,
+            "fscore": {str(t): v for t, v in s.fscore.items()},
+            "precision": {str(t): v for t, v in s.precision.items()},
+            "recall": {str(t): v for t, v in s.recall.items()},
+            "normal_consistency": s.normal_consistency,
+        }
+
+
+def evaluate_mesh(
+    mesh_path: Path,
+    reference_path: Path,
+    device: torch.device,
+    radius: float = 2.0,
+    resolution: int = 256,
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    samples: int = DEFAULT_SAMPLES,
+) -> MeshEvalReport:
+    """Textured-render PSNR/SSIM on the held-out views and surface scores (Chamfer, F-score at 0.01
+    and 0.05, normal consistency), both meshes in the unit box."""
+    result = load_mesh(mesh_path)
+    truth = load_mesh(reference_path)
+    surface = compare_surfaces(result.vertices.double().numpy(), result.faces.numpy(),
+                               truth.vertices.double().numpy(), truth.faces.numpy(), samples=samples)
+    cams = held_out_cameras(radius, resolution).to(device)
+    bg = torch.tensor(background, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        pred = rasterize_mesh(result.to(device), cams, bg, supersample=2).rgb.clamp(0, 1)
+        gt = rasterize_mesh(truth.to(device), cams, bg, supersample=2).rgb.clamp(0, 1)
+    p, s = psnr(pred, gt), ssim(pred, gt)
+    views = [
+        ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]))
+        for i in range(len(cams))
+    ]
+    return MeshEvalReport(str(mesh_path), str(reference_path), views, surface)

@@ -25,6 +25,7 @@ from . import __version__
 from .batch import Job, JobResult, StepCallback
 from .config import RunConfig, read_config_file
 from .errors import UserError
+from .export import STAGES, MeshExportReport, StageCallback, export_mesh, mesh_output_paths
 from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
 from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
@@ -303,6 +304,32 @@ class ImageTo3D:
             tmp["report"].write_text(report.to_json())
         return report
 
+    def export_mesh(
+        self,
+        prepared: PreparedInput,
+        gaussians: Gaussians,
+        out_dir: Path,
+        overwrite: bool = False,
+        on_stage: StageCallback | None = None,
+    ) -> MeshExportReport:
+        """The textured mesh of ``gaussians`` (a run on ``prepared``), its texture refined with this teacher
+        conditioned as in the run (and on the reference view when the run's loss used it)."""
+        reference = None if self.text_only else self.reference_view(prepared)
+        self.teacher.prepare(
+            Condition(
+                image=None if reference is None else reference.rgb,
+                mask=None if reference is None else reference.mask,
+                prompt=prepared.prompt,
+                negative_prompt=self.cfg.guidance.negative_prompt,
+                elevation=self.cfg.cameras.elevation,
+            ),
+            torch.Generator().manual_seed(self.cfg.seed),
+        )
+        if not self.cfg.loss.reference_rgb:
+            reference = None
+        return export_mesh(gaussians, out_dir, prepared.stem, self.cfg, self.teacher, reference, self.device,
+                           overwrite, on_stage=on_stage)
+
 
 def front_view_stem(cfg: RunConfig) -> str:
     """Outputs of a run on the reference teacher's own front view are named after its mesh."""
@@ -416,6 +443,74 @@ class PromptTask(ImageTask):
     def prepare(self, job: Job) -> PreparedInput:
         check_outputs_free(self._outputs(job), self.overwrite)
         return PreparedInput(job.stem, prompt=job.input)
+
+
+class MeshTask(ImageTask):
+    """The batch task of ``image2mesh``: :class:`ImageTask`, then the textured mesh of the trained
+    Gaussians with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``)."""
+
+    def _mesh_outputs(self, job: Job) -> list[Path]:
+        return mesh_output_paths(self.out_dir, job.stem, self.cfg.mesh.format)
+
+    def outputs(self, job: Job) -> list[Path]:
+        return super().outputs(job) + self._mesh_outputs(job)
+
+    def prepare(self, job: Job) -> PreparedInput:
+        taken = [p for p in self._mesh_outputs(job) if p.exists()]
+        if taken and not self.overwrite:
+            raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "
+                            "or choose another --out")
+        return super().prepare(job)
+
+    def run(self, pipeline: ImageTo3D, job: Job, prepared: PreparedInput, progress: StepCallback) -> JobResult:
+        result = super().run(pipeline, job, prepared, progress)
+        gaussians = Gaussians.load(Path(result.outputs["ply"]), self.cfg.gaussians, self.device)
+        mesh = pipeline.export_mesh(
+            prepared, gaussians, self.out_dir, self.overwrite,
+            on_stage=lambda stage: progress(STAGES.index(stage), len(STAGES), f"mesh: {stage}"),
+        )
+        result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
+        result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
+        result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s"
+        return result
+
+
+def export_saved_run(
+    ply: Path,
+    cfg: RunConfig,
+    device: torch.device,
+    out_dir: Path,
+    *,
+    refine: bool = True,
+    image: Path | None = None,
+    prompt: str | None = None,
+    preprocess: PreprocessOptions | None = None,
+    overwrite: bool = False,
+    on_stage: StageCallback | None = None,
+) -> MeshExportReport:
+    """``microdreamer export RUN.ply --to mesh``: the textured mesh of a saved 3DGS file.
+
+    With ``refine``, the run's teacher (from ``cfg``) is loaded and conditioned on the run's input
+    ``image`` (and ``prompt``) to refine the texture; without, the texture is the bake alone. The PLY is
+    read and the outputs checked before any model is loaded.
+    """
+    gaussians = Gaussians.load(ply, cfg.gaussians, device)
+    stem = ply.stem
+    taken = [p for p in mesh_output_paths(out_dir, stem, cfg.mesh.format) if p.exists()]
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
+    if not refine or cfg.mesh.refine_steps == 0:
+        return export_mesh(gaussians, out_dir, stem, cfg, device=device, overwrite=overwrite, on_stage=on_stage)
+    entry = teacher_entry(cfg.teacher.name)
+    if entry.inputs != "text" and image is None and cfg.teacher.name != "reference":
+        raise UserError(f"refining the texture with '{cfg.teacher.name}' needs the run's input image: pass "
+                        "--image IMAGE, or --no-refine")
+    if entry.inputs == "text" and not prompt:
+        raise UserError(f"refining the texture with '{cfg.teacher.name}' needs the run's prompt: pass --prompt, "
+                        "or --no-refine")
+    rgba = None if image is None else ImagePreparer(preprocess or PreprocessOptions())(image)
+    pipeline = ImageTo3D(cfg, device)
+    return pipeline.export_mesh(PreparedInput(stem, image, rgba, prompt), gaussians, out_dir, overwrite, on_stage)
 
 
 class PreprocessTask:

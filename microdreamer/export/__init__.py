@@ -30,9 +30,11 @@ from .texture import RefineLog, bake, bake_cameras, dilate, refine_texture, texe
 from .uv import UVMesh, unwrap
 from .writers import output_frame, output_paths, write_mesh
 
-__all__ = ["MeshExportReport", "export_mesh", "mesh_output_paths"]
+__all__ = ["STAGES", "MeshExportReport", "StageCallback", "export_mesh", "mesh_output_paths"]
 
-StageCallback = Callable[[str], None]
+#: the timed stages of an export, in order (``refine`` only with a teacher)
+STAGES = ("grid", "marching_cubes", "cleanup", "decimation", "uv", "bake", "refine", "write")
+StageCallback = Callable[[str], None]  # called with a stage's name as it starts
 
 
 @dataclass
