@@ -17,6 +17,7 @@ from microdreamer.export.extract import (
     density_grid,
     evaluate_grid,
     marching_cubes,
+    smooth,
 )
 from microdreamer.export.uv import unwrap
 from microdreamer.io.ply import GaussianPLY
@@ -172,3 +173,13 @@ def test_unwrap_gives_uvs_in_range_on_the_same_surface():
     assert (uv_area > 0).all() and uv_area.sum() < 1  # charts do not cover more than the atlas
     radial = np.einsum("ij,ij->i", mesh.vertex_normals(), vertices / np.linalg.norm(vertices, axis=1, keepdims=True))
     assert radial.min() > 0.8 and radial.mean() > 0.99  # outward unit normals
+
+
+def test_smoothing_removes_noise_without_shrinking():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    noise = np.random.default_rng(0).normal(0, 0.004, len(sphere.vertices))[:, None]
+    noisy = sphere.vertices * (1 + noise / 0.4)
+    smoothed = smooth(noisy, np.asarray(sphere.faces))
+    r_noisy, r_smooth = np.linalg.norm(noisy, axis=1), np.linalg.norm(smoothed, axis=1)
+    assert r_smooth.std() < 0.5 * r_noisy.std()
+    assert abs(r_smooth.mean() - 0.4) < 0.002  # Taubin's μ step undoes the λ step's shrinking

@@ -1,9 +1,9 @@
 """Trained Gaussians → a clean, textured mesh file (paper §V "3DGS settings and mesh refinement").
 
-Stages, each timed: ``grid`` (opacity field) → ``marching_cubes`` → ``cleanup`` (floaters, orientation)
-→ ``decimation`` (face budget) → ``uv`` (xatlas) → ``bake`` (texture from Gaussian renders, padded
-across chart borders) → ``refine`` (one SIR iteration on the texture, when a teacher is given) →
-``write`` (GLB, OBJ+MTL+PNG or PLY, plus ``<stem>_mesh.json`` with this report).
+Stages, each timed: ``grid`` (opacity field) → ``marching_cubes`` → ``cleanup`` (floaters,
+orientation, smoothing) → ``decimation`` (face budget) → ``uv`` (xatlas) → ``bake`` (texture from
+Gaussian renders, padded across chart borders) → ``refine`` (one SIR iteration on the texture, when a
+teacher is given) → ``write`` (GLB, OBJ+MTL+PNG or PLY, plus ``<stem>_mesh.json`` with this report).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ..render.mesh import rasterize_mesh
 from ..representations.gaussians import Gaussians
 from ..sir.engine import Reference
 from ..teachers.base import Teacher
-from .extract import GaussianField, clean, decimate, density_grid, marching_cubes
+from .extract import GaussianField, clean, decimate, density_grid, marching_cubes, smooth
 from .texture import RefineLog, bake, bake_cameras, dilate, refine_texture, texel_surface
 from .uv import UVMesh, unwrap
 from .writers import output_frame, output_paths, write_mesh
@@ -102,6 +102,7 @@ def export_mesh(
         faces["marching_cubes"] = len(tris)
     with stage("cleanup"):
         vertices, tris = clean(vertices, tris, m.min_component)
+        vertices = smooth(vertices, tris)
         faces["cleanup"] = len(tris)
     with stage("decimation"):
         vertices, tris = decimate(vertices, tris, m.faces)
