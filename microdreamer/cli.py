@@ -557,7 +557,9 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
     """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
-    distance, F-score at 0.01 and 0.05 and normal consistency (both meshes in the unit box)."""
+    distance, F-score at 0.01 and 0.05 and normal consistency. The reference is fitted into the unit
+    box; a mesh goes back into its run's frame through the <stem>_mesh.json beside it, else it is
+    fitted into the unit box too."""
     from .evaluate import MeshEvalReport, evaluate_gaussians, evaluate_mesh, is_gaussian_ply
     from .io.atomic import atomic_path
     from .pipeline import resolve_device
@@ -576,7 +578,8 @@ def eval_(
     if isinstance(report, MeshEvalReport):
         s = report.surface
         Console().print(
-            f"surface (unit box): Chamfer {s.chamfer:.4f}, F-score@0.01 {s.fscore[0.01]:.3f}, "
+            f"surface ({'run frame' if report.frame == 'run' else 'unit box'}): Chamfer {s.chamfer:.4f}, "
+            f"F-score@0.01 {s.fscore[0.01]:.3f}, "
             f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
         )
     if json_out is not None:

@@ -2,19 +2,24 @@
 
 The 16 evaluation cameras sit at half-integer azimuths and elevations, which the training sampler
 (integer azimuth offsets and integer elevation offsets) can never draw, so no view was seen in training.
-A result is 3D Gaussians (a 3DGS PLY) or a mesh (an exported GLB/OBJ/PLY, Y-up as exported by
-default); a mesh is also compared as a surface (:mod:`microdreamer.mesh_metrics`). Both the result
-mesh and the reference are fitted into the unit box first.
+A result is 3D Gaussians (a 3DGS PLY) or a mesh (an exported GLB/OBJ/PLY); a mesh is also compared as
+a surface (:mod:`microdreamer.mesh_metrics`). The reference is fitted into the unit box, the frame
+reference-teacher runs reconstruct in. Gaussians are compared in their own frame; so is a mesh whose
+export report (``<stem>_mesh.json``, with the centring, scale and up axis of the export) lies beside
+it. Any other mesh is fitted into the unit box by its own bounding box, which is sensitive to thin
+parts that the reconstruction lost or thickened (a 1 % longer box shifts every point by ~0.005).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .config import GaussianConfig
+from .export.writers import OutputFrame
 from .io.mesh import load_mesh
 from .mesh_metrics import DEFAULT_SAMPLES, SurfaceScores, compare_surfaces
 from .metrics import psnr, ssim
@@ -99,14 +104,31 @@ def is_gaussian_ply(path: Path) -> bool:
     return all(f"property float {name}".encode() in header for name in ("opacity", "scale_0", "rot_0"))
 
 
+def export_frame(mesh_path: Path) -> OutputFrame | None:
+    """The frame recorded by the export that wrote ``mesh_path`` (its ``<stem>_mesh.json``), if any."""
+    mesh_path = Path(mesh_path)
+    stem = mesh_path.stem.removesuffix("_mesh")
+    report = mesh_path.with_name(f"{stem}_mesh.json")
+    try:
+        data = json.loads(report.read_text())
+        if Path(data["outputs"][0]).name != mesh_path.name:
+            return None
+        frame = data["frame"]
+        return OutputFrame(tuple(frame["center"]), frame["size"], frame["scale"], frame["up"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 @dataclass
 class MeshEvalReport(EvalReport):
     surface: SurfaceScores | None = None
+    frame: str = "unit box"  # or "run": put back into the run's frame by its export report
 
     def to_dict(self) -> dict:
         s = self.surface
         return {
             **super().to_dict(),
+            "frame": self.frame,
             "chamfer": s.chamfer,
             "fscore": {str(t): v for t, v in s.fscore.items()},
             "precision": {str(t): v for t, v in s.precision.items()},
@@ -123,10 +145,17 @@ def evaluate_mesh(
     resolution: int = 256,
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
     samples: int = DEFAULT_SAMPLES,
+    frame: OutputFrame | None = None,
 ) -> MeshEvalReport:
     """Textured-render PSNR/SSIM on the held-out views and surface scores (Chamfer, F-score at 0.01
-    and 0.05, normal consistency), both meshes in the unit box."""
-    result = load_mesh(mesh_path)
+    and 0.05, normal consistency). The result goes back into its run's frame through ``frame`` (by
+    default the one its export report records), else into the unit box."""
+    frame = frame if frame is not None else export_frame(mesh_path)
+    if frame is None:
+        result = load_mesh(mesh_path)
+    else:
+        result = load_mesh(mesh_path, normalize=False)
+        result.vertices = torch.from_numpy(frame.to_world(result.vertices.double().numpy())).float()
     truth = load_mesh(reference_path)
     surface = compare_surfaces(result.vertices.double().numpy(), result.faces.numpy(),
                                truth.vertices.double().numpy(), truth.faces.numpy(), samples=samples)
@@ -140,4 +169,4 @@ def evaluate_mesh(
         ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]))
         for i in range(len(cams))
     ]
-    return MeshEvalReport(str(mesh_path), str(reference_path), views, surface)
+    return MeshEvalReport(str(mesh_path), str(reference_path), views, surface, "unit box" if frame is None else "run")

@@ -71,7 +71,12 @@ def test_eval_scores_a_mesh_result(run, tmp_path, capsys):
     data = json.loads(scores.read_text())
     assert set(data["fscore"]) == {"0.01", "0.05"} and 0 <= data["fscore"]["0.05"] <= 1
     assert data["chamfer"] > 0 and 0 < data["normal_consistency"] <= 1 and len(data["views"]) == 16
+    assert data["frame"] == "run"  # spot_mesh.json beside the GLB says how the export moved it
     assert "F-score@0.05" in capsys.readouterr().out
+    alone = tmp_path / "alone.glb"
+    alone.write_bytes((run / "spot.glb").read_bytes())
+    assert main(["eval", str(alone), "--reference", str(SPOT), "--res", "32", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["frame"] == "unit box"
 
 
 def test_export_reads_the_run_report_and_refines(run, tmp_path):

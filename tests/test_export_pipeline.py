@@ -9,7 +9,7 @@ import trimesh
 
 from microdreamer.config import GaussianConfig, RunConfig, resolve
 from microdreamer.errors import UserError
-from microdreamer.evaluate import held_out_cameras
+from microdreamer.evaluate import evaluate_mesh, held_out_cameras
 from microdreamer.export import export_mesh, mesh_output_paths
 from microdreamer.io.mesh import TexturedMesh, load_mesh
 from microdreamer.io.ply import GaussianPLY
@@ -71,6 +71,12 @@ def test_export_reproduces_the_surface_and_its_colours(tmp_path, scene):
     saved = json.loads(paths[1].read_text())
     assert saved["faces"] == report.faces and saved["settings"]["texture"] == 128
 
+    # put back into the run's frame by the export report: this dense layer of Gaussians meshes ~2.5σ
+    # (0.035) outside the surface it covers, which the unit-box fit below hides
+    reference = tmp_path / "truth.obj"
+    trimesh.Trimesh(mesh.vertices.numpy(), mesh.faces.numpy()).export(reference)
+    in_run = evaluate_mesh(paths[0], reference, torch.device("cpu"), resolution=64, samples=20000)
+    assert in_run.frame == "run" and in_run.surface.fscore[0.05] > 0.95 and 0.02 < in_run.surface.chamfer < 0.045
     result = load_mesh(paths[0])  # unit box, as the reference
     truth = mesh.normalized()
     scores = compare_surfaces(result.vertices.numpy(), result.faces.numpy(), truth.vertices.numpy(),

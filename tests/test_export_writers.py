@@ -34,6 +34,8 @@ def test_frame_centres_the_box_and_scales_its_longest_side(asset_parts):
     assert np.argmax(up.vertices[:, 2]) == top  # what was up (+y) is up (+z)
     assert np.allclose(np.linalg.norm(asset.normals, axis=1), 1)
     assert asset.texture.dtype == np.uint8 and asset.texture.shape == (64, 64, 3)
+    for frame, written in ((asset.frame, asset.vertices), (up.frame, up.vertices)):
+        assert np.allclose(frame.to_world(written), mesh.vertices)  # the export's frame undoes itself
 
 
 def test_glb_round_trip_keeps_geometry_uvs_and_an_embedded_texture(tmp_path, asset_parts):

@@ -47,6 +47,7 @@ class MeshExportReport:
     timings: dict[str, float]
     refine: dict | None = None
     settings: dict = field(default_factory=dict)
+    frame: dict = field(default_factory=dict)  # OutputFrame: the run's frame → the file's
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -130,6 +131,7 @@ def export_mesh(
             timings=timings,
             refine=None if refine_log is None else asdict(refine_log),
             settings=asdict(m),
+            frame=asdict(asset.frame),
         )
         with atomic_path(paths[-1]) as report_tmp:
             write_mesh(asset, Path(out_dir), stem, m.format)

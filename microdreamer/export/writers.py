@@ -31,6 +31,28 @@ from .uv import UVMesh
 _UP = {"y": np.eye(3), "z": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])}
 
 
+@dataclass(frozen=True)
+class OutputFrame:
+    """World (the run's frame) → file: ``R_up · (x − center) · scale / size``; kept in the export report
+    so that a mesh file can be put back into its run's frame (e.g. to compare it with the Gaussians)."""
+
+    center: tuple[float, float, float]  # centre of the world bounding box
+    size: float  # its longest side
+    scale: float
+    up: str
+
+    @classmethod
+    def fit(cls, vertices: np.ndarray, up: str, scale: float) -> "OutputFrame":
+        lo, hi = vertices.min(0), vertices.max(0)
+        return cls(tuple(float(c) for c in (lo + hi) / 2), max(float((hi - lo).max()), 1e-12), scale, up)
+
+    def to_file(self, points: np.ndarray) -> np.ndarray:
+        return (points - np.asarray(self.center)) * (self.scale / self.size) @ _UP[self.up].T
+
+    def to_world(self, points: np.ndarray) -> np.ndarray:
+        return points @ _UP[self.up] * (self.size / self.scale) + np.asarray(self.center)
+
+
 @dataclass
 class MeshAsset:
     """What every writer needs, already in the output frame."""
@@ -41,6 +63,7 @@ class MeshAsset:
     uv_faces: np.ndarray  # [F,3] into uvs
     source: np.ndarray  # [U] position vertex of each UV vertex
     texture: np.ndarray  # [T,T,3] uint8, top row first
+    frame: OutputFrame
 
     @property
     def faces(self) -> np.ndarray:
@@ -58,13 +81,10 @@ class MeshAsset:
 
 def output_frame(mesh: UVMesh, texture: torch.Tensor, up: str, scale: float) -> MeshAsset:
     """Centre, scale and orient ``mesh`` (see the module docstring); texture in [0,1] → uint8."""
-    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
-    size = max(float((hi - lo).max()), 1e-12)
-    rotation = _UP[up]
-    vertices = (mesh.vertices - (lo + hi) / 2) * (scale / size) @ rotation.T
-    normals = mesh.vertex_normals() @ rotation.T
+    frame = OutputFrame.fit(mesh.vertices, up, scale)
+    normals = mesh.vertex_normals() @ _UP[up].T
     image = (texture.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return MeshAsset(vertices, normals, mesh.uvs, mesh.uv_faces, mesh.source, image)
+    return MeshAsset(frame.to_file(mesh.vertices), normals, mesh.uvs, mesh.uv_faces, mesh.source, image, frame)
 
 
 def output_paths(out_dir: Path, stem: str, fmt: str) -> list[Path]:
