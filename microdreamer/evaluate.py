@@ -145,12 +145,12 @@ def evaluate_mesh(
     resolution: int = 256,
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
     samples: int = DEFAULT_SAMPLES,
-    frame: OutputFrame | None = None,
+    run_frame: bool = True,
 ) -> MeshEvalReport:
     """Textured-render PSNR/SSIM on the held-out views and surface scores (Chamfer, F-score at 0.01
-    and 0.05, normal consistency). The result goes back into its run's frame through ``frame`` (by
-    default the one its export report records), else into the unit box."""
-    frame = frame if frame is not None else export_frame(mesh_path)
+    and 0.05, normal consistency). With ``run_frame``, a result whose export report records its frame
+    goes back into its run's frame; otherwise it is fitted into the unit box."""
+    frame = export_frame(mesh_path) if run_frame else None
     if frame is None:
         result = load_mesh(mesh_path)
     else:
