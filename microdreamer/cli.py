@@ -25,6 +25,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     from .batch import BatchTask
     from .config import RunConfig
+    from .pipeline import PromptTask
     from .video import VideoOptions
 
 app = typer.Typer(
@@ -291,13 +292,13 @@ def image2gs(
               skip_existing=skip_existing, json_out=json_out, quiet=quiet)
 
 
-# mesh options, shared by image2mesh and export
+# mesh options, shared by image2mesh, text2mesh and export
 MeshFormat = Annotated[Optional[str], typer.Option("--format", help="Mesh file: glb (default; embedded texture), obj (+mtl+png), ply (vertex colours).")]
 Faces = Annotated[Optional[int], typer.Option(help="Face budget after decimation (default 50000).")]
 TextureSize = Annotated[Optional[int], typer.Option(help="Texture side in texels, a power of two (default 1024).")]
 Grid = Annotated[Optional[int], typer.Option(help="Density grid points per axis (default 256).")]
 Threshold = Annotated[Optional[float], typer.Option(help="Iso-level of the Gaussians' summed-opacity field (default 0.5).")]
-RefineSteps = Annotated[Optional[int], typer.Option(help="Steps of the SIR texture refinement (default 30; 0 = bake only).")]
+RefineSteps = Annotated[Optional[int], typer.Option(help="Steps of the SIR texture refinement (default: the preset's, 30 for Zero123, 0 for the multi-view teachers; 0 = bake only).")]
 Up = Annotated[Optional[str], typer.Option(help="Up axis of the file: y (default; glTF) or z (obj/ply only).")]
 Scale = Annotated[Optional[float], typer.Option(help="Longest side of the object's box, centred at the origin (default 1).")]
 
@@ -445,47 +446,145 @@ def _check_image_teacher(name: str, prompt: str | None) -> None:
 
 # text commands -------------------------------------------------------------------------------------
 
+Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+TextTeacher = Annotated[Optional[str], typer.Option(help="Teacher: mvdream (default).")]
+NegativePrompt = Annotated[Optional[str], typer.Option(help="Negative prompt (default: the preset's).")]
+TextModel = Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder.")]
+Preset = Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config, or the JSON saved by an earlier run.")]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
+Iters = Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")]
+Steps = Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")]
+TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")]
+Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
+Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+Video = Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
+VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace existing outputs.")]
+SkipPrompts = Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")]
+BatchManifest = Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 
-@app.command("text2gs")
-def text2gs(
-    prompts: Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: mvdream (default).")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt (default: the preset's).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML config, or the JSON saved by an earlier run.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")] = None,
-    views: Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")] = None,
-    res: Annotated[Optional[int], typer.Option(help="Render resolution.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
-    video: Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")] = False,
-    video_format: Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    skip_existing: Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")] = False,
-    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+
+def _run_prompts(
+    command: str,
+    task_class: type[PromptTask],
+    prompts: list[str],
+    out: Path,
+    *,
+    teacher: str | None,
+    preset: str | None,
+    config: Path | None,
+    video: bool,
+    video_format: str | None,
+    overwrite: bool,
+    skip_existing: bool,
+    manifest: Path | None,
+    json_out: bool,
+    quiet: bool,
+    **flags: Any,
 ) -> None:
-    """Prompt(s) → 3D Gaussians (OUT/<prompt words>.ply, _views.png, .json)."""
-    from .pipeline import PromptTask, prompt_jobs, resolve_device
+    """One job per prompt through the batch runner, the text-to-3D teacher loaded once; ``flags`` are
+    config overrides (:func:`_overrides`). A lone bad prompt fails before any model is loaded."""
+    from .pipeline import prompt_jobs, resolve_device
     from .teachers.registry import teacher_entry
 
     jobs = prompt_jobs(prompts)
     if len(jobs) == 1 and jobs[0].problem is not None:
-        raise UserError(jobs[0].problem)  # before any model is loaded
-    cfg = _resolve_config(
-        teacher or "mvdream", preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views,
-        res=res, backend=backend, device=device, negative_prompt=negative_prompt,
-    )
+        raise UserError(jobs[0].problem)
+    cfg = _resolve_config(teacher or "mvdream", preset, config, **flags)
     if teacher_entry(cfg.teacher.name).inputs != "text":
-        raise UserError(f"text2gs needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
-    task = PromptTask(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite)
-    run_batch("text2gs", [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
+        raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
+    task = task_class(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite)
+    run_batch(command, [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet, single=len(jobs) == 1)
+
+
+@app.command("text2gs")
+def text2gs(
+    prompts: Prompts,
+    out: Out = Path("out"),
+    teacher: TextTeacher = None,
+    negative_prompt: NegativePrompt = None,
+    model: TextModel = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    seed: Seed = None,
+    iters: Iters = None,
+    steps: Steps = None,
+    views: TextViews = None,
+    res: Res = None,
+    backend: Backend = None,
+    device: Device = None,
+    video: Video = False,
+    video_format: VideoFormat = None,
+    overwrite: Overwrite = False,
+    skip_existing: SkipPrompts = False,
+    manifest: BatchManifest = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Prompt(s) → 3D Gaussians (OUT/<prompt words>.ply, _views.png, .json)."""
+    from .pipeline import PromptTask
+
+    _run_prompts(
+        "text2gs", PromptTask, prompts, out, teacher=teacher, preset=preset, config=config, video=video,
+        video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
+        json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        backend=backend, device=device, negative_prompt=negative_prompt,
+    )
+
+
+@app.command("text2mesh")
+def text2mesh(
+    prompts: Prompts,
+    out: Out = Path("out"),
+    teacher: TextTeacher = None,
+    negative_prompt: NegativePrompt = None,
+    model: TextModel = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    seed: Seed = None,
+    iters: Iters = None,
+    steps: Steps = None,
+    views: TextViews = None,
+    res: Res = None,
+    backend: Backend = None,
+    device: Device = None,
+    mesh_format: MeshFormat = None,
+    faces: Faces = None,
+    texture_size: TextureSize = None,
+    grid: Grid = None,
+    threshold: Threshold = None,
+    refine_steps: RefineSteps = None,
+    up: Up = None,
+    scale: Scale = None,
+    video: Video = False,
+    video_format: VideoFormat = None,
+    overwrite: Overwrite = False,
+    skip_existing: SkipPrompts = False,
+    manifest: BatchManifest = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Prompt(s) → 3D Gaussians → textured mesh (text2gs outputs plus OUT/<prompt words>.glb and _mesh.json).
+
+    The mesh is centred at the origin in a box of side --scale, Y-up (glTF convention). Its texture is
+    baked from the Gaussians; the mvdream preset does not refine it (as the reference), --refine-steps N
+    refines it with one SIR pass of the teacher.
+    """
+    from .pipeline import PromptMeshTask
+
+    _run_prompts(
+        "text2mesh", PromptMeshTask, prompts, out, teacher=teacher, preset=preset, config=config, video=video,
+        video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
+        json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        backend=backend, device=device, negative_prompt=negative_prompt, mesh_format=mesh_format, faces=faces,
+        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+    )
 
 
 @app.command("preprocess")

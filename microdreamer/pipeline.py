@@ -475,6 +475,11 @@ class MeshTask(ImageTask):
         return result
 
 
+class PromptMeshTask(MeshTask, PromptTask):
+    """The batch task of ``text2mesh``: prompt jobs as :class:`PromptTask`, each followed by the mesh export
+    of :class:`MeshTask`."""
+
+
 def export_saved_run(
     ply: Path,
     cfg: RunConfig,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trimesh
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -371,7 +372,7 @@ def test_text_to_gaussians_sir_run_with_the_tiny_mvdream(mv_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command line: text2gs and image2gs --prompt with the tiny models
+# The command line: text2gs, text2mesh and image2gs --prompt with the tiny models
 
 
 @pytest.fixture()
@@ -442,8 +443,56 @@ def test_text2gs_writes_loadable_prompt_named_outputs(tmp_path, capsys, mv_dir, 
     assert (again / f"{stem}.ply").read_bytes() == ply  # same seed, same result
 
 
+@pytest.fixture()
+def tiny_mesh_config(tmp_path: Path, tiny_run_config: Path) -> Path:
+    f = tmp_path / "tiny_mesh.toml"
+    f.write_text(tiny_run_config.read_text() + (
+        "[mesh]\nresolution = 32\nfaces = 500\ntexture = 64\nbake_resolution = 32\nrefine_views = 4\n"
+        "refine_resolution = 32\n"
+    ))
+    return f
+
+
+def test_text2mesh_writes_the_gaussians_and_a_baked_glb(tmp_path, mv_dir, tiny_mesh_config):
+    from microdreamer.cli import main
+
+    out = tmp_path / "out"
+    assert main(["text2mesh", "a corgi", "--model", str(mv_dir), "--config", str(tiny_mesh_config), "--out", str(out),
+                 "--device", "cpu", "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_corgi.glb", "a_corgi.json", "a_corgi.ply", "a_corgi_mesh.json", "a_corgi_views.png"]
+    mesh = trimesh.load(out / "a_corgi.glb", force="mesh", process=False)
+    assert 0 < len(mesh.faces) <= 500
+    assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (64, 64)
+    assert (mesh.vertices.max(0) - mesh.vertices.min(0)).max() == pytest.approx(1.0, abs=1e-4)
+    report = json.loads((out / "a_corgi.json").read_text())
+    assert report["prompt"] == "a corgi" and report["config"]["teacher"]["name"] == "mvdream"
+    assert report["config"]["mesh"]["refine_steps"] == 0  # the mvdream preset bakes only, as the reference
+    mesh_report = json.loads((out / "a_corgi_mesh.json").read_text())
+    assert mesh_report["refine"] is None and mesh_report["faces"] == len(mesh.faces)
+
+
+def test_text2mesh_batch_refines_the_texture_with_the_prompt(tmp_path, mv_dir, tiny_mesh_config):
+    from microdreamer.cli import main
+
+    out = tmp_path / "out"
+    assert main(["text2mesh", "a corgi", "a red cat", "--model", str(mv_dir), "--config", str(tiny_mesh_config),
+                 "--out", str(out), "--device", "cpu", "--refine-steps", "2", "--format", "obj", "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "text2mesh" and manifest["counts"]["done"] == 2
+    for stem in ("a_corgi", "a_red_cat"):
+        mesh = trimesh.load(out / f"{stem}.obj", force="mesh", process=False)
+        assert 0 < len(mesh.faces) <= 500 and (out / f"{stem}_albedo.png").is_file()
+        refine = json.loads((out / f"{stem}_mesh.json").read_text())["refine"]
+        assert refine["steps"] == 2 and refine["evaluations"] == 10  # DDIM from t=181 on the 50-step grid
+        assert json.loads((out / f"{stem}.json").read_text())["config"]["mesh"]["refine_steps"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["text2gs", ""], "empty prompt"),
+    (["text2mesh", " "], "empty prompt"),
+    (["text2mesh", "a cat", "--teacher", "imagedream"], "text-to-3D teacher"),
+    (["text2mesh", "a cat", "--faces", "0"], "face budget"),
     (["text2gs", "   "], "empty prompt"),
     (["text2gs", "a cat", "--views", "6"], "multiple of 4"),
     (["text2gs", "a cat", "--teacher", "stable-zero123"], "text-to-3D teacher"),
@@ -458,7 +507,7 @@ def test_prompt_errors_are_one_line_exit_2(tmp_path, capsys, mv_dir, args, messa
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(image)
     out = tmp_path / "out"
     argv = [a.format(image=image) for a in args] + ["--out", str(out), "--device", "cpu"]
-    if args[0] == "text2gs":
+    if args[0].startswith("text2"):
         argv += ["--model", str(mv_dir)]
     assert main(argv) == 2
     assert message in _error_line(capsys)
