@@ -13,17 +13,20 @@ parts that the reconstruction lost or thickened (a 1 % longer box shifts every p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .config import GaussianConfig
 from .export.writers import OutputFrame
-from .io.mesh import load_mesh
+from .io.mesh import TexturedMesh, load_mesh
 from .mesh_metrics import DEFAULT_SAMPLES, SurfaceScores, compare_surfaces
 from .metrics import psnr, ssim
 from .render.mesh import rasterize_mesh
+from .render.types import RenderOutput
 from .representations.gaussians import Gaussians
 from .sir.cameras import Cameras
 
@@ -80,19 +83,30 @@ def evaluate_gaussians(
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> EvalReport:
     """PSNR/SSIM of the Gaussians' renders against the mesh's renders on the held-out views."""
-    mesh = load_mesh(mesh_path).to(device)
     gaussians = Gaussians.load(ply, GaussianConfig(), device)
+    views = held_out_scores(gaussians.render, load_mesh(mesh_path), device, radius, resolution, background)
+    return EvalReport(str(ply), str(mesh_path), views)
+
+
+def held_out_scores(
+    render: Callable[[Cameras, Tensor], RenderOutput],
+    truth: TexturedMesh,
+    device: torch.device,
+    radius: float,
+    resolution: int,
+    background: tuple[float, float, float],
+) -> list[ViewScore]:
+    """Per-view PSNR/SSIM of ``render`` against the (antialiased) renders of ``truth`` on the held-out views."""
     cams = held_out_cameras(radius, resolution).to(device)
     bg = torch.tensor(background, dtype=torch.float32, device=device)
     with torch.no_grad():
-        truth = rasterize_mesh(mesh, cams, bg, supersample=2).rgb.clamp(0, 1)
-        pred = gaussians.render(cams, bg).rgb.clamp(0, 1)
-    p, s = psnr(pred, truth), ssim(pred, truth)
-    views = [
+        pred = render(cams, bg).rgb.clamp(0, 1)
+        gt = rasterize_mesh(truth.to(device), cams, bg, supersample=2).rgb.clamp(0, 1)
+    p, s = psnr(pred, gt), ssim(pred, gt)
+    return [
         ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]))
         for i in range(len(cams))
     ]
-    return EvalReport(str(ply), str(mesh_path), views)
 
 
 def is_gaussian_ply(path: Path) -> bool:
@@ -159,14 +173,8 @@ def evaluate_mesh(
     truth = load_mesh(reference_path)
     surface = compare_surfaces(result.vertices.double().numpy(), result.faces.numpy(),
                                truth.vertices.double().numpy(), truth.faces.numpy(), samples=samples)
-    cams = held_out_cameras(radius, resolution).to(device)
-    bg = torch.tensor(background, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        pred = rasterize_mesh(result.to(device), cams, bg, supersample=2).rgb.clamp(0, 1)
-        gt = rasterize_mesh(truth.to(device), cams, bg, supersample=2).rgb.clamp(0, 1)
-    p, s = psnr(pred, gt), ssim(pred, gt)
-    views = [
-        ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]))
-        for i in range(len(cams))
-    ]
+    result = result.to(device)
+    views = held_out_scores(
+        lambda cams, bg: rasterize_mesh(result, cams, bg, supersample=2), truth, device, radius, resolution, background
+    )
     return MeshEvalReport(str(mesh_path), str(reference_path), views, surface, "unit box" if frame is None else "run")
