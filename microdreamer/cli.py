@@ -231,6 +231,39 @@ def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> N
     console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
 
 
+# options shared by the generation commands --------------------------------------------------------
+
+Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+TextTeacher = Annotated[Optional[str], typer.Option(help="Teacher: mvdream (default).")]
+NegativePrompt = Annotated[Optional[str], typer.Option(help="Negative prompt (default: the preset's).")]
+TextModel = Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder.")]
+Preset = Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config, or the JSON saved by an earlier run.")]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
+Iters = Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")]
+Steps = Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")]
+TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")]
+Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
+Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+Video = Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
+VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace existing outputs.")]
+SkipPrompts = Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")]
+BatchManifest = Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")]
+ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt for an image+text teacher (imagedream); optional there.")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
+Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
+Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")]
+BorderRatio = Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")]
+Rembg = Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
+SkipExisting = Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")]
+
+
 # image commands ------------------------------------------------------------------------------------
 
 Inputs = Annotated[
@@ -243,29 +276,29 @@ Inputs = Annotated[
 @app.command("image2gs")
 def image2gs(
     images: Inputs = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Text prompt for an image+text teacher (imagedream); optional there.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML config, or the JSON saved by an earlier run.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")] = None,
-    views: Annotated[Optional[int], typer.Option(help="Views B per iteration.")] = None,
-    res: Annotated[Optional[int], typer.Option(help="Render resolution.")] = None,
-    elevation: Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
-    border_ratio: Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")] = None,
-    rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
-    video: Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")] = False,
-    video_format: Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")] = False,
-    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    out: Out = Path("out"),
+    teacher: ImageTeacher = None,
+    prompt: ImagePrompt = None,
+    model: Model = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    seed: Seed = None,
+    iters: Iters = None,
+    steps: Steps = None,
+    views: Views = None,
+    res: Res = None,
+    elevation: Elevation = None,
+    backend: Backend = None,
+    device: Device = None,
+    border_ratio: BorderRatio = None,
+    rembg: Rembg = None,
+    video: Video = False,
+    video_format: VideoFormat = None,
+    overwrite: Overwrite = False,
+    skip_existing: SkipExisting = False,
+    manifest: BatchManifest = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Image(s) → 3D Gaussians (OUT/<stem>.ply, <stem>_views.png, <stem>_rgba.png, <stem>.json)."""
     from .pipeline import ImageTask, PreprocessOptions, front_view_stem, resolve_device
@@ -306,22 +339,22 @@ Scale = Annotated[Optional[float], typer.Option(help="Longest side of the object
 @app.command("image2mesh")
 def image2mesh(
     images: Inputs = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Text prompt for an image+text teacher (imagedream); optional there.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML config, or the JSON saved by an earlier run.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")] = None,
-    views: Annotated[Optional[int], typer.Option(help="Views B per iteration.")] = None,
-    res: Annotated[Optional[int], typer.Option(help="Render resolution.")] = None,
-    elevation: Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
-    border_ratio: Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")] = None,
-    rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
+    out: Out = Path("out"),
+    teacher: ImageTeacher = None,
+    prompt: ImagePrompt = None,
+    model: Model = None,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    seed: Seed = None,
+    iters: Iters = None,
+    steps: Steps = None,
+    views: Views = None,
+    res: Res = None,
+    elevation: Elevation = None,
+    backend: Backend = None,
+    device: Device = None,
+    border_ratio: BorderRatio = None,
+    rembg: Rembg = None,
     mesh_format: MeshFormat = None,
     faces: Faces = None,
     texture_size: TextureSize = None,
@@ -330,11 +363,11 @@ def image2mesh(
     refine_steps: RefineSteps = None,
     up: Up = None,
     scale: Scale = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")] = False,
-    manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    overwrite: Overwrite = False,
+    skip_existing: SkipExisting = False,
+    manifest: BatchManifest = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Image(s) → 3D Gaussians → textured mesh (image2gs outputs plus OUT/<stem>.glb and <stem>_mesh.json).
 
@@ -369,7 +402,7 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside RESULT).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="The run's JSON report or a TOML config (default: RESULT's <stem>.json when present).")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher that refines the texture (default: the run's).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder; for --teacher reference, a mesh.")] = None,
+    model: Model = None,
     image: Annotated[Optional[Path], typer.Option(help="The run's input image (default: the one its report names).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The run's prompt, for text and image+text teachers (default: the report's).")] = None,
     refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine the baked texture with the teacher (one SIR pass).")] = True,
@@ -382,9 +415,9 @@ def export(
     up: Up = None,
     scale: Scale = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed of the refinement (default: the run's).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    device: Device = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
 ) -> None:
     """A saved 3DGS run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
     from .pipeline import PreprocessOptions, export_saved_run, resolve_device
@@ -446,27 +479,6 @@ def _check_image_teacher(name: str, prompt: str | None) -> None:
 
 # text commands -------------------------------------------------------------------------------------
 
-Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-TextTeacher = Annotated[Optional[str], typer.Option(help="Teacher: mvdream (default).")]
-NegativePrompt = Annotated[Optional[str], typer.Option(help="Negative prompt (default: the preset's).")]
-TextModel = Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder.")]
-Preset = Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config, or the JSON saved by an earlier run.")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
-Iters = Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")]
-Steps = Annotated[Optional[int], typer.Option(help="Reconstruction steps I per iteration.")]
-TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")]
-Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
-Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
-Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
-Video = Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
-VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
-Overwrite = Annotated[bool, typer.Option(help="Replace existing outputs.")]
-SkipPrompts = Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")]
-BatchManifest = Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 
 
 def _run_prompts(
@@ -593,12 +605,12 @@ def preprocess_(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside each input).")] = None,
     size: Annotated[int, typer.Option(help="Output side in pixels.")] = 256,
     border_ratio: Annotated[float, typer.Option(help="Empty border around the recentred object.")] = 0.2,
-    rembg: Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    rembg: Rembg = None,
+    overwrite: Overwrite = False,
     skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose output exists.")] = False,
     manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json with --out).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Mask, recentre and rescale images → <stem>_rgba.png (what every image command does first)."""
     from .pipeline import PreprocessOptions, PreprocessTask
@@ -626,7 +638,7 @@ def render(
     normalize: Annotated[bool, typer.Option(help="Fit a mesh into the unit box first.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing video.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """A 360° turntable video of a saved result."""
     from .pipeline import resolve_device
