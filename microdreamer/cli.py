@@ -273,6 +273,17 @@ Inputs = Annotated[
 ]
 
 
+def _image_jobs(command: str, specs: list[Path], cfg: "RunConfig") -> list[Job]:
+    """The inputs of an image command; none means the reference teacher's own front view."""
+    from .pipeline import front_view_stem
+
+    if specs:
+        return expand_inputs(specs)
+    if cfg.teacher.name == "reference":
+        return [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
+    raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
+
+
 @app.command("image2gs")
 def image2gs(
     images: Inputs = None,
@@ -301,7 +312,7 @@ def image2gs(
     quiet: Quiet = False,
 ) -> None:
     """Image(s) → 3D Gaussians (OUT/<stem>.ply, <stem>_views.png, <stem>_rgba.png, <stem>.json)."""
-    from .pipeline import ImageTask, PreprocessOptions, front_view_stem, resolve_device
+    from .pipeline import ImageTask, PreprocessOptions, resolve_device
 
     cfg = _resolve_config(
         teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
@@ -311,12 +322,7 @@ def image2gs(
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     video_options = _video_options(video, video_format)
     specs = images or []
-    if specs:
-        jobs = expand_inputs(specs)
-    elif cfg.teacher.name == "reference":
-        jobs = [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
-    else:
-        raise UserError("image2gs needs an input image (or --teacher reference --model MESH to use its front view)")
+    jobs = _image_jobs("image2gs", specs, cfg)
     task = ImageTask(
         cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite,
         prompt=prompt,
@@ -374,7 +380,7 @@ def image2mesh(
     The mesh is centred at the origin in a box of side --scale, Y-up with the input view's camera on +z
     (glTF convention). Its texture is baked from the Gaussians and refined with one SIR pass of the teacher.
     """
-    from .pipeline import MeshTask, PreprocessOptions, front_view_stem, resolve_device
+    from .pipeline import MeshTask, PreprocessOptions, resolve_device
 
     cfg = _resolve_config(
         teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
@@ -384,12 +390,7 @@ def image2mesh(
     _check_image_teacher(cfg.teacher.name, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     specs = images or []
-    if specs:
-        jobs = expand_inputs(specs)
-    elif cfg.teacher.name == "reference":
-        jobs = [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
-    else:
-        raise UserError("image2mesh needs an input image (or --teacher reference --model MESH to use its front view)")
+    jobs = _image_jobs("image2mesh", specs, cfg)
     task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite, prompt=prompt)
     run_batch("image2mesh", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet)
