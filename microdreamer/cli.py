@@ -133,7 +133,7 @@ class _ProgressView(BatchObserver):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, transient=True, disable=console.quiet,
+            console=console, transient=True, disable=console.quiet or not console.is_terminal,
         )
         self.batch_task: Any = None
         self.run_task: Any = None
