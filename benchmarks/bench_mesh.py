@@ -21,21 +21,28 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared_assets import ASSETS, add_asset_arguments
+
 from microdreamer.config import resolve
 from microdreamer.evaluate import evaluate_gaussians, evaluate_mesh
 from microdreamer.export import STAGES
-from microdreamer.export.extract import GaussianField, clean, decimate, density_grid, marching_cubes, smooth
+from microdreamer.export.extract import (
+    GaussianField,
+    clean,
+    decimate,
+    density_grid,
+    marching_cubes,
+    smooth,
+)
 from microdreamer.io.mesh import load_mesh
 from microdreamer.mesh_metrics import compare_surfaces
-from microdreamer.pipeline import ImageTo3D, PreparedInput, front_view_stem, resolve_device
+from microdreamer.pipeline import (
+    ImageTo3D,
+    PreparedInput,
+    front_view_stem,
+    resolve_device,
+)
 from microdreamer.representations.gaussians import Gaussians
-
-ASSETS = {
-    "spot": "spot/spot.obj",
-    "bob": "bob/bob_tri.obj",
-    "avocado": "avocado/avocado.gltf",
-    "fox": "fox/Fox.glb",
-}
 
 
 def sweep(gaussians: Gaussians, mesh_path: Path, thresholds: list[float], cfg) -> list[dict]:
@@ -54,17 +61,12 @@ def sweep(gaussians: Gaussians, mesh_path: Path, thresholds: list[float], cfg) -
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--assets", type=Path, default=here.parent.parent / "shared" / "assets")
-    parser.add_argument("--only", nargs="*", default=list(ASSETS), choices=list(ASSETS))
     parser.add_argument("--reuse", type=Path, default=None,
                         help="take <DIR>/<asset>/<stem>.ply from earlier image2gs runs instead of training")
     parser.add_argument("--keep", type=Path, default=None, help="write the runs and meshes here")
     parser.add_argument("--sweep", nargs="*", type=float, default=[], help="thresholds to compare (geometry only)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_asset_arguments(parser)
     args = parser.parse_args()
 
     device = resolve_device(args.device)

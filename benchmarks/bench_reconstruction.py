@@ -15,27 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared_assets import ASSETS, add_asset_arguments
+
 from microdreamer.config import resolve
 from microdreamer.evaluate import evaluate_gaussians
 from microdreamer.pipeline import ImageTo3D, resolve_device
 
-ASSETS = {
-    "spot": "spot/spot.obj",
-    "bob": "bob/bob_tri.obj",
-    "avocado": "avocado/avocado.gltf",
-    "fox": "fox/Fox.glb",
-}
-
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--assets", type=Path, default=here.parent.parent / "shared" / "assets")
-    parser.add_argument("--only", nargs="*", default=list(ASSETS), choices=list(ASSETS))
     parser.add_argument("--iters", type=int, default=None, help="override the schedule's iterations")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    add_asset_arguments(parser)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
