@@ -318,6 +318,7 @@ def image2gs(
         teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         elevation=elevation, backend=backend, device=device,
     )
+    prompt = prompt if prompt is not None else _saved_prompt(config)
     _check_image_teacher(cfg.teacher.name, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     video_options = _video_options(video, video_format)
@@ -387,6 +388,7 @@ def image2mesh(
         elevation=elevation, backend=backend, device=device, mesh_format=mesh_format, faces=faces,
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
     )
+    prompt = prompt if prompt is not None else _saved_prompt(config)
     _check_image_teacher(cfg.teacher.name, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     specs = images or []
@@ -463,6 +465,17 @@ def _is_run_report(path: Path) -> bool:
         return isinstance(json.loads(path.read_text()).get("config"), dict)
     except (ValueError, UnicodeDecodeError, AttributeError):
         return False
+
+
+def _saved_prompt(config: Path | None) -> str | None:
+    """The prompt of the run whose JSON report is given as ``--config`` (image+text runs), if any."""
+    if config is None or config.suffix != ".json":
+        return None
+    from .config import read_config_file
+
+    read_config_file(config)  # one-line errors for a missing or unparsable file
+    prompt = json.loads(config.read_text()).get("prompt")
+    return prompt if isinstance(prompt, str) else None
 
 
 def _check_image_teacher(name: str, prompt: str | None) -> None:

@@ -528,3 +528,10 @@ def test_image2gs_with_imagedream_and_a_prompt(tmp_path, id_dir, tiny_run_config
     report = json.loads((out / "cat.json").read_text())
     assert report["prompt"] == "a cat statue" and report["config"]["guidance"]["eta"] == 1.0
     assert sorted(p.name for p in out.iterdir()) == ["cat.json", "cat.ply", "cat_rgba.png", "cat_views.png"]
+
+    # the saved report reproduces the run, prompt included, without repeating --prompt
+    again = tmp_path / "again"
+    assert main(["image2gs", str(image), "--model", str(id_dir), "--config", str(out / "cat.json"),
+                 "--out", str(again), "--device", "cpu", "-q"]) == 0
+    assert json.loads((again / "cat.json").read_text())["prompt"] == "a cat statue"
+    assert (again / "cat.ply").read_bytes() == (out / "cat.ply").read_bytes()
