@@ -33,7 +33,7 @@ from .loading import (
 )
 from .mv_cameras import FRONT_AZIMUTH, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
-from .sd_parts import clip_pixel_values, posterior_draw
+from .sd_parts import clip_pixel_values, posterior_draw, reference_image
 
 #: views denoised together per object (both models were trained on 4 views)
 VIEWS_PER_OBJECT = 4
@@ -265,16 +265,9 @@ class ImageDreamTeacher(MultiViewTeacher):
     @torch.no_grad()
     def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
         """Text embeddings, CLIP features and the scaled VAE latent of the reference image (at ``resolution``)."""
-        image = condition.image
-        if image is None:
-            raise UserError("ImageDream is conditioned on an image: give a reference image")
-        if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-            raise UserError(f"the reference image must be one RGB image [1,3,H,W], got {list(image.shape)}")
+        image = reference_image(condition.image, "ImageDream", self.resolution, self.device)
         prompt = condition.prompt.strip() if condition.prompt is not None else ""
         self._prepare_text(prompt, condition.negative_prompt)
-        image = image.to(self.device, torch.float32)
-        if image.shape[-2:] != (self.resolution, self.resolution):
-            image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         self._image_features = self.image_features(image)
         self._image_latent = self._encode(image, generator).to(self.dtype) * self.scaling_factor
 

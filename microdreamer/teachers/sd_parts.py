@@ -6,8 +6,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from ..errors import UserError
 
 
 def posterior_draw(posterior: Any, generator: torch.Generator | None) -> Tensor:
@@ -24,3 +27,16 @@ def clip_pixel_values(processor: Any, image: Tensor) -> Tensor:
     pixels = (image[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8)
     inputs = processor(images=Image.fromarray(pixels), return_tensors="pt")
     return torch.as_tensor(np.asarray(inputs["pixel_values"]))
+
+
+def reference_image(image: Tensor | None, teacher: str, resolution: int, device: torch.device) -> Tensor:
+    """The condition's reference image as float32 ``[1,3,R,R]`` on ``device`` (bilinear resize), or a
+    one-line error naming ``teacher`` when it is missing or not one RGB image."""
+    if image is None:
+        raise UserError(f"{teacher} is conditioned on an image: give a reference image")
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise UserError(f"the reference image must be one RGB image [1,3,H,W], got {list(image.shape)}")
+    image = image.to(device, torch.float32)
+    if image.shape[-2:] != (resolution, resolution):
+        image = F.interpolate(image, (resolution, resolution), mode="bilinear", align_corners=False)
+    return image

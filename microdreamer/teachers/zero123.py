@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..sir.cameras import Cameras
 from .base import Branch, Condition, Teacher, guide
 from .catalog import find_entry
-from .sd_parts import clip_pixel_values, posterior_draw
+from .sd_parts import clip_pixel_values, posterior_draw, reference_image
 from .loading import (
     build_model,
     expect_components,
@@ -192,14 +192,7 @@ class Zero123Teacher(Teacher):
     @torch.no_grad()
     def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
         """CLIP image embedding and VAE latent of the reference image, resized bilinearly to ``resolution``."""
-        image = condition.image
-        if image is None:
-            raise UserError("the Zero123 teachers are conditioned on an image: give a reference image")
-        if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-            raise UserError(f"the reference image must be one RGB image [1,3,H,W], got {list(image.shape)}")
-        image = image.to(self.device, torch.float32)
-        if image.shape[-2:] != (self.resolution, self.resolution):
-            image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        image = reference_image(condition.image, "the Zero123 teachers", self.resolution, self.device)
         self._image_embeds = self.clip_embedding(image)
         posterior = self.vae.encode((image * 2 - 1).to(self.dtype)).latent_dist
         self._image_latent = posterior_draw(posterior, generator)
