@@ -215,3 +215,23 @@ def test_cache_status_reads_the_cache_only(tiny_dir, tmp_path, offline):
     assert not cached
     with pytest.raises(UserError, match=r"did not complete it \(missing vae/\*\.safetensors\).*--model"):
         catalog.download(entry, hub)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "image_encoder"])
+def test_models_are_built_without_random_initialisation(tiny_dir, component):
+    """Construction skips the random init (the checkpoint overwrites it), yet the CLIP position ids (a buffer
+    the checkpoint does not hold) are still built and every weight is the file's.
+
+    The diffusers models then draw no random numbers at all (CLIP's class embedding is a ``torch.randn``
+    in its constructor, outside any init function)."""
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    model = build_model(tiny_dir, component, device="cpu", dtype=torch.float32)
+    if component != "image_encoder":
+        assert torch.equal(torch.random.get_rng_state(), before)
+    saved = load_file(str(weights_file(tiny_dir / component)))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    if component == "image_encoder":
+        ids = model.vision_model.embeddings.position_ids
+        assert torch.equal(ids, torch.arange(ids.shape[-1])[None])

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .loading import load_module, weights_file
 
 #: config.json keys that do not change the network (diffusers metadata start with "_")
 _IGNORED_KEYS = frozenset({"use_checkpoint"})
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
 @dataclass(frozen=True)
@@ -397,21 +396,7 @@ class MultiViewUNet(nn.Module):
                     device: torch.device | str = "cpu") -> "MultiViewUNet":
         """Load a checkpoint's ``unet/`` folder (``config.json`` + safetensors weights), strictly."""
         folder = Path(folder)
-        weights = next((folder / name for name in _WEIGHT_FILES if (folder / name).is_file()), None)
-        if not (folder / "config.json").is_file() or weights is None:
-            raise UserError(f"{folder} is not a multi-view UNet folder (needs config.json and {_WEIGHT_FILES[0]})")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder} is not a multi-view UNet folder: it has no config.json")
         config = MultiViewUNetConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        with torch.device("meta"):
-            model = cls(config)
-        state = load_file(weights, device=str(device))
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])
-        if missing or unexpected or wrong:
-            raise UserError(
-                f"{weights} does not match the multi-view UNet config: {len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} with wrong shapes (e.g. {wrong[:3]})"
-            )
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        return model.eval()
+        return load_module(lambda: cls(config), weights_file(folder), device=device, dtype=dtype)

@@ -25,7 +25,7 @@ from .loading import (
     build_model,
     expect_components,
     load_image_processor,
-    load_weights,
+    load_module,
     noise_schedule,
     read_json,
     resolve_dtype,
@@ -85,10 +85,8 @@ class CameraProjection(nn.Module):
     def from_folder(cls, folder: Path, *, device: torch.device | str, dtype: torch.dtype) -> "CameraProjection":
         """Build from ``config.json`` (embedding_dim, additional_embeddings) and load its safetensors."""
         config = read_json(folder / "config.json")
-        module = cls(int(config.get("embedding_dim", 768)), int(config.get("additional_embeddings", 4)))
-        module = module.to(device=device, dtype=dtype)
-        load_weights(module, weights_file(folder))
-        return module.eval().requires_grad_(False)
+        dims = int(config.get("embedding_dim", 768)), int(config.get("additional_embeddings", 4))
+        return load_module(lambda: cls(*dims), weights_file(folder), device=device, dtype=dtype)
 
 
 class Zero123Teacher(Teacher):
