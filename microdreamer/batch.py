@@ -128,6 +128,7 @@ class JobResult:
     config: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     evaluations: dict[str, int] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)  # GiB, see pipeline.peak_memory
     note: str = ""  # one line for the log: "5000 Gaussians, 41.2 s SIR"
 
 
@@ -140,6 +141,7 @@ class ManifestEntry:
     config: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     evaluations: dict[str, int] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     note: str = ""
@@ -297,6 +299,7 @@ class BatchRunner:
         entry.status = "done"
         entry.outputs, entry.seed, entry.config = result.outputs, result.seed, result.config
         entry.timings, entry.evaluations, entry.note = result.timings, result.evaluations, result.note
+        entry.peak_memory = result.peak_memory
 
     def _save(self, manifest: Manifest) -> None:
         if self.manifest_path is not None:

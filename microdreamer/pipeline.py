@@ -69,6 +69,28 @@ def versions(device: torch.device) -> dict[str, str]:
     return info
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory` (CUDA only: the process's resident peak cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory in GiB: on CUDA what torch allocated and reserved on the GPU since the last
+    :func:`reset_peak_memory`; on every device the process's peak resident set since it started."""
+    peak: dict[str, float] = {}
+    if device.type == "cuda":
+        peak["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        peak["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak["process_rss_gib"] = round(rss / (2**30 if platform.system() == "Darwin" else 2**20), 3)
+    return peak
+
+
 @dataclass(frozen=True)
 class PreprocessOptions:
     """How an input image becomes the reference view (see :func:`microdreamer.preprocess.preprocess`)."""
@@ -173,6 +195,7 @@ class RunReport:
     versions: dict[str, str]
     outputs: dict[str, str] = field(default_factory=dict)
     prompt: str | None = None
+    peak_memory: dict[str, float] = field(default_factory=dict)  # see peak_memory()
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -231,6 +254,7 @@ class ImageTo3D:
         # The teacher load time is reported once, by the first run after loading.
         timings: dict[str, float] = {} if self._load_reported else {"load_teacher": self.load_seconds}
         self._load_reported = True
+        reset_peak_memory(self.device)
         start = time.perf_counter()
         prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
         outputs = RunOutputs.for_stem(
@@ -300,6 +324,7 @@ class ImageTo3D:
                 versions=versions(self.device),
                 outputs={name: str(path) for name, path in outputs.named().items()},
                 prompt=prepared.prompt,
+                peak_memory=peak_memory(self.device),
             )
             tmp["report"].write_text(report.to_json())
         return report
@@ -431,10 +456,14 @@ class ImageTask:
         )
         return JobResult(
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
-            evaluations=report.evaluations,
+            evaluations=report.evaluations, peak_memory=report.peak_memory,
             note=f"{report.primitives} Gaussians, {report.timings['sir']:.1f} s SIR, "
-                 f"{report.evaluations['total']} network evaluations",
+                 f"{report.evaluations['total']} network evaluations" + _gpu_note(report.peak_memory),
         )
+
+
+def _gpu_note(peak: dict[str, float]) -> str:
+    return f", peak GPU memory {peak['gpu_allocated_gib']:.1f} GiB" if "gpu_allocated_gib" in peak else ""
 
 
 class PromptTask(ImageTask):
@@ -471,7 +500,8 @@ class MeshTask(ImageTask):
         )
         result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
         result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
-        result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s"
+        result.peak_memory = peak_memory(self.device)  # the Gaussians' run and the mesh export together
+        result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
         return result
 
 

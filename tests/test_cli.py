@@ -79,6 +79,7 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     assert data["primitives"] == gaussians.num_primitives
     assert data["evaluations"]["total"] > 0 and data["evaluations"]["guided"] > 0
     assert {"sir.render", "sir.backward", "sir.teacher", "sir.update", "export"} <= set(data["timings"])
+    assert set(data["peak_memory"]) == {"process_rss_gib"} and 0.1 < data["peak_memory"]["process_rss_gib"] < 24
     assert trimesh.load(ply, process=False) is not None  # a standard PLY other tools open
 
     # never overwrite silently; the existing file is untouched
@@ -188,6 +189,7 @@ def test_batch_reports_failures_in_the_manifest_resumes_and_reproduces(
     assert done["config"]["schedule"]["steps"] == 1 and done["config"]["cameras"]["resolution"] == 32
     assert done["config"]["teacher"]["name"] == "reference" and done["config"]["cameras"]["radius"] == 2.0
     assert done["evaluations"]["total"] > 0 and "sir" in done["timings"]
+    assert done["peak_memory"] == json.loads((out / "cow.v0.json").read_text())["peak_memory"]
     assert set(done["outputs"]) == {"ply", "views", "report", "rgba"}
     rgba = np.asarray(Image.open(out / "cow.v0_rgba.png"))
     assert rgba.shape == (256, 256, 4)
@@ -367,3 +369,18 @@ def test_models_list_and_download_from_a_cache(tmp_path: Path, capsys, monkeypat
     assert captured.out.strip() == str(snapshot) and "Non-Commercial" in captured.err
     assert main(["models", "download", "nope"]) == 2
     assert "unknown model 'nope'" in _error_line(capsys)
+
+
+def test_peak_memory_covers_what_the_process_holds_now():
+    import os
+
+    import torch
+
+    from microdreamer.pipeline import peak_memory
+
+    held = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    with open("/proc/self/statm") as f:
+        resident_gib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    peak = peak_memory(torch.device("cpu"))
+    assert set(peak) == {"process_rss_gib"}
+    assert peak["process_rss_gib"] >= resident_gib - 1e-3 and held.sum() > 0
