@@ -79,6 +79,8 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     assert data["primitives"] == gaussians.num_primitives
     assert data["evaluations"]["total"] > 0 and data["evaluations"]["guided"] > 0
     assert {"sir.render", "sir.backward", "sir.teacher", "sir.update", "export"} <= set(data["timings"])
+    seconds = [it["seconds"] for it in data["iterations"]]
+    assert len(seconds) == 3 and min(seconds) > 0 and sum(seconds) <= data["timings"]["sir"]
     assert set(data["peak_memory"]) == {"process_rss_gib"} and 0.1 < data["peak_memory"]["process_rss_gib"] < 24
     assert trimesh.load(ply, process=False) is not None  # a standard PLY other tools open
 

@@ -58,6 +58,7 @@ class IterationLog:
     t2: int | None
     loss: float
     primitives: int
+    seconds: float  # wall time of the iteration: rendering, teacher refinement and fitting
 
 
 @dataclass
@@ -103,11 +104,12 @@ class SIREngine:
             # The reference's step counter advances once per iteration and once per optimisation step
             # (spec §6.2); densification and the learning-rate decay read it, so we keep its values.
             step += 1
+            start = time.perf_counter()
             cameras = self.sampler.sample(self.generator).to(self.device)
             plan = None if iteration == 0 else self.schedule.iteration(iteration - 1)
             steps = self.cfg.schedule.init_steps if iteration == 0 else self.cfg.schedule.steps
             target: Tensor | None = None
-            loss_value = float("nan")
+            loss: Tensor | None = None
             for _ in range(steps):
                 step += 1
                 output, novel = self._render(cameras)
@@ -119,13 +121,13 @@ class SIREngine:
                 with self.timer("update", self.device):
                     self.representation.step(step, output)
                 optimisation_steps += 1
-                loss_value = float(loss.detach())
             log = IterationLog(
                 iteration,
                 None if plan is None else plan.t1,
                 None if plan is None else plan.t2,
-                loss_value,
+                float("nan") if loss is None else float(loss.detach()),  # the one device sync per iteration
                 self.representation.num_primitives,
+                time.perf_counter() - start,
             )
             logs.append(log)
             if self.on_iteration is not None:
