@@ -24,7 +24,9 @@ from .io.atomic import atomic_path
 #: file name endings a folder or glob contributes as images (case-insensitive)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: ``<stem><suffix>`` files our commands derive from an input ``<stem>.*``: never inputs themselves
-DERIVED_SUFFIXES = ("_rgba", "_views", "_turntable")
+DERIVED_SUFFIXES = ("_rgba", "_views", "_turntable", "_albedo")
+#: file types the commands write beside images (reports, splats, meshes, turntables): never inputs, never reported
+OUTPUT_SUFFIXES = (".json", ".ply", ".glb", ".obj", ".mtl", ".mp4", ".gif")
 #: entry states; ``pending`` entries were never reached (the batch was interrupted or aborted first)
 STATUSES = ("done", "failed", "skipped", "interrupted", "pending")
 
@@ -119,6 +121,28 @@ def expand_inputs(
     return jobs
 
 
+def ignored_files(specs: Sequence[str | Path]) -> list[Path]:
+    """Visible files in the folders and glob matches of ``specs`` that :func:`expand_inputs` does not take
+    as images (``notes.txt``, ``photo.heic``), so that a command can say what it left out; the file types
+    the commands themselves write (:data:`OUTPUT_SUFFIXES`) are not listed."""
+    ignored: list[Path] = []
+    for spec in specs:
+        text = str(spec)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            files = sorted(path.iterdir())
+        elif not path.exists() and _has_glob(text):
+            files = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
+        else:
+            continue
+        ignored += [
+            f for f in files
+            if f.is_file() and not f.name.startswith(".") and f not in ignored
+            and f.suffix.lower() not in IMAGE_SUFFIXES + OUTPUT_SUFFIXES
+        ]
+    return ignored
+
+
 @dataclass
 class JobResult:
     """What a finished job reports to the manifest."""
@@ -156,6 +180,7 @@ class Manifest:
     finished: str | None = None
     interrupted: bool = False
     entries: list[ManifestEntry] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files in input folders/globs that are not images
 
     def counts(self) -> dict[str, int]:
         return {s: sum(e.status == s for e in self.entries) for s in STATUSES}
@@ -232,8 +257,10 @@ class BatchRunner:
         skip_existing: bool = False,
         single: bool = False,
         observer: BatchObserver | None = None,
+        ignored: Sequence[Path] = (),
     ) -> None:
         self.command = command
+        self.ignored = [str(p) for p in ignored]
         self.out_dir = Path(out_dir)
         self.manifest_path = manifest
         self.skip_existing = skip_existing
@@ -241,7 +268,7 @@ class BatchRunner:
         self.observer = observer or BatchObserver()
 
     def run(self, jobs: Sequence[Job], task: BatchTask[PipelineT, PreparedT]) -> Manifest:
-        manifest = Manifest(self.command, str(self.out_dir), _now())
+        manifest = Manifest(self.command, str(self.out_dir), _now(), ignored=list(self.ignored))
         manifest.entries = [ManifestEntry(job.input, job.stem) for job in jobs]
         self.observer.batch_started(len(jobs))
         loaded: list[PipelineT] = []

@@ -19,7 +19,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .batch import BatchObserver, BatchRunner, Job, Manifest, ManifestEntry, expand_inputs, is_single_input
+from .batch import (
+    IMAGE_SUFFIXES,
+    BatchObserver,
+    BatchRunner,
+    Job,
+    Manifest,
+    ManifestEntry,
+    expand_inputs,
+    ignored_files,
+    is_single_input,
+)
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -183,12 +193,14 @@ def run_batch(
     json_out: bool,
     quiet: bool,
     single: bool | None = None,
+    ignored: list[Path] | None = None,
 ) -> Manifest:
     """Run ``task`` over ``jobs`` with progress, a manifest, a summary and the exit code.
 
     One plain input (:func:`is_single_input`) behaves like a single command: its error ends the command
     (exit 2). Otherwise the batch goes on after failures, writes the manifest (``manifest``, else
-    ``manifest_default``) and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written. For the image
+    ``manifest_default``) and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written.
+    ``ignored`` files (non-images in input folders) are named in the summary and the manifest. For the image
     commands of other engineers: build jobs with :func:`expand_inputs` and a task like ``ImageTask``.
     """
     single = is_single_input(specs) if single is None else single
@@ -196,7 +208,8 @@ def run_batch(
     console = _console(quiet)
     with _ProgressView(console, batch=not single) as view:
         runner = BatchRunner(
-            command, out_dir, manifest=manifest_path, skip_existing=skip_existing, single=single, observer=view
+            command, out_dir, manifest=manifest_path, skip_existing=skip_existing, single=single, observer=view,
+            ignored=ignored or (),
         )
         try:
             result = runner.run(jobs, task)
@@ -229,6 +242,10 @@ def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> N
     console.print(table)
     counts = ", ".join(f"{n} {s}" for s, n in manifest.counts().items() if n)
     console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
+    if manifest.ignored:
+        names = ", ".join(Path(p).name for p in manifest.ignored[:5]) + (", …" if len(manifest.ignored) > 5 else "")
+        console.print(f"ignored {len(manifest.ignored)} file(s) that are not images ({', '.join(IMAGE_SUFFIXES)}): "
+                      f"{escape(names)}")
 
 
 # options shared by the generation commands --------------------------------------------------------
@@ -329,7 +346,7 @@ def image2gs(
         prompt=prompt,
     )
     run_batch("image2gs", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet)
+              skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
 
 # mesh options, shared by image2mesh, text2mesh and export
@@ -395,7 +412,7 @@ def image2mesh(
     jobs = _image_jobs("image2mesh", specs, cfg)
     task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite, prompt=prompt)
     run_batch("image2mesh", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet)
+              skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
 
 @app.command("export")
@@ -635,7 +652,7 @@ def preprocess_(
     task = PreprocessTask(options, out, overwrite)
     run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest,
               manifest_default=None if out is None else out / MANIFEST_NAME, skip_existing=skip_existing,
-              json_out=json_out, quiet=quiet)
+              json_out=json_out, quiet=quiet, ignored=ignored_files(images))
 
 
 @app.command("render")

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from microdreamer.batch import BatchObserver, BatchRunner, Job, JobResult, expand_inputs, is_single_input
+from microdreamer.batch import (
+    BatchObserver,
+    BatchRunner,
+    Job,
+    JobResult,
+    expand_inputs,
+    ignored_files,
+    is_single_input,
+)
 from microdreamer.errors import UserError
 
 
@@ -19,17 +27,21 @@ def _touch(path: Path, text: str = "x") -> Path:
 
 def test_folder_expansion_keeps_images_and_drops_derived_hidden_and_other_files(tmp_path: Path):
     for name in ["b.jpg", "a.PNG", "my.cat.v2.webp", "a_rgba.png", "a_views.png", "b_turntable.gif",
-                 "lone_rgba.png", ".hidden.png", "notes.txt", "a.json"]:
+                 "b_albedo.png", "lone_rgba.png", ".hidden.png", "notes.txt", "a.json", "a.glb", "c.heic"]:
         _touch(tmp_path / name)
     (tmp_path / "sub.png").mkdir()
     jobs = expand_inputs([tmp_path])
-    # a_rgba/a_views/b_turntable are derived from a and b; lone_rgba has no source beside it
+    # a_rgba/a_views/b_turntable/b_albedo are derived from a and b; lone_rgba has no source beside it
     assert [j.source.name for j in jobs] == ["a.PNG", "b.jpg", "lone_rgba.png", "my.cat.v2.webp"]
     assert [j.stem for j in jobs] == ["a", "b", "lone_rgba", "my.cat.v2"]
     assert all(j.problem is None and j.input == str(j.source) for j in jobs)
     # a command may exclude more (preprocess skips every *_rgba.png)
     jobs = expand_inputs([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
     assert [j.stem for j in jobs] == ["a", "b", "my.cat.v2"]
+    # other files are named, not dropped silently; hidden files and what the commands write are left out
+    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt"]
+    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt"]
+    assert ignored_files([tmp_path / "notes.txt", tmp_path / "a.PNG", tmp_path / "missing"]) == []  # named files are inputs
 
 
 def test_files_globs_missing_duplicates_and_stem_clashes(tmp_path: Path):

@@ -180,6 +180,7 @@ def test_batch_reports_failures_in_the_manifest_resumes_and_reproduces(
     entries = {Path(e["input"]).name: e for e in manifest["entries"]}
     assert set(entries) == {"broken.png", "cow.v0.png", "cow.v1.png", "notes.png"}
     assert manifest["counts"] == {"done": 2, "failed": 2, "skipped": 0, "interrupted": 0, "pending": 0}
+    assert manifest["ignored"] == [str(folder / "readme.txt")]  # not an image suffix: named, not run
     assert "truncated or corrupt" in entries["broken.png"]["error"]
     assert "not an image" in entries["notes.png"]["error"]
     stems = ["cow.v0", "cow.v1"]
@@ -201,9 +202,13 @@ def test_batch_reports_failures_in_the_manifest_resumes_and_reproduces(
 
     # resume: nothing is redone, the teacher is not even loaded
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
+    capsys.readouterr()
     with monkeypatch.context() as m:
         _no_model_load(m)
-        assert main(argv[:-2] + ["--skip-existing", "-q"]) == 1
+        assert main(argv[:-2] + ["--skip-existing"]) == 1
+    summary = " ".join(capsys.readouterr().err.split())
+    assert "2 failed, 2 skipped" in summary and "ignored 1 file(s) that are not images" in summary
+    assert summary.endswith("readme.txt")
     again = json.loads((out / "manifest.json").read_text())
     assert again["counts"]["skipped"] == 2 and again["counts"]["failed"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"} == stamps
