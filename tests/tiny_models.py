@@ -159,6 +159,13 @@ def build_tiny_zero123(root: Path, seed: int = 0, projection_scale: float = 4.0)
         unet, vae, encoder, projection = tiny_unet(), tiny_vae(), tiny_clip_vision(), tiny_camera_projection()
         with torch.no_grad():
             projection.proj.weight.mul_(projection_scale)
+    return write_zero123(root, unet, vae, encoder, projection, clip_image_size=TINY_CLIP_IMAGE)
+
+
+def write_zero123(
+    root: Path, unet: nn.Module, vae: nn.Module, encoder: nn.Module, projection: nn.Module, clip_image_size: int
+) -> Path:
+    """A Zero123 pipeline folder (spec §1.1) holding these modules, of any size."""
     write_model_index(
         root,
         "Zero123Pipeline",
@@ -179,12 +186,12 @@ def build_tiny_zero123(root: Path, seed: int = 0, projection_scale: float = 4.0)
     projection_config = {
         "_class_name": "CLIPCameraProjection",
         "_diffusers_version": "0.24.0",
-        "embedding_dim": TINY_CONTEXT,
-        "additional_embeddings": 4,
+        "embedding_dim": projection.proj.out_features,
+        "additional_embeddings": projection.proj.in_features - projection.proj.out_features,
     }
     save_component(root, "clip_camera_projection", projection, projection_config, "diffusion_pytorch_model.safetensors")
     write_scheduler(root)
-    write_feature_extractor(root)
+    write_feature_extractor(root, clip_image_size)
     return root
 
 
@@ -290,6 +297,22 @@ def build_tiny_mvdream(root: Path, seed: int = 0, image_prompt: bool = False) ->
         vocab_size = write_tiny_tokenizer(root)
         text_encoder = tiny_clip_text(vocab_size)
         image_encoder = tiny_clip_vision(with_projection=False) if image_prompt else None
+    return write_mvdream(root, unet, TINY_IP_UNET if image_prompt else TINY_MV_UNET, vae, text_encoder,
+                         image_encoder, clip_image_size=TINY_CLIP_IMAGE)
+
+
+def write_mvdream(
+    root: Path,
+    unet: nn.Module,
+    unet_config: dict,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    image_encoder: nn.Module | None,
+    clip_image_size: int,
+) -> Path:
+    """An MVDream (ImageDream with an ``image_encoder``) pipeline folder (spec §2.1 / §3.1) holding these
+    modules, of any size; the tokenizer is written separately (:func:`write_tiny_tokenizer`)."""
+    image_prompt = image_encoder is not None
     image_components = (
         {"feature_extractor": ("transformers", "CLIPImageProcessor"), "image_encoder": ("transformers", "CLIPVisionModel")}
         if image_prompt
@@ -308,12 +331,11 @@ def build_tiny_mvdream(root: Path, seed: int = 0, image_prompt: bool = False) ->
             "vae": ("diffusers", "AutoencoderKL"),
         },
     )
-    save_component(root, "unet", unet, TINY_IP_UNET if image_prompt else TINY_MV_UNET,
-                   "diffusion_pytorch_model.safetensors")
+    save_component(root, "unet", unet, unet_config, "diffusion_pytorch_model.safetensors")
     save_diffusers(root, "vae", vae)
     save_transformers(root, "text_encoder", text_encoder)
-    if image_encoder is not None:
+    if image_prompt:
         save_transformers(root, "image_encoder", image_encoder)
-        write_feature_extractor(root)
+        write_feature_extractor(root, clip_image_size)
     write_scheduler(root)
     return root
