@@ -8,6 +8,7 @@ One call is what the SIR refiner asks for at every guided sampling step: a class
 - ``imagedream``: with the image-prompt layers (spec §3.1), 4 + 1 reference frames → batch 10.
 
 fp32 on the CPU, fp16 on CUDA (``--dtype`` overrides); on CUDA the peak allocated memory is printed too.
+The FLOPs of one call (torch's counter, on the meta device) give the throughput reached, to compare devices.
 Not a test: it prints numbers.
 
     python benchmarks/bench_teachers.py [--device cpu|cuda] [--only mvdream ...] [--repeats 3] [--json FILE]
@@ -49,7 +50,10 @@ Call = Callable[[], Tensor]
 
 
 def randomize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """Materialise a meta-device model with seeded weights ~ N(0, 1/fan_in), unit norm scales, small biases."""
+    """Materialise a meta-device model with seeded weights ~ N(0, 1/fan_in), unit norm scales, small biases
+    (on the meta device itself it stays empty: enough to count FLOPs)."""
+    if device.type == "meta":
+        return model.eval().requires_grad_(False)
     model = model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -64,8 +68,24 @@ def randomize(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: 
     return nn.Module.to(model, dtype=dtype).eval().requires_grad_(False)
 
 
-def _randn(g: torch.Generator, device: torch.device, dtype: torch.dtype, *shape: int) -> Tensor:
+def _randn(g: torch.Generator | None, device: torch.device, dtype: torch.dtype, *shape: int) -> Tensor:
+    if g is None:  # meta device
+        return torch.empty(shape, device=device, dtype=dtype)
     return torch.randn(shape, generator=g, device=device).to(dtype)
+
+
+def _generator(device: torch.device) -> torch.Generator | None:
+    return None if device.type == "meta" else torch.Generator(device=device).manual_seed(1)
+
+
+def tflop_per_call(name: str) -> float:
+    """Floating-point operations of one call (torch's FLOP counter on the meta device: no memory, no time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    call, _ = BUILDERS[name](torch.device("meta"), torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops() / 1e12
 
 
 def zero123_call(device: torch.device, dtype: torch.dtype, views: int = 6) -> tuple[Call, int]:
@@ -74,7 +94,7 @@ def zero123_call(device: torch.device, dtype: torch.dtype, views: int = 6) -> tu
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(ZERO123_UNET)
     unet = randomize(unet, device, dtype)
-    g = torch.Generator(device=device).manual_seed(1)
+    g = _generator(device)
     n = 2 * views  # [cond ; uncond]
     x = _randn(g, device, dtype, n, 8, LATENT, LATENT)
     context = _randn(g, device, dtype, n, 1, 768)
@@ -87,7 +107,7 @@ def multiview_call(device: torch.device, dtype: torch.dtype, image_prompt: bool)
     with torch.device("meta"):
         unet = MultiViewUNet(config)
     unet = randomize(unet, device, dtype)
-    g = torch.Generator(device=device).manual_seed(1)
+    g = _generator(device)
     frames = 5 if image_prompt else 4
     n = 2 * frames  # [uncond ; cond], one object each
     inputs = {
@@ -140,6 +160,7 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, repeats: int, war
     if not torch.isfinite(out.float()).all():
         raise RuntimeError(f"{name}: non-finite output")
     views, frames = BATCH[name]
+    tflop = tflop_per_call(name)
     row = {
         "teacher": name,
         "params_m": round(params / 1e6, 1),
@@ -148,6 +169,8 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, repeats: int, war
         "dtype": str(dtype).removeprefix("torch."),
         "s_per_call_mean": round(sum(times) / len(times), 3),
         "s_per_call_min": round(min(times), 3),
+        "tflop_per_call": round(tflop, 3),
+        "tflop_per_s": round(tflop / min(times), 2),
         "repeats": repeats,
         "build_s": round(build, 1),
     }
