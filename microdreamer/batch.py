@@ -48,15 +48,30 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def _members(spec: str | Path) -> list[Path] | None:
+    """The entries of a folder, or the matches of a glob pattern that names no existing file, sorted by
+    name; None for any other spec (a file, or a path that does not exist)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return sorted(path.iterdir())
+    if not path.exists() and _has_glob(text):
+        return [Path(p) for p in sorted(glob.glob(text, recursive=True))]
+    return None
+
+
+def _visible_files(paths: list[Path]) -> list[Path]:
+    return [f for f in paths if f.is_file() and not f.name.startswith(".")]
+
+
 def is_single_input(specs: Sequence[str | Path]) -> bool:
     """At most one input spec, and not a folder or a glob: a plain run, where errors end the command."""
-    if len(specs) > 1:
-        return False
-    return not specs or not (Path(specs[0]).expanduser().is_dir() or (_has_glob(str(specs[0])) and not Path(specs[0]).exists()))
+    return len(specs) <= 1 and (not specs or _members(specs[0]) is None)
 
 
 def _derived(files: list[Path]) -> set[Path]:
-    """Files named ``<stem>_rgba|_views|_turntable`` beside an input ``<stem>.*`` of the same group."""
+    """Files named ``<stem><derived suffix>`` (:data:`DERIVED_SUFFIXES`) beside an input ``<stem>.*`` of the
+    same group."""
     stems = {(f.parent, f.stem) for f in files}
     derived = set()
     for f in files:
@@ -67,10 +82,7 @@ def _derived(files: list[Path]) -> set[Path]:
 
 
 def _images(files: list[Path], exclude: Callable[[Path], bool] | None) -> list[Path]:
-    images = [
-        f for f in files
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    images = [f for f in _visible_files(files) if f.suffix.lower() in IMAGE_SUFFIXES]
     derived = _derived(images)
     return [f for f in images if f not in derived and not (exclude is not None and exclude(f))]
 
@@ -93,16 +105,15 @@ def expand_inputs(
     for spec in specs:
         text = str(spec)
         path = Path(text).expanduser()
-        if path.is_dir():
-            files = _images(sorted(path.iterdir()), exclude)
-            if not files:
+        members = _members(text)
+        if members is not None:
+            files = _images(members, exclude)
+            if not files and path.is_dir():
                 jobs.append(Job(path.name or text, text, None, f"folder {text} holds no images (png, jpg, webp)"))
+            elif not files:
+                jobs.append(Job(path.stem or text, text, None, f"no image matches {text}"))
         elif path.exists():
             files = [path]
-        elif _has_glob(text):
-            files = _images([Path(p) for p in sorted(glob.glob(text, recursive=True))], exclude)
-            if not files:
-                jobs.append(Job(path.stem or text, text, None, f"no image matches {text}"))
         else:
             jobs.append(Job(path.stem or text, text, None, f"input image not found: {text}"))
             continue
@@ -127,19 +138,9 @@ def ignored_files(specs: Sequence[str | Path]) -> list[Path]:
     the commands themselves write (:data:`OUTPUT_SUFFIXES`) are not listed."""
     ignored: list[Path] = []
     for spec in specs:
-        text = str(spec)
-        path = Path(text).expanduser()
-        if path.is_dir():
-            files = sorted(path.iterdir())
-        elif not path.exists() and _has_glob(text):
-            files = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
-        else:
-            continue
-        ignored += [
-            f for f in files
-            if f.is_file() and not f.name.startswith(".") and f not in ignored
-            and f.suffix.lower() not in IMAGE_SUFFIXES + OUTPUT_SUFFIXES
-        ]
+        for f in _visible_files(_members(spec) or []):
+            if f.suffix.lower() not in IMAGE_SUFFIXES + OUTPUT_SUFFIXES and f not in ignored:
+                ignored.append(f)
     return ignored
 
 

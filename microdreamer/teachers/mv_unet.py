@@ -13,7 +13,6 @@ Module and parameter names follow the checkpoints ``ashawkey/mvdream-sd2.1-diffu
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .loading import load_module, weights_file
+from .loading import load_module, read_json, weights_file
 
 #: config.json keys that do not change the network (diffusers metadata start with "_")
 _IGNORED_KEYS = frozenset({"use_checkpoint"})
@@ -396,7 +395,5 @@ class MultiViewUNet(nn.Module):
                     device: torch.device | str = "cpu") -> "MultiViewUNet":
         """Load a checkpoint's ``unet/`` folder (``config.json`` + safetensors weights), strictly."""
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{folder} is not a multi-view UNet folder: it has no config.json")
-        config = MultiViewUNetConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        config = MultiViewUNetConfig.from_dict(read_json(folder / "config.json"))
         return load_module(lambda: cls(config), weights_file(folder), device=device, dtype=dtype)
