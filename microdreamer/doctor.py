@@ -29,7 +29,7 @@ GPU_BACKENDS = (
     ("tinycudann", "hash-grid encodings"),
 )
 #: our C++ (OpenMP) kernels, built on first use
-CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"))
+CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"), ("volume", "NeRF volume renderer"))
 _GIB = 1024**3
 
 

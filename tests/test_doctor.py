@@ -26,6 +26,7 @@ def test_doctor_runs_here_and_prints_only_json(capsys):
     assert report["ok"] is True
     assert checks["torch"]["detail"].startswith(torch.__version__)
     for name in ("gsplat", "nvdiffrast", "nerfacc", "tinycudann", "C++ gaussians kernel", "C++ mesh kernel",
+                 "C++ volume kernel",
                  "ffmpeg", "rembg", "stable-zero123", "zero123-xl"):
         assert name in checks, name
     assert all(c["status"] in doctor.STATUSES for c in report["checks"])

@@ -132,6 +132,22 @@ class Cameras:
     def centers(self) -> Tensor:
         return self.c2w[:, :3, 3]
 
+    def rays(self, pixels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """World ray origins and unit directions through pixel centres, ``[B,P,3]`` each.
+
+        ``pixels [B,P]`` are row-major flat pixel indices per camera (default: all ``H·W`` pixels).
+        """
+        fx, fy = self.focal
+        if pixels is None:
+            pixels = torch.arange(self.width * self.height, device=self.device).expand(len(self), -1)
+        u = (pixels % self.width).float() + 0.5
+        v = torch.div(pixels, self.width, rounding_mode="floor").float() + 0.5
+        # OpenGL camera: x right, y up, looking along -z; image rows grow downwards
+        local = torch.stack([(u - self.width / 2) / fx, -(v - self.height / 2) / fy, -torch.ones_like(u)], -1)
+        directions = local @ self.c2w[:, :3, :3].transpose(1, 2)
+        directions = directions / directions.norm(dim=-1, keepdim=True)
+        return self.centers()[:, None, :].expand_as(directions), directions
+
 
 @dataclass
 class CameraSampler:
