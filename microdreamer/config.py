@@ -6,6 +6,7 @@ A resolved configuration is saved beside every output and reproduces the run wit
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -50,13 +51,37 @@ class GuidanceConfig:
 
 @dataclass
 class CameraConfig:
+    """The B cameras of each iteration and the reference view's camera.
+
+    Sampler ``offsets`` is the reference's (spec §6.5): per-view integer elevation offsets in
+    [min_ver, max_ver) around ``elevation``, at ``radius`` and ``fovy``. Sampler ``ranges`` is
+    threestudio's (spec nerf §1.2): per batch one fovy and one distance drawn from their ranges (a
+    relative distance is divided by tan(fovy/2)), elevations from ``elevation_range`` (uniform in degrees
+    or, half of the time, uniform on the sphere), shared by the batch or drawn per view. Both spread the
+    azimuths evenly from a random offset. Elevations are in our convention (negative = above).
+    """
+
     views: int = 6  # B views per iteration, azimuths evenly spread
     elevation: float = 0.0  # reference (input) view elevation, spec §0.4 (negative = from above)
     min_ver: float = -30.0  # per-view elevation offset range [min_ver, max_ver)
     max_ver: float = 30.0
-    radius: float = 2.0
-    fovy: float = 49.1
-    resolution: int = 256  # render and target size
+    radius: float = 2.0  # the reference view's distance (and every view's with the offsets sampler)
+    fovy: float = 49.1  # the reference view's fovy (and every view's with the offsets sampler)
+    resolution: int = 256  # the reference view's size; render and target size unless resolutions is set
+    sampler: str = "offsets"  # offsets | ranges
+    elevation_range: tuple[float, float] = (-30.0, 30.0)  # ranges sampler: degrees, negative = above
+    shared_elevation: bool = False  # ranges sampler: one elevation for the whole batch
+    distance_range: tuple[float, float] = (2.0, 2.0)  # ranges sampler
+    relative_distance: bool = False  # ranges sampler: distance_range is in units of 1/tan(fovy/2)
+    fovy_range: tuple[float, float] = (49.1, 49.1)  # ranges sampler, degrees
+    resolutions: tuple[int, ...] = ()  # progressive render sizes (empty: resolution throughout) ...
+    milestones: tuple[int, ...] = ()  # ... and the iterations (0 = init) where the next size starts
+
+    def render_resolution(self, iteration: int) -> int:
+        """Render size of ``iteration`` (0 = init): the last milestone reached picks the size."""
+        if not self.resolutions:
+            return self.resolution
+        return self.resolutions[bisect.bisect_right(self.milestones, iteration)]
 
 
 @dataclass
@@ -91,6 +116,52 @@ class GaussianConfig:
 
 
 @dataclass
+class HashEncodingConfig:
+    """The multiresolution hash-grid encoding (spec nerf §1.3, §1.11; ``render.hashgrid.HashGridConfig``)."""
+
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    per_level_scale: float = 1.447269237440378  # (4096/16)^(1/15): finest resolution 4096
+
+
+@dataclass
+class NerfConfig:
+    """A NeRF as threestudio's ``implicit-volume`` builds it (spec nerf §1.3–1.5, §1.7)."""
+
+    encoding: HashEncodingConfig = field(default_factory=HashEncodingConfig)
+    radius: float = 1.0  # the field lives in [-radius, radius]³
+    width: int = 64  # hidden width of the density and feature MLPs
+    density_hidden_layers: int = 1  # 1: 32→64→1; 2: 32→64→64→1 (stable-zero123)
+    feature_hidden_layers: int = 1  # 32→64→3
+    density_bias: str = "blob_magic3d"  # blob_magic3d: scale·(1 − |p|/std) | none
+    blob_scale: float = 10.0
+    blob_std: float = 0.5
+    background: str = "white"  # white (the run's background colour) | envmap (learned, training only)
+    background_random_aug: float = 0.5  # envmap: probability of one random colour for a training batch
+    optimizer: str = "adamw"  # adam | adamw
+    lr_encoding: float = 0.01
+    lr_network: float = 0.001  # density and feature MLPs
+    lr_background: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.01  # adamw only (torch's default, which threestudio keeps)
+    grid_resolution: int = 32  # occupancy grid cells per axis
+    grid_interval: int = 16  # occupancy refresh every this many steps ...
+    grid_threshold: float = 0.01  # ... keeping cells with density·step above this ...
+    grid_ema_decay: float = 0.95
+    grid_warmup: int = 256  # ... evaluating every cell before this step
+    samples_per_ray: int = 512  # step = √3·2·radius / samples_per_ray
+    early_stop_eps: float = 1e-4
+    alpha_threshold: float = 0.01
+    ray_budget: int = 0  # pixels rendered per optimisation step, drawn at random (0: whole images)
+    chunk: int = 16384  # rays per chunk when rendering without gradients
+    backend: str = "auto"  # volume renderer: auto | torch | cpu | nerfacc
+    encoding_backend: str = "auto"  # hash grid: auto | torch | cpu | tcnn
+
+
+@dataclass
 class MeshConfig:
     """Textured-mesh export (paper §V; spec §6.7–6.8): geometry, UV atlas, bake, SIR texture refinement."""
 
@@ -120,7 +191,9 @@ class RunConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     cameras: CameraConfig = field(default_factory=CameraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    representation: str = "gaussians"  # gaussians | nerf
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
+    nerf: NerfConfig = field(default_factory=NerfConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     seed: int = 0
     device: str = "auto"
@@ -150,12 +223,55 @@ class RunConfig:
             (self.seed >= 0, "--seed must be >= 0"),
             (all(0.0 <= b <= 1.0 for b in self.background) and len(self.background) == 3,
              "background must be three numbers in [0, 1]"),
+            *self._camera_checks(),
+            (self.representation in ("gaussians", "nerf"), "representation must be gaussians or nerf"),
+            *(self._nerf_checks() if self.representation == "nerf" else []),
             *self._mesh_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad configuration: {message}")
 
+
+    def _camera_checks(self) -> list[tuple[bool, str]]:
+        c = self.cameras
+        ranges = {"elevation_range": c.elevation_range, "distance_range": c.distance_range, "fovy_range": c.fovy_range}
+        return [
+            (c.sampler in ("offsets", "ranges"), "cameras.sampler must be offsets or ranges"),
+            *((len(r) == 2 and r[0] <= r[1], f"cameras.{name} must be [low, high] with low <= high")
+              for name, r in ranges.items()),
+            (-90 <= c.elevation_range[0] and c.elevation_range[-1] <= 90, "cameras.elevation_range must lie in [-90, 90]"),
+            (0 < c.fovy_range[0] and c.fovy_range[-1] < 180 and c.distance_range[0] > 0,
+             "cameras need 0 < fovy_range < 180 and distance_range > 0"),
+            (all(16 <= r <= 2048 for r in c.resolutions), "cameras.resolutions must lie in 16..2048"),
+            (len(c.resolutions) == len(c.milestones) + 1 if c.resolutions else not c.milestones,
+             "cameras.milestones needs one entry fewer than cameras.resolutions"),
+            (all(a < b for a, b in zip((0, *c.milestones), c.milestones)),
+             "cameras.milestones must be increasing iteration numbers above 0"),
+        ]
+
+    def _nerf_checks(self) -> list[tuple[bool, str]]:
+        n, e = self.nerf, self.nerf.encoding
+        return [
+            (1 <= e.n_levels <= 32 and e.n_features_per_level in (1, 2, 4, 8), "nerf.encoding needs 1..32 levels "
+             "and 1, 2, 4 or 8 features per level"),
+            (10 <= e.log2_hashmap_size <= 24 and e.base_resolution >= 2 and e.per_level_scale >= 1.0,
+             "nerf.encoding needs log2_hashmap_size in 10..24, base_resolution >= 2, per_level_scale >= 1"),
+            (n.radius > 0 and n.width >= 1, "nerf.radius and nerf.width must be positive"),
+            (n.density_hidden_layers >= 1 and n.feature_hidden_layers >= 1, "nerf MLPs need at least one hidden layer"),
+            (n.density_bias in ("blob_magic3d", "none"), "nerf.density_bias must be blob_magic3d or none"),
+            (n.background in ("white", "envmap"), "nerf.background must be white or envmap"),
+            (0.0 <= n.background_random_aug <= 1.0, "nerf.background_random_aug must lie in [0, 1]"),
+            (n.optimizer in ("adam", "adamw"), "nerf.optimizer must be adam or adamw"),
+            (min(n.lr_encoding, n.lr_network, n.lr_background) > 0 and n.eps > 0, "nerf learning rates and eps "
+             "must be positive"),
+            (n.grid_resolution >= 1 and n.grid_interval >= 1 and n.samples_per_ray >= 1, "nerf.grid_resolution, "
+             "grid_interval and samples_per_ray must be at least 1"),
+            (n.ray_budget >= 0 and n.chunk >= 1, "nerf.ray_budget must be >= 0 and nerf.chunk >= 1"),
+            (n.backend in ("auto", "torch", "cpu", "nerfacc"), "nerf.backend must be auto, torch, cpu or nerfacc"),
+            (n.encoding_backend in ("auto", "torch", "cpu", "tcnn"),
+             "nerf.encoding_backend must be auto, torch, cpu or tcnn"),
+        ]
 
     def _mesh_checks(self) -> list[tuple[bool, str]]:
         from .sir.scheduler import ddim_timesteps
@@ -220,6 +336,11 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     if isinstance(current, str) and not isinstance(value, str):
         raise UserError(f"setting '{name}' must be text, got {value!r}")
     return value
+
+
+def nerf_config(data: dict[str, Any]) -> NerfConfig:
+    """A :class:`NerfConfig` from its dictionary form (as saved with a NeRF); unknown keys are errors."""
+    return _merge(NerfConfig(), data, "nerf.")
 
 
 def preset_names() -> list[str]:

@@ -29,7 +29,8 @@ GPU_BACKENDS = (
     ("tinycudann", "hash-grid encodings"),
 )
 #: our C++ (OpenMP) kernels, built on first use
-CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"), ("volume", "NeRF volume renderer"))
+CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"), ("volume", "NeRF volume renderer"),
+               ("nerf_heads", "NeRF MLP heads"))
 _GIB = 1024**3
 
 

@@ -3,7 +3,7 @@
 1. :func:`march_torch`: samples on the lattice ``t_k = t_entry + (k + offset)·dt`` of each ray inside the
    box ``[-radius, radius]³``; sample k spans ``[t_k, t_k + dt]`` and is kept when its midpoint lies
    before the exit and in an occupied cell of the grid. All lattice points of all rays are formed at
-   once (``[R, K]``), which is simple and memory-hungry: a reference, not a fast path.
+   once (``[R, K]``, float64), which is simple and memory-hungry: a reference, not a fast path.
 2. :func:`visibility_torch`: a sample is visible while the transmittance in front of it is at least
    ``early_stop_eps`` and its alpha reaches ``alpha_thre`` (nerfacc's ``render_visibility_from_density``).
 3. :func:`composite_torch`: ``w_i = T_i·(1 − exp(−σ_i·dt_i))`` with ``T_i = exp(−Σ_{j<i} σ_j·dt_j)``;
@@ -22,38 +22,38 @@ _TINY_DIRECTION = 1e-12  # |d| components below this are nudged to it: no infini
 
 
 def ray_box(rays_o: Tensor, rays_d: Tensor, radius: float) -> tuple[Tensor, Tensor]:
-    """Entry and exit distances of rays through ``[-radius, radius]³`` (exit <= entry: a miss)."""
-    d = torch.where(rays_d.abs() < _TINY_DIRECTION,
-                    torch.where(rays_d < 0, -_TINY_DIRECTION, _TINY_DIRECTION).to(rays_d), rays_d)
+    """Entry and exit distances (float64) of rays through ``[-radius, radius]³`` (exit <= entry: a miss)."""
+    o, d = rays_o.double(), rays_d.double()
+    d = torch.where(d.abs() < _TINY_DIRECTION, torch.where(d < 0, -_TINY_DIRECTION, _TINY_DIRECTION).to(d), d)
     inv = 1.0 / d
-    ta, tb = (-radius - rays_o) * inv, (radius - rays_o) * inv
+    ta, tb = (-radius - o) * inv, (radius - o) * inv
     return torch.minimum(ta, tb).amax(-1), torch.maximum(ta, tb).amin(-1)
 
 
 @torch.no_grad()
 def march_torch(rays_o: Tensor, rays_d: Tensor, binaries: Tensor | None, resolution: int, radius: float,
                 step: float, near: float, far: float, offsets: Tensor | None) -> RaySamples:
-    """Packed samples of ``rays_o``/``rays_d [R,3]`` (see the module docstring); ``binaries [res³]`` or None."""
+    """Packed samples of ``rays_o``/``rays_d [R,3]`` (see the module docstring); ``binaries [res³]`` or None.
+    The lattice is computed in float64 and its ends rounded to float32 (as the C++ kernel does)."""
     n_rays = rays_o.shape[0]
     t0, t1 = ray_box(rays_o, rays_d, radius)
     t0, t1 = t0.clamp_min(near), t1.clamp_max(far)
     hit = t1 > t0
     span = torch.where(hit, t1 - t0, torch.zeros_like(t0))
     k_max = int(torch.ceil(span.max() / step).item()) + 1 if n_rays and hit.any() else 0
-    k = torch.arange(k_max, device=rays_o.device, dtype=torch.float32)
+    k = torch.arange(k_max, device=rays_o.device, dtype=torch.float64)
     offset = torch.zeros_like(t0) if offsets is None else offsets.to(t0)
     starts = t0[:, None] + (k[None, :] + offset[:, None]) * step  # [R,K]
     mids = starts + 0.5 * step
     keep = hit[:, None] & (mids < t1[:, None])
     if binaries is not None:
-        points = rays_o[:, None, :] + mids[..., None] * rays_d[:, None, :]
-        scale = torch.tensor(resolution / (2.0 * radius), dtype=torch.float32)
-        ijk = torch.floor((points + radius) * scale).long().clamp(0, resolution - 1)
+        points = rays_o.double()[:, None, :] + mids[..., None] * rays_d.double()[:, None, :]
+        ijk = torch.floor((points + radius) * (resolution / (2.0 * radius))).long().clamp(0, resolution - 1)
         cell = (ijk[..., 0] * resolution + ijk[..., 1]) * resolution + ijk[..., 2]
         keep &= binaries[cell]
     ray_indices, column = keep.nonzero(as_tuple=True)
     t_starts = starts[ray_indices, column]
-    return RaySamples.from_ray_indices(ray_indices, t_starts, t_starts + step, n_rays)
+    return RaySamples.from_ray_indices(ray_indices, t_starts.float(), (t_starts + step).float(), n_rays)
 
 
 def _exclusive_optical_depth(samples: RaySamples, sigmas: Tensor) -> tuple[Tensor, Tensor]:

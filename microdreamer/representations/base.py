@@ -17,9 +17,17 @@ from ..sir.cameras import Cameras
 
 
 class Representation(ABC):
+    #: the most pixels one optimisation step should render (0: whole images); a representation with a
+    #: budget renders random pixel subsets through :meth:`render_pixels`
+    pixel_budget: int = 0
+
     @abstractmethod
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
         """Differentiable renders of ``cameras`` over ``background`` ([3] in [0,1])."""
+
+    def render_pixels(self, cameras: Cameras, background: Tensor, pixels: Tensor) -> RenderOutput:
+        """Renders of the pixels ``pixels [B,P]`` (row-major flat indices per camera) as ``[B,C,1,P]`` images."""
+        raise NotImplementedError(f"{type(self).__name__} renders whole images only")
 
     @abstractmethod
     def step(self, step: int, output: RenderOutput) -> None:

@@ -219,22 +219,28 @@ def load_weights(module: nn.Module, path: Path) -> nn.Module:
         for prefix, sub in module.named_modules()
         for name in sub._non_persistent_buffers_set
     }
+    check_state(state, expected, path, type(module).__name__, ignorable)
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return module
+
+
+def check_state(state: dict[str, Tensor], expected: dict[str, Tensor], path: Path, owner: str,
+                ignorable: set[str] = frozenset()) -> None:
+    """Raise :class:`UserError` naming the missing, unexpected or mis-shaped keys of ``state``."""
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - ignorable)
+    unexpected = sorted(set(state) - set(expected) - set(ignorable))
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing keys {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected keys {_few(unexpected)}")
-        raise UserError(f"{path} does not match {type(module).__name__}: {'; '.join(parts)}")
+        raise UserError(f"{path} does not match {owner}: {'; '.join(parts)}")
     for key, value in expected.items():
         if state[key].shape != value.shape:
             raise UserError(
                 f"{path}: key '{key}' has shape {list(state[key].shape)}, expected {list(value.shape)}"
             )
-    module.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return module
 
 
 def _few(keys: list[str], limit: int = 5) -> str:

@@ -20,15 +20,16 @@
 namespace {
 
 // Ray / box [-radius, radius]³ slab test; zero direction components are nudged to 1e-12 (as the
-// reference does) so that no infinity enters the arithmetic.
-inline bool ray_box(const float* o, const float* d, float radius, float& t0, float& t1) {
-  t0 = -3.0e38f;
-  t1 = 3.0e38f;
+// reference does) so that no infinity enters the arithmetic. Marching runs in double precision (as the
+// reference does), so that both round the same exact values to float32.
+inline bool ray_box(const float* o, const float* d, double radius, double& t0, double& t1) {
+  t0 = -1e300;
+  t1 = 1e300;
   for (int a = 0; a < 3; ++a) {
-    float da = d[a];
-    if (std::fabs(da) < 1e-12f) da = da < 0.0f ? -1e-12f : 1e-12f;
-    const float inv = 1.0f / da;
-    float ta = (-radius - o[a]) * inv, tb = (radius - o[a]) * inv;
+    double da = d[a];
+    if (std::fabs(da) < 1e-12) da = da < 0.0 ? -1e-12 : 1e-12;
+    const double inv = 1.0 / da;
+    double ta = (-radius - o[a]) * inv, tb = (radius - o[a]) * inv;
     if (ta > tb) std::swap(ta, tb);
     t0 = std::max(t0, ta);
     t1 = std::min(t1, tb);
@@ -40,7 +41,7 @@ struct MarchSetup {
   const float *o, *d, *offsets;
   const bool* binaries;
   int64_t res;
-  float radius, dt, near, far, scale;
+  double radius, dt, near, far, scale;
 };
 
 // Walks ray r's lattice; calls emit(t_start) for every kept sample, returns the count.
@@ -48,20 +49,20 @@ template <typename Emit>
 int64_t march_ray(const MarchSetup& s, int64_t r, Emit emit) {
   const float* o = s.o + 3 * r;
   const float* d = s.d + 3 * r;
-  float t0, t1;
+  double t0, t1;
   if (!ray_box(o, d, s.radius, t0, t1)) return 0;
   t0 = std::max(t0, s.near);
   t1 = std::min(t1, s.far);
-  const float offset = s.offsets ? s.offsets[r] : 0.0f;
+  const double offset = s.offsets ? s.offsets[r] : 0.0;
   int64_t count = 0;
   for (int64_t k = 0;; ++k) {
-    const float ts = t0 + (static_cast<float>(k) + offset) * s.dt;
-    const float mid = ts + 0.5f * s.dt;
+    const double ts = t0 + (static_cast<double>(k) + offset) * s.dt;
+    const double mid = ts + 0.5 * s.dt;
     if (!(mid < t1)) break;
     if (s.binaries) {
       int64_t cell = 0;
       for (int a = 0; a < 3; ++a) {
-        const float p = o[a] + mid * d[a];
+        const double p = o[a] + mid * d[a];
         int64_t i = static_cast<int64_t>(std::floor((p + s.radius) * s.scale));
         i = std::min<int64_t>(std::max<int64_t>(i, 0), s.res - 1);
         cell = cell * s.res + i;
@@ -88,16 +89,16 @@ std::vector<torch::Tensor> march(torch::Tensor rays_o, torch::Tensor rays_d, tor
   s.offsets = offsets.numel() ? offsets.data_ptr<float>() : nullptr;
   s.binaries = binaries.numel() ? binaries.data_ptr<bool>() : nullptr;
   s.res = res;
-  s.radius = static_cast<float>(radius);
-  s.dt = static_cast<float>(dt);
-  s.near = static_cast<float>(near);
-  s.far = static_cast<float>(far);
-  s.scale = static_cast<float>(res) / (2.0f * s.radius);
+  s.radius = radius;
+  s.dt = dt;
+  s.near = near;
+  s.far = far;
+  s.scale = static_cast<double>(res) / (2.0 * radius);
 
   auto packed = torch::zeros({R, 2}, torch::kInt64);
   int64_t* info = packed.data_ptr<int64_t>();
 #pragma omp parallel for schedule(dynamic, 256)
-  for (int64_t r = 0; r < R; ++r) info[2 * r + 1] = march_ray(s, r, [](float) {});
+  for (int64_t r = 0; r < R; ++r) info[2 * r + 1] = march_ray(s, r, [](double) {});
   int64_t total = 0;
   for (int64_t r = 0; r < R; ++r) {
     info[2 * r] = total;
@@ -112,10 +113,10 @@ std::vector<torch::Tensor> march(torch::Tensor rays_o, torch::Tensor rays_d, tor
 #pragma omp parallel for schedule(dynamic, 256)
   for (int64_t r = 0; r < R; ++r) {
     int64_t i = info[2 * r];
-    march_ray(s, r, [&](float t) {
+    march_ray(s, r, [&](double t) {
       ri[i] = r;
-      ts[i] = t;
-      te[i] = t + s.dt;
+      ts[i] = static_cast<float>(t);
+      te[i] = static_cast<float>(t + s.dt);
       ++i;
     });
   }
