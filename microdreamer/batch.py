@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: ``<stem><suffix>`` files our commands derive from an input ``<stem>.*``: never inputs themselves
 DERIVED_SUFFIXES = ("_rgba", "_views", "_turntable", "_albedo")
 #: file types the commands write beside images (reports, splats, meshes, turntables): never inputs, never reported
-OUTPUT_SUFFIXES = (".json", ".ply", ".glb", ".obj", ".mtl", ".mp4", ".gif")
+OUTPUT_SUFFIXES = (".json", ".ply", ".safetensors", ".glb", ".obj", ".mtl", ".mp4", ".gif")
 #: entry states; ``pending`` entries were never reached (the batch was interrupted or aborted first)
 STATUSES = ("done", "failed", "skipped", "interrupted", "pending")
 

@@ -116,21 +116,15 @@ class GaussianConfig:
 
 
 @dataclass
-class HashEncodingConfig:
-    """The multiresolution hash-grid encoding (spec nerf §1.3, §1.11; ``render.hashgrid.HashGridConfig``)."""
-
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    per_level_scale: float = 1.447269237440378  # (4096/16)^(1/15): finest resolution 4096
-
-
-@dataclass
 class NerfConfig:
     """A NeRF as threestudio's ``implicit-volume`` builds it (spec nerf §1.3–1.5, §1.7)."""
 
-    encoding: HashEncodingConfig = field(default_factory=HashEncodingConfig)
+    # the multiresolution hash-grid encoding (spec nerf §1.3, §1.11; render.hashgrid.HashGridConfig)
+    hash_levels: int = 16
+    hash_features: int = 2  # per level
+    hash_log2_size: int = 19  # table entries per level: at most 2^hash_log2_size
+    hash_base_resolution: int = 16
+    hash_per_level_scale: float = 1.447269237440378  # (4096/16)^(1/15): finest resolution 4096
     radius: float = 1.0  # the field lives in [-radius, radius]³
     width: int = 64  # hidden width of the density and feature MLPs
     density_hidden_layers: int = 1  # 1: 32→64→1; 2: 32→64→64→1 (stable-zero123)
@@ -147,11 +141,11 @@ class NerfConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     weight_decay: float = 0.01  # adamw only (torch's default, which threestudio keeps)
-    grid_resolution: int = 32  # occupancy grid cells per axis
-    grid_interval: int = 16  # occupancy refresh every this many steps ...
-    grid_threshold: float = 0.01  # ... keeping cells with density·step above this ...
-    grid_ema_decay: float = 0.95
-    grid_warmup: int = 256  # ... evaluating every cell before this step
+    occupancy_resolution: int = 32  # occupancy grid cells per axis
+    occupancy_interval: int = 16  # refresh every this many steps ...
+    occupancy_threshold: float = 0.01  # ... keeping cells with density·step above this ...
+    occupancy_ema_decay: float = 0.95
+    occupancy_warmup: int = 256  # ... evaluating every cell before this step
     samples_per_ray: int = 512  # step = √3·2·radius / samples_per_ray
     early_stop_eps: float = 1e-4
     alpha_threshold: float = 0.01
@@ -159,6 +153,12 @@ class NerfConfig:
     chunk: int = 16384  # rays per chunk when rendering without gradients
     backend: str = "auto"  # volume renderer: auto | torch | cpu | nerfacc
     encoding_backend: str = "auto"  # hash grid: auto | torch | cpu | tcnn
+
+    def hash_grid(self) -> dict[str, Any]:
+        """The encoding's settings as ``render.hashgrid.HashGridConfig`` takes them."""
+        return {"n_levels": self.hash_levels, "n_features_per_level": self.hash_features,
+                "log2_hashmap_size": self.hash_log2_size, "base_resolution": self.hash_base_resolution,
+                "per_level_scale": self.hash_per_level_scale}
 
 
 @dataclass
@@ -251,12 +251,12 @@ class RunConfig:
         ]
 
     def _nerf_checks(self) -> list[tuple[bool, str]]:
-        n, e = self.nerf, self.nerf.encoding
+        n = self.nerf
         return [
-            (1 <= e.n_levels <= 32 and e.n_features_per_level in (1, 2, 4, 8), "nerf.encoding needs 1..32 levels "
-             "and 1, 2, 4 or 8 features per level"),
-            (10 <= e.log2_hashmap_size <= 24 and e.base_resolution >= 2 and e.per_level_scale >= 1.0,
-             "nerf.encoding needs log2_hashmap_size in 10..24, base_resolution >= 2, per_level_scale >= 1"),
+            (1 <= n.hash_levels <= 32 and n.hash_features in (1, 2, 4, 8), "nerf needs 1..32 hash_levels and "
+             "hash_features of 1, 2, 4 or 8"),
+            (10 <= n.hash_log2_size <= 24 and n.hash_base_resolution >= 2 and n.hash_per_level_scale >= 1.0,
+             "nerf needs hash_log2_size in 10..24, hash_base_resolution >= 2 and hash_per_level_scale >= 1"),
             (n.radius > 0 and n.width >= 1, "nerf.radius and nerf.width must be positive"),
             (n.density_hidden_layers >= 1 and n.feature_hidden_layers >= 1, "nerf MLPs need at least one hidden layer"),
             (n.density_bias in ("blob_magic3d", "none"), "nerf.density_bias must be blob_magic3d or none"),
@@ -265,8 +265,8 @@ class RunConfig:
             (n.optimizer in ("adam", "adamw"), "nerf.optimizer must be adam or adamw"),
             (min(n.lr_encoding, n.lr_network, n.lr_background) > 0 and n.eps > 0, "nerf learning rates and eps "
              "must be positive"),
-            (n.grid_resolution >= 1 and n.grid_interval >= 1 and n.samples_per_ray >= 1, "nerf.grid_resolution, "
-             "grid_interval and samples_per_ray must be at least 1"),
+            (n.occupancy_resolution >= 1 and n.occupancy_interval >= 1 and n.samples_per_ray >= 1,
+             "nerf.occupancy_resolution, occupancy_interval and samples_per_ray must be at least 1"),
             (n.ray_budget >= 0 and n.chunk >= 1, "nerf.ray_budget must be >= 0 and nerf.chunk >= 1"),
             (n.backend in ("auto", "torch", "cpu", "nerfacc"), "nerf.backend must be auto, torch, cpu or nerfacc"),
             (n.encoding_backend in ("auto", "torch", "cpu", "tcnn"),

@@ -30,7 +30,8 @@ from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
 from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
 from .representations.gaussians import Gaussians
-from .sir.cameras import CameraSampler, turntable
+from .representations.registry import representation_entry
+from .sir.cameras import camera_sampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
 from .teachers.registry import teacher_entry
@@ -157,24 +158,29 @@ class PreparedInput:
 
 @dataclass
 class RunOutputs:
-    ply: Path
+    model: Path  # the representation's file: <stem>.ply (Gaussians) or <stem>.safetensors (NeRF)
     views: Path
     report: Path
     rgba: Path | None = None  # the preprocessed input image, when there is one
     video: Path | None = None
+    model_key: str = "ply"  # the model file's name in reports (the representation's ``output``)
 
     @classmethod
     def for_stem(
-        cls, out_dir: Path, stem: str, *, rgba: bool = False, video_format: str | None = None
+        cls, out_dir: Path, stem: str, *, rgba: bool = False, video_format: str | None = None,
+        representation: str = "gaussians",
     ) -> "RunOutputs":
+        entry = representation_entry(representation)
         return cls(
-            out_dir / f"{stem}.ply", out_dir / f"{stem}_views.png", out_dir / f"{stem}.json",
+            out_dir / f"{stem}{entry.suffix}", out_dir / f"{stem}_views.png", out_dir / f"{stem}.json",
             out_dir / f"{stem}_rgba.png" if rgba else None,
             out_dir / f"{stem}_turntable.{video_format}" if video_format else None,
+            entry.output,
         )
 
     def named(self) -> dict[str, Path]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        files = {k: v for k, v in self.__dict__.items() if isinstance(v, Path)}
+        return {self.model_key if k == "model" else k: v for k, v in files.items()}
 
     def all(self) -> list[Path]:
         return list(self.named().values())
@@ -226,9 +232,7 @@ class ImageTo3D:
     def reference_view(self, prepared: PreparedInput) -> Reference:
         """The input image and its camera; without an image, the reference teacher's front render."""
         c = self.cfg.cameras
-        camera = CameraSampler(
-            c.views, c.elevation, c.min_ver, c.max_ver, c.radius, c.resolution, c.fovy
-        ).reference(self.teacher.reference_azimuth).to(self.device)
+        camera = camera_sampler(c).reference(self.teacher.reference_azimuth).to(self.device)
         if prepared.rgba is not None:
             rgb, mask = to_reference(prepared.rgba, c.resolution, self.cfg.background)
         else:
@@ -258,7 +262,8 @@ class ImageTo3D:
         start = time.perf_counter()
         prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
         outputs = RunOutputs.for_stem(
-            out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None
+            out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None,
+            representation=self.cfg.representation,
         )
         check_outputs_free(outputs, overwrite)
         reference = None if self.text_only else self.reference_view(prepared)
@@ -278,9 +283,9 @@ class ImageTo3D:
 
         before = self.teacher.evaluations.as_dict()
         start = time.perf_counter()
-        gaussians = Gaussians(self.cfg.gaussians, self.device, generator)
+        model = representation_entry(self.cfg.representation).build(self.cfg, self.device, generator)
         engine = SIREngine(
-            self.teacher, gaussians, self.cfg, generator, self.device, reference=reference, on_iteration=on_iteration
+            self.teacher, model, self.cfg, generator, self.device, reference=reference, on_iteration=on_iteration
         )
         result = engine.run()
         timings["sir"] = time.perf_counter() - start
@@ -291,18 +296,18 @@ class ImageTo3D:
         background = torch.tensor(self.cfg.background, device=self.device)
         sheet_cams = turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0).to(self.device)
         with torch.no_grad():
-            views = gaussians.render(sheet_cams, background).rgb
+            views = model.render(sheet_cams, background).rgb
         frames = None
         if video is not None:
             video_cams = turntable_cameras(
                 video.frames, c.elevation, c.radius, video.resolution or c.resolution, c.fovy,
                 start_azimuth=self.teacher.reference_azimuth,
             ).to(self.device)
-            frames = render_frames(lambda cams: gaussians.render(cams, background).rgb, video_cams)
+            frames = render_frames(lambda cams: model.render(cams, background).rgb, video_cams)
         # All files appear together, only once all of them are complete.
         with ExitStack() as stack:
             tmp = {name: stack.enter_context(atomic_path(path)) for name, path in outputs.named().items()}
-            gaussians.save(tmp["ply"])
+            model.save(tmp[outputs.model_key])
             save_image(tmp["views"], image_grid(views.cpu(), cols=4))
             if outputs.rgba is not None:
                 save_image(tmp["rgba"], prepared.rgba)
@@ -318,7 +323,7 @@ class ImageTo3D:
                 preprocess=dataclasses.asdict(preprocess) if prepared.rgba is not None else None,
                 timings={k: round(v, 4) for k, v in timings.items()},
                 evaluations={k: after[k] - before[k] for k in after},
-                primitives=gaussians.num_primitives,
+                primitives=model.num_primitives,
                 optimisation_steps=result.optimisation_steps,
                 iterations=[log.__dict__ for log in result.iterations],
                 versions=versions(self.device),
@@ -433,7 +438,7 @@ class ImageTask:
     def _outputs(self, job: Job) -> RunOutputs:
         return RunOutputs.for_stem(
             self.out_dir, job.stem, rgba=job.source is not None,
-            video_format=self.video.format if self.video else None,
+            video_format=self.video.format if self.video else None, representation=self.cfg.representation,
         )
 
     def outputs(self, job: Job) -> list[Path]:
@@ -457,7 +462,8 @@ class ImageTask:
         return JobResult(
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
             evaluations=report.evaluations, peak_memory=report.peak_memory,
-            note=f"{report.primitives} Gaussians, {report.timings['sir']:.1f} s SIR, "
+            note=f"{report.primitives} {representation_entry(self.cfg.representation).primitives}, "
+                 f"{report.timings['sir']:.1f} s SIR, "
                  f"{report.evaluations['total']} network evaluations" + _gpu_note(report.peak_memory),
         )
 
@@ -485,6 +491,9 @@ class MeshTask(ImageTask):
         return super().outputs(job) + self._mesh_outputs(job)
 
     def prepare(self, job: Job) -> PreparedInput:
+        if self.cfg.representation != "gaussians":
+            raise UserError(f"mesh export from a {self.cfg.representation} run is not available yet: "
+                            "use representation = \"gaussians\"")
         taken = [p for p in self._mesh_outputs(job) if p.exists()]
         if taken and not self.overwrite:
             raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "

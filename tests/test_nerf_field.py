@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from microdreamer.config import HashEncodingConfig, NerfConfig, resolve
+from microdreamer.config import NerfConfig, resolve
 from microdreamer.errors import UserError
 from microdreamer.render.hashgrid import HashGridConfig
 from microdreamer.render.hashgrid import available_backends as encoding_backends
@@ -20,7 +20,7 @@ from microdreamer.representations.nerf_heads import heads_cpu, heads_torch, nerf
 from microdreamer.representations.nerf_heads import unavailable_reason as heads_unavailable
 from microdreamer.sir.cameras import Cameras
 
-TINY = NerfConfig(encoding=HashEncodingConfig(n_levels=8, log2_hashmap_size=14), radius=1.0, samples_per_ray=128)
+TINY = NerfConfig(hash_levels=8, hash_log2_size=14, radius=1.0, samples_per_ray=128)
 WHITE = torch.ones(3)
 F32_EPS = torch.finfo(torch.float32).eps
 FAST = available_volume_backends()["cpu"] and encoding_backends()["cpu"]
@@ -70,13 +70,13 @@ def test_threestudio_shapes_and_state_dict_names(one_thread):
 
 def test_optimiser_groups_follow_each_teacher(one_thread):
     mv = resolve("mvdream-nerf").nerf
-    field = _field(dataclasses.replace(mv, encoding=TINY.encoding))
+    field = _field(dataclasses.replace(mv, hash_levels=8, hash_log2_size=14))
     opt = field.optimizer
     assert isinstance(opt, torch.optim.AdamW)
     lrs = {g["name"]: (g["lr"], g["weight_decay"], g["eps"], g["betas"]) for g in opt.param_groups}
     assert lrs == {"encoding": (0.01, 0.01, 1e-15, (0.9, 0.99)), "network": (0.001, 0.01, 1e-15, (0.9, 0.99)),
                    "background": (0.001, 0.01, 1e-15, (0.9, 0.99))}
-    sz = _field(dataclasses.replace(resolve("stable-zero123-nerf").nerf, encoding=TINY.encoding))
+    sz = _field(dataclasses.replace(resolve("stable-zero123-nerf").nerf, hash_levels=8, hash_log2_size=14))
     assert type(sz.optimizer) is torch.optim.Adam
     assert {(g["lr"], g["eps"], g["weight_decay"]) for g in sz.optimizer.param_groups} == {(0.01, 1e-8, 0.0)}
     n_params = sum(p.numel() for g in sz.optimizer.param_groups for p in g["params"])

@@ -111,6 +111,14 @@ def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(data.transpose(1, 0, 2))
 
 
+def area_resize_tensor(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize ``[..., H, W]`` tensors by exact pixel-area averaging (as :func:`area_resize`), in their dtype."""
+    h, w = images.shape[-2:]
+    rows = torch.from_numpy(_area_weights(h, height).toarray()).to(images)
+    cols = torch.from_numpy(_area_weights(w, width).toarray()).to(images)
+    return rows @ images @ cols.T
+
+
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """Round half up and clip to ``uint8``."""
     return np.clip(np.floor(values + 0.5), 0, 255).astype(np.uint8)

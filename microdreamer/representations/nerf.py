@@ -61,7 +61,7 @@ class NerfField(Representation):
         self.device = torch.device(device)
         self.generator = generator
         self.training = True
-        self.grid_cfg = HashGridConfig(**dataclasses.asdict(cfg.encoding))
+        self.grid_cfg = HashGridConfig(**cfg.hash_grid())
         self.encoding_backend = resolve_backend(cfg.encoding_backend, self.device)
         self.backend = resolve_volume_backend(cfg.backend, self.device)
         self.heads_backend = "cpu" if self.backend == "cpu" and heads_unavailable_reason() is None else "torch"
@@ -74,8 +74,9 @@ class NerfField(Representation):
             radius=cfg.radius, step=math.sqrt(3) * 2 * cfg.radius / cfg.samples_per_ray,
             early_stop_eps=cfg.early_stop_eps, alpha_thre=cfg.alpha_threshold,
         )
-        self.grid = OccupancyGrid(cfg.radius, cfg.grid_resolution, self.device)
-        self.rule = OccupancyRule(cfg.grid_interval, cfg.grid_threshold, cfg.grid_ema_decay, cfg.grid_warmup)
+        self.grid = OccupancyGrid(cfg.radius, cfg.occupancy_resolution, self.device)
+        self.rule = OccupancyRule(cfg.occupancy_interval, cfg.occupancy_threshold, cfg.occupancy_ema_decay,
+                                  cfg.occupancy_warmup)
         self.steps = 0
         self.grid.update(0, self._occupancy, generator, self.rule)  # threestudio refreshes before step 0
         self.optimizer = self._optimizer()

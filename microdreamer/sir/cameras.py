@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..config import CameraConfig
+
 # The OpenGL camera axes (x right, y up, looking along -z) become OpenCV axes (x right, y down,
 # looking along +z) by flipping the camera's y and z.
 _GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
@@ -184,6 +186,62 @@ class CameraSampler:
     def reference(self, azimuth: float = 0.0) -> Cameras:
         """The reference view: the input image's camera (azimuth 0 for Zero123, 90 for MVDream)."""
         return Cameras.orbit([self.elevation], [azimuth], self.radius, self.resolution, self.fovy)
+
+
+@dataclass
+class RangeCameraSampler:
+    """Draws the B cameras of one iteration from threestudio-style ranges (spec nerf §1.2, §1.6).
+
+    One fovy and one distance per batch, uniform in their ranges (a relative distance is divided by
+    tan(fovy/2), threestudio's ``relative_radius``, so the object fills the same share of every view);
+    elevations uniform in degrees or, with probability ½ per batch, uniform on the sphere (uniform in
+    sin), one for the whole batch or one per view; azimuths spread evenly from a random offset
+    (MicroDreamer's change to threestudio, paper §V). Elevations are in our convention (negative =
+    above): threestudio's range [a, b] (positive = above) is ours [−b, −a].
+    """
+
+    views: int = 4
+    elevation_range: tuple[float, float] = (-30.0, 30.0)
+    shared_elevation: bool = False
+    distance_range: tuple[float, float] = (2.0, 2.0)
+    relative_distance: bool = False
+    fovy_range: tuple[float, float] = (49.1, 49.1)
+    resolution: int = 256
+    elevation: float = 0.0  # the reference view
+    radius: float = 2.0
+    fovy: float = 49.1
+
+    def sample(self, generator: torch.Generator) -> Cameras:
+        def uniform(n: int, bounds: tuple[float, float]) -> Tensor:
+            u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+            return bounds[0] + u * (bounds[1] - bounds[0])
+
+        fovy = float(uniform(1, self.fovy_range))
+        distance = uniform(1, self.distance_range)
+        if self.relative_distance:
+            distance = distance / math.tan(math.radians(fovy) / 2)
+        n = 1 if self.shared_elevation else self.views
+        on_sphere = float(uniform(1, (0.0, 1.0))) >= 0.5
+        if on_sphere:
+            lo, hi = (math.sin(math.radians(e)) for e in self.elevation_range)
+            elevation = torch.rad2deg(torch.asin(uniform(n, (lo, hi)).clamp(-1.0, 1.0)))
+        else:
+            elevation = uniform(n, self.elevation_range)
+        azimuth = (uniform(1, (0.0, 1.0)) + torch.arange(self.views)) / self.views * 360.0 - 180.0
+        return Cameras.orbit(elevation.expand(self.views), azimuth, distance, self.resolution, fovy)
+
+    def reference(self, azimuth: float = 0.0) -> Cameras:
+        """The reference view: the input image's camera."""
+        return Cameras.orbit([self.elevation], [azimuth], self.radius, self.resolution, self.fovy)
+
+
+def camera_sampler(c: CameraConfig) -> CameraSampler | RangeCameraSampler:
+    """The configured sampler (``cameras.sampler``: ``offsets`` or ``ranges``)."""
+    if c.sampler == "ranges":
+        return RangeCameraSampler(c.views, tuple(c.elevation_range), c.shared_elevation, tuple(c.distance_range),
+                                  c.relative_distance, tuple(c.fovy_range), c.resolution, c.elevation, c.radius,
+                                  c.fovy)
+    return CameraSampler(c.views, c.elevation, c.min_ver, c.max_ver, c.radius, c.resolution, c.fovy)
 
 
 def turntable(n: int, elevation: float, radius: float, resolution: int, fovy: float = 49.1,

@@ -20,7 +20,8 @@ from torch import Tensor
 from ..config import RunConfig
 from ..representations.base import Representation
 from ..teachers.base import Teacher
-from .cameras import Cameras, CameraSampler
+from ..io.images import area_resize_tensor
+from .cameras import Cameras, camera_sampler
 from .refiner import init_sample, refine
 from .schedule import SIRSchedule
 
@@ -89,11 +90,11 @@ class SIREngine:
         self.device = device
         self.reference = reference
         self.on_iteration = on_iteration
-        c = cfg.cameras
-        self.sampler = CameraSampler(c.views, c.elevation, c.min_ver, c.max_ver, c.radius, c.resolution, c.fovy)
+        self.sampler = camera_sampler(cfg.cameras)
         self.schedule = SIRSchedule.from_config(cfg.schedule, generator=generator)
         self.background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
         self.timer = StageTimer()
+        self._references: dict[int, tuple[Tensor, Tensor]] = {}  # the reference view per render size
 
     def run(self) -> EngineResult:
         logs: list[IterationLog] = []
@@ -105,17 +106,21 @@ class SIREngine:
             # (spec §6.2); densification and the learning-rate decay read it, so we keep its values.
             step += 1
             start = time.perf_counter()
-            cameras = self.sampler.sample(self.generator).to(self.device)
+            resolution = self.cfg.cameras.render_resolution(iteration)
+            cameras = self.sampler.sample(self.generator).with_resolution(resolution).to(self.device)
             plan = None if iteration == 0 else self.schedule.iteration(iteration - 1)
             steps = self.cfg.schedule.init_steps if iteration == 0 else self.cfg.schedule.steps
             target: Tensor | None = None
             loss: Tensor | None = None
             for _ in range(steps):
                 step += 1
-                output, novel = self._render(cameras)
+                pixels = self._pixels(len(cameras) + (self.reference is not None), resolution)
+                if target is None and pixels is not None:  # the teacher refines whole renders
+                    target = self._target(self._whole_renders(cameras) if plan else None, cameras, plan)
+                output, novel = self._render(cameras, pixels)
                 if target is None:
                     target = self._target(novel.detach(), cameras, plan)
-                loss = self._loss(output, novel, target)
+                loss = self._loss(output, novel, target, pixels)
                 with self.timer("backward", self.device):
                     loss.backward()
                 with self.timer("update", self.device):
@@ -136,38 +141,81 @@ class SIREngine:
             self.representation.finalize()
         return EngineResult(logs, dict(self.timer.seconds), optimisation_steps)
 
-    def _render(self, cameras: Cameras):
-        """Render the novel views, with the reference view appended when there is one (one batch)."""
+    def _pixels(self, views: int, resolution: int) -> Tensor | None:
+        """Random pixel subsets ``[views, P]`` when the representation has a pixel budget below the whole
+        batch (P = budget // views per view, drawn without repetition), else None."""
+        budget = self.representation.pixel_budget
+        per_view = budget // views
+        if not budget or per_view >= resolution * resolution:
+            return None
+        if per_view < 1:
+            raise ValueError(f"a pixel budget of {budget} cannot cover {views} views")
+        g = self.generator
+        order = torch.rand(views, resolution * resolution, generator=g, device=g.device).argsort(dim=1)
+        return order[:, :per_view].to(self.device)
+
+    def _whole_renders(self, cameras: Cameras) -> Tensor:
+        with self.timer("render", self.device), torch.no_grad():
+            return self.representation.render(cameras, self.background).rgb
+
+    def _render(self, cameras: Cameras, pixels: Tensor | None = None):
+        """Render the novel views, with the reference view appended when there is one (one batch); only
+        ``pixels`` when given."""
         if self.reference is not None:
-            cameras = Cameras.cat([cameras, self.reference.camera])
+            cameras = Cameras.cat([cameras, self.reference.camera.with_resolution(cameras.width)])
         with self.timer("render", self.device):
-            output = self.representation.render(cameras, self.background)
+            if pixels is None:
+                output = self.representation.render(cameras, self.background)
+            else:
+                output = self.representation.render_pixels(cameras, self.background, pixels)
         novel = output.rgb[: len(cameras) - (self.reference is not None)]
         return output, novel
 
-    def _target(self, renders: Tensor, cameras: Cameras, plan) -> Tensor:
+    def _target(self, renders: Tensor | None, cameras: Cameras, plan) -> Tensor:
         """The refined images x̂ the next I steps fit (computed once per iteration, no gradient)."""
         s, g = self.cfg.schedule, self.cfg.guidance
         with self.timer("teacher", self.device), torch.no_grad():
             if plan is None:
                 return init_sample(
                     self.teacher, cameras, s.denoise_steps, g.eta, g.scale, self.generator,
-                    out_size=renders.shape[-2:],
+                    out_size=(cameras.height, cameras.width),
                 )
             return refine(
                 self.teacher, renders, cameras, plan.t1, plan.t2, s.denoise_steps, g.eta, g.scale, self.generator
             )
 
-    def _loss(self, output, novel: Tensor, target: Tensor) -> Tensor:
-        """Spec §6.4: L1 summed over pixels and averaged over views, plus the reference-view terms."""
+    def _reference_at(self, resolution: int) -> tuple[Tensor, Tensor]:
+        """The reference image and mask at the render size (area-averaged when smaller)."""
+        ref = self.reference
+        if ref.rgb.shape[-1] == resolution:
+            return ref.rgb, ref.mask
+        if resolution not in self._references:
+            self._references[resolution] = (area_resize_tensor(ref.rgb, resolution, resolution),
+                                            area_resize_tensor(ref.mask, resolution, resolution))
+        return self._references[resolution]
+
+    def _loss(self, output, novel: Tensor, target: Tensor, pixels: Tensor | None = None) -> Tensor:
+        """Spec §6.4: L1 summed over pixels and averaged over views, plus the reference-view terms. On a
+        pixel subset the sums are scaled to whole images (H·W / P), so the loss estimates the full one."""
         w = self.cfg.loss
+        ref_rgb, ref_mask = (None, None) if self.reference is None else self._reference_at(target.shape[-1])
+        if pixels is not None:
+            scale = target.shape[-2] * target.shape[-1] / pixels.shape[1]
+            target = _gather(target, pixels[: novel.shape[0]])
+            if self.reference is not None:
+                ref_rgb, ref_mask = _gather(ref_rgb, pixels[-1:]), _gather(ref_mask, pixels[-1:])
         loss = w.novel * (novel - target).abs().sum() / novel.shape[0]
         if self.reference is not None:
-            ref_rgb = output.rgb[-1:]
+            ref_out_rgb = output.rgb[-1:]
             ref_alpha = output.alpha[-1:]
             if w.reference_rgb:
-                loss = loss + w.reference_rgb * (ref_rgb - self.reference.rgb).abs().sum()
+                loss = loss + w.reference_rgb * (ref_out_rgb - ref_rgb).abs().sum()
             if w.reference_mask:
-                loss = loss + w.reference_mask * (ref_alpha - self.reference.mask).square().sum()
-        return loss
+                loss = loss + w.reference_mask * (ref_alpha - ref_mask).square().sum()
+        return loss if pixels is None else loss * scale
 
+
+def _gather(images: Tensor, pixels: Tensor) -> Tensor:
+    """The pixels ``[B,P]`` (row-major flat indices) of ``images [B,C,H,W]`` as ``[B,C,1,P]``."""
+    flat = images.flatten(2)
+    return flat.gather(2, pixels[:, None, :].expand(-1, flat.shape[1], -1)).unsqueeze(2)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..io.images import area_resize_tensor
 from ..teachers.base import Teacher
 from .cameras import Cameras
 from .scheduler import (
@@ -102,7 +103,7 @@ def refine(
     """Target images ``[B,3,H,W]`` in [0,1] for renders ``images``: encode → hybrid forward → sample → decode.
 
     The teacher's ``encode`` resizes renders to its resolution its own way (Zero123: bicubic); the targets
-    are resized back (bilinear) to the renders' size.
+    are resized back to the renders' size (area averaging when shrinking).
     """
     size = tuple(images.shape[-2:])
     z0 = teacher.encode(images, generator)
@@ -112,8 +113,12 @@ def refine(
 
 
 def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Targets back at the renders' size: exact area averaging when shrinking (progressive low-resolution
+    renders of a NeRF), bilinear when enlarging."""
     if tuple(images.shape[-2:]) == size:
         return images
+    if size[0] <= images.shape[-2] and size[1] <= images.shape[-1]:
+        return area_resize_tensor(images, *size)
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 

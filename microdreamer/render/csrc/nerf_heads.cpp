@@ -55,21 +55,26 @@ void matmul(const float* __restrict W, const float* __restrict X, float* __restr
   }
 }
 
-// G[j][k] += sum_s D[j][s] X[k][s] (the weight gradient of a layer over one block).
+// G[j][k] += sum_s D[j][s] X[k][s] (the weight gradient of a layer over one block): 4×4 tiles of (j, k),
+// each accumulated over the block in vector lanes and reduced once.
 void outer(const float* __restrict D, const float* __restrict X, float* __restrict G, int64_t out, int64_t in) {
   constexpr int64_t B = 4;
   for (int64_t j = 0; j < out; j += B) {
     const int64_t nj = std::min(B, out - j);
+    const float* d[B];
+    for (int64_t a = 0; a < B; ++a) d[a] = D + std::min(j + a, out - 1) * S;  // repeats past the edge
     for (int64_t k = 0; k < in; k += B) {
       const int64_t nk = std::min(B, in - k);
+      const float* x[B];
+      for (int64_t b = 0; b < B; ++b) x[b] = X + std::min(k + b, in - 1) * S;
       float acc[B][B][LANES] = {};
       for (int64_t s0 = 0; s0 < S; s0 += LANES) {
+#pragma GCC unroll 4
         for (int64_t a = 0; a < B; ++a) {
-          const float* __restrict d = D + std::min(j + a, out - 1) * S + s0;
+#pragma GCC unroll 4
           for (int64_t b = 0; b < B; ++b) {
-            const float* __restrict x = X + std::min(k + b, in - 1) * S + s0;
 #pragma omp simd
-            for (int64_t l = 0; l < LANES; ++l) acc[a][b][l] += d[l] * x[l];
+            for (int64_t l = 0; l < LANES; ++l) acc[a][b][l] += d[a][s0 + l] * x[b][s0 + l];
           }
         }
       }

@@ -1,0 +1,48 @@
+"""The representation registry: ``representation`` in the run configuration → the class SIR optimises."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RunConfig
+from ..errors import UserError
+from .base import Representation
+
+
+@dataclass(frozen=True)
+class RepresentationEntry:
+    name: str
+    output: str  # key of the saved file in run reports ("ply" for Gaussians, as before)
+    suffix: str  # the saved file's suffix
+    primitives: str  # what num_primitives counts, for summaries
+    build: Callable[[RunConfig, torch.device, torch.Generator], Representation]
+
+
+def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
+    from .gaussians import Gaussians
+
+    return Gaussians(cfg.gaussians, device, generator)
+
+
+def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
+    from .nerf import NerfField
+
+    return NerfField(cfg.nerf, device, generator)
+
+
+REPRESENTATIONS: dict[str, RepresentationEntry] = {
+    e.name: e
+    for e in (
+        RepresentationEntry("gaussians", "ply", ".ply", "Gaussians", _gaussians),
+        RepresentationEntry("nerf", "nerf", ".safetensors", "occupied grid cells", _nerf),
+    )
+}
+
+
+def representation_entry(name: str) -> RepresentationEntry:
+    if name not in REPRESENTATIONS:
+        raise UserError(f"unknown representation '{name}' (available: {', '.join(REPRESENTATIONS)})")
+    return REPRESENTATIONS[name]
