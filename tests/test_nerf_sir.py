@@ -10,22 +10,20 @@ import pytest
 import torch
 
 from microdreamer.config import ScheduleConfig, resolve
-from microdreamer.evaluate import held_out_scores
+from microdreamer.evaluate import held_out_cameras, held_out_scores
 from microdreamer.io.images import area_resize
 from microdreamer.io.mesh import load_mesh
 from microdreamer.metrics import psnr
 from microdreamer.pipeline import ImageTo3D
 from microdreamer.render.mesh import rasterize_mesh
 from microdreamer.render.types import RenderOutput
-from microdreamer.representations.base import Representation
 from microdreamer.representations.nerf import NerfField
 from microdreamer.sir.cameras import Cameras, camera_sampler
 from microdreamer.sir.engine import Reference, SIREngine
 from microdreamer.sir.schedule import SIRSchedule
-from microdreamer.sir.scheduler import scaled_linear_alphas_cumprod
-from microdreamer.teachers.base import Teacher
 
 from shared_assets import SHARED_ASSETS
+from test_engine import ConstantTeacher, RecordingRepresentation
 
 SPOT = SHARED_ASSETS / "spot" / "spot.obj"
 PRESETS = ("mvdream-nerf", "stable-zero123-nerf", "imagedream-nerf")
@@ -101,36 +99,11 @@ def test_half_the_batches_draw_elevations_uniformly_on_the_sphere():
     assert abs(mean - (1 / math.pi + 0.25)) < 0.02  # ½·2/π + ½·½; the pure rules are 0.07 away
 
 
-class CountingTeacher(Teacher):
-    """Pixel space at a tiny resolution; predicts zero noise (x0 = x_t); counts every network evaluation."""
-
-    resolution = 8
-
-    @property
-    def alphas_cumprod(self):
-        return scaled_linear_alphas_cumprod()
-
-    def prepare(self, condition, generator=None):
-        pass
-
-    def encode(self, images, generator=None):
-        return torch.nn.functional.interpolate(images, (8, 8), mode="bilinear", align_corners=False) * 2 - 1
-
-    def decode(self, latents):
-        return ((latents + 1) / 2).clamp(0, 1)
-
-    def _eps(self, latents, t, cameras, branch, guidance_scale):
-        return torch.zeros_like(latents)
-
-    def latent_shape(self, batch):
-        return (batch, 3, 8, 8)
-
-
-class FlatRepresentation(Representation):
+class FlatRepresentation(RecordingRepresentation):
     """One learnable colour; records the render sizes and pixel subsets it is asked for."""
 
     def __init__(self, pixel_budget: int = 0):
-        self.colour = torch.full((3,), 0.25, requires_grad=True)
+        super().__init__()
         self.pixel_budget = pixel_budget
         self.sizes: list[tuple[int, int]] = []
         self.pixels: list[torch.Tensor] = []
@@ -147,22 +120,6 @@ class FlatRepresentation(Representation):
         self.pixels.append(pixels)
         return self._out(len(cameras), 1, pixels.shape[1])
 
-    def step(self, step, output):
-        self.colour.grad = None
-
-    def finalize(self):
-        pass
-
-    def save(self, path):
-        pass
-
-    def density(self, points):
-        return torch.zeros(len(points))
-
-    @property
-    def num_primitives(self):
-        return 1
-
 
 def _continuous_estimate(s: ScheduleConfig) -> float:
     """Spec nerf §1.1's estimate: N (init) + K·N·mean(t2) sampling + K·N·mean(t2 − t1) inversion, t2/T
@@ -177,7 +134,7 @@ def _continuous_estimate(s: ScheduleConfig) -> float:
                                           ("imagedream-nerf", 280)])
 def test_each_nerf_preset_makes_the_network_evaluations_its_schedule_implies(preset, paper):
     cfg = resolve(preset, None, {"cameras": {"resolutions": [16] * len(resolve(preset).cameras.resolutions)}})
-    teacher = CountingTeacher()
+    teacher = ConstantTeacher()
     rep = FlatRepresentation()
     result = SIREngine(teacher, rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
     schedule = SIRSchedule.from_config(cfg.schedule)
@@ -198,7 +155,7 @@ def test_progressive_resolution_follows_the_milestones():
     cfg = resolve("stable-zero123-nerf", None, {"schedule": {"iterations": 6, "steps": 2, "init_steps": 2},
                                                 "cameras": {"resolutions": [16, 24, 32], "milestones": [2, 5]}})
     rep = FlatRepresentation()
-    SIREngine(CountingTeacher(), rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
+    SIREngine(ConstantTeacher(), rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
     assert [h for h, _ in rep.sizes[::2]] == [16, 16, 24, 24, 24, 32, 32]  # 2 steps per iteration
 
 
@@ -209,7 +166,7 @@ def test_reference_view_is_area_averaged_to_the_render_size():
     g = torch.Generator().manual_seed(3)
     rgb, mask = torch.rand(1, 3, 40, 40, generator=g), torch.rand(1, 1, 40, 40, generator=g)
     reference = Reference(rgb, mask, camera_sampler(cfg.cameras).reference())
-    engine = SIREngine(CountingTeacher(), FlatRepresentation(), cfg, g, torch.device("cpu"), reference=reference)
+    engine = SIREngine(ConstantTeacher(), FlatRepresentation(), cfg, g, torch.device("cpu"), reference=reference)
     small_rgb, small_mask = engine._reference_at(16)  # a factor of 2.5: exact pixel areas
     expected = area_resize(rgb[0].permute(1, 2, 0).numpy().astype(np.float64), 16, 16)
     np.testing.assert_allclose(small_rgb[0].permute(1, 2, 0).numpy(), expected, atol=1e-6)
@@ -223,7 +180,7 @@ def test_pixel_budget_draws_subsets_and_scales_the_loss_to_whole_images():
     reference = Reference(torch.full((1, 3, 256, 256), 0.75), torch.ones(1, 1, 256, 256),
                           camera_sampler(cfg.cameras).reference())
     rep = FlatRepresentation(pixel_budget=5 * 100)
-    engine = SIREngine(CountingTeacher(), rep, cfg, g, torch.device("cpu"), reference=reference)
+    engine = SIREngine(ConstantTeacher(), rep, cfg, g, torch.device("cpu"), reference=reference)
     result = engine.run()
     assert len(rep.pixels) == 5 and all(p.shape == (5, 100) for p in rep.pixels)
     assert all(len(set(row.tolist())) == 100 and int(row.max()) < 256 for p in rep.pixels for row in p)
@@ -242,7 +199,8 @@ def test_pixel_budget_draws_subsets_and_scales_the_loss_to_whole_images():
 
 @pytest.mark.slow
 def test_tiny_nerf_fitted_with_the_reference_teacher_beats_a_psnr_floor(tmp_path, one_thread):
-    """Spot, 8-level 2^14 hash grid, 32² renders, 8 iterations: far better than an empty white image."""
+    """Spot, 8-level 2^14 hash grid, 32² renders, 8 iterations (about 30 s of one core), through the pipeline:
+    the saved NeRF loads back and scores well above an empty white image on the held-out views (64²)."""
     overrides = {
         "teacher": {"model": str(SPOT)},
         "schedule": {"iterations": 8},
@@ -256,11 +214,8 @@ def test_tiny_nerf_fitted_with_the_reference_teacher_beats_a_psnr_floor(tmp_path
     mesh = load_mesh(SPOT)
     scores = held_out_scores(field.render, mesh, torch.device("cpu"), 2.0, 64, (1.0, 1.0, 1.0))
     nerf_psnr = sum(v.psnr for v in scores) / len(scores)
-    # the floor: an empty (white) render scores about 14 dB on these views; 8 iterations of 15 steps at
-    # 32² give a blurred but well-placed cow (measured about 22 dB), so 20 dB leaves room for platform noise
-    from microdreamer.evaluate import held_out_cameras
-
-    cams = held_out_cameras(2.0, 64)
-    gt = rasterize_mesh(mesh, cams, torch.ones(3), supersample=2).rgb.clamp(0, 1)
+    # The floor: an empty (white) render scores the baseline below; this run measured 28.6 dB (4 iterations:
+    # 24.4 dB), so 26 dB fails a run that learns clearly less while leaving room for other float orders.
+    gt = rasterize_mesh(mesh, held_out_cameras(2.0, 64), torch.ones(3), supersample=2).rgb.clamp(0, 1)
     white = float(psnr(torch.ones_like(gt), gt).mean())
-    assert nerf_psnr > white + 5 and nerf_psnr > 20.0, (nerf_psnr, white)
+    assert nerf_psnr > white + 6 and nerf_psnr > 26.0, (nerf_psnr, white)  # white: 18.9 dB

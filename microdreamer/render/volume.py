@@ -18,14 +18,12 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from .backends import choose_backend
 from .occupancy import OccupancyGrid
 from .types import RaySamples
 from .volume_cpu import composite_cpu, march_cpu, unavailable_reason, visibility_cpu
 from .volume_nerfacc import composite_nerfacc, march_nerfacc, nerfacc_unavailable_reason
 from .volume_torch import composite_torch, march_torch, ray_box, visibility_torch
-
-VOLUME_BACKENDS = ("torch", "cpu", "nerfacc")
 
 #: ``field(points [S,3], directions [S,3]) -> (density [S], rgb [S,3])``, differentiable
 Field = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -68,33 +66,8 @@ def resolve_volume_backend(name: str, device: torch.device | str) -> str:
     install), the C++ kernel on the CPU when it builds, else torch. An unknown name, or a backend that
     cannot run on ``device``, raises :class:`UserError`.
     """
-    device = torch.device(device)
-    if name == "auto":
-        if device.type == "cuda":
-            reason = nerfacc_unavailable_reason()
-            if reason is None:
-                return "nerfacc"
-            _note_missing_nerfacc(reason)
-            return "torch"
-        if device.type == "cpu" and unavailable_reason() is None:
-            return "cpu"
-        return "torch"
-    if name == "torch":
-        return name
-    if name == "cpu":
-        if device.type != "cpu":
-            raise UserError(f"volume backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'")
-        reason = unavailable_reason()
-        if reason is not None:
-            raise UserError(f"volume backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")
-        return name
-    if name == "nerfacc":
-        reason = nerfacc_unavailable_reason()
-        if device.type != "cuda" or reason is not None:
-            raise UserError(f"volume backend 'nerfacc' needs CUDA and the nerfacc package ({reason or device}); "
-                            "use 'auto'")
-        return name
-    raise UserError(f"unknown volume backend '{name}'; choose one of auto, {', '.join(VOLUME_BACKENDS)}")
+    return choose_backend("volume", name, device, unavailable_reason, "nerfacc", nerfacc_unavailable_reason,
+                          _note_missing_nerfacc)
 
 
 def march_rays(rays_o: Tensor, rays_d: Tensor, settings: MarchSettings, grid: OccupancyGrid | None = None,

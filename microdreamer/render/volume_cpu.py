@@ -3,14 +3,13 @@ compositing with a hand-written backward. Same semantics as :mod:`.volume_torch`
 
 from __future__ import annotations
 
-from functools import cache
 from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._build import ExtensionUnavailable, load_extension
+from ._build import kernel_unavailable, load_extension
 from .types import RaySamples
 
 
@@ -19,14 +18,9 @@ def extension() -> ModuleType:
     return load_extension("volume")
 
 
-@cache
 def unavailable_reason() -> str | None:
     """``None`` when the kernel builds and loads here, else why not (one line)."""
-    try:
-        extension()
-    except ExtensionUnavailable as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return kernel_unavailable("volume")
 
 
 def _f32(t: Tensor) -> Tensor:

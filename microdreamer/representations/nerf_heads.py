@@ -8,7 +8,6 @@ on the CPU, where the reference's cost is mostly passes over ``[N, width]`` acti
 
 from __future__ import annotations
 
-from functools import cache
 from types import ModuleType
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..render._build import ExtensionUnavailable, load_extension
+from ..render._build import kernel_unavailable, load_extension
 from .mlp import VanillaMLP
 
 
@@ -25,14 +24,9 @@ def extension() -> ModuleType:
     return load_extension("nerf_heads")
 
 
-@cache
 def unavailable_reason() -> str | None:
     """``None`` when the kernel builds and loads here, else why not (one line)."""
-    try:
-        extension()
-    except ExtensionUnavailable as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return kernel_unavailable("nerf_heads")
 
 
 def heads_torch(encoding: Tensor, bias: Tensor, density: VanillaMLP, feature: VanillaMLP) -> tuple[Tensor, Tensor]:

@@ -136,20 +136,20 @@ torch::Tensor visibility(torch::Tensor sigmas, torch::Tensor t_starts, torch::Te
   bool* m = mask.data_ptr<bool>();
 #pragma omp parallel for schedule(dynamic, 256)
   for (int64_t r = 0; r < R; ++r) {
-    double optical = 0.0;  // Σ sigma·dt before the sample
+    double trans = 1.0;  // transmittance in front of the sample
     for (int64_t i = info[2 * r], e = i + info[2 * r + 1]; i < e; ++i) {
       const double s = static_cast<double>(sg[i]) * (static_cast<double>(te[i]) - ts[i]);
-      const double trans = std::exp(-optical);
-      const double alpha = 1.0 - std::exp(-s);
+      const double alpha = -std::expm1(-s);
       m[i] = trans >= early_stop_eps && (alpha_thre <= 0.0 || alpha >= alpha_thre);
-      optical += s;
+      trans -= trans * alpha;
     }
   }
   return mask;
 }
 
-// Alpha compositing per ray: w_i = T_i·(1 - exp(-sigma_i·dt_i)), T_i = exp(-Σ_{j<i} sigma_j·dt_j);
-// rgb = Σ w·c, opacity = Σ w, depth = Σ w·t_mid. Returns rgb [R,3], opacity [R], depth [R].
+// Alpha compositing per ray: w_i = T_i·(1 - exp(-sigma_i·dt_i)), T_i = exp(-Σ_{j<i} sigma_j·dt_j) (kept as
+// the running product T_{i+1} = T_i - w_i, in double); rgb = Σ w·c, opacity = Σ w, depth = Σ w·t_mid.
+// Returns rgb [R,3], opacity [R], depth [R].
 std::vector<torch::Tensor> composite_forward(torch::Tensor sigmas, torch::Tensor rgbs, torch::Tensor t_starts,
                                              torch::Tensor t_ends, torch::Tensor packed_info) {
   const int64_t R = packed_info.size(0);
@@ -166,16 +166,16 @@ std::vector<torch::Tensor> composite_forward(torch::Tensor sigmas, torch::Tensor
   float* out_d = depth.data_ptr<float>();
 #pragma omp parallel for schedule(dynamic, 256)
   for (int64_t r = 0; r < R; ++r) {
-    double optical = 0.0, acc[5] = {0, 0, 0, 0, 0};
+    double trans = 1.0, acc[5] = {0, 0, 0, 0, 0};  // T_i = Π_{j<i} exp(-s_j)
     for (int64_t i = info[2 * r], e = i + info[2 * r + 1]; i < e; ++i) {
       const double s = static_cast<double>(sg[i]) * (static_cast<double>(te[i]) - ts[i]);
-      const double w = std::exp(-optical) * -std::expm1(-s);
+      const double w = trans * -std::expm1(-s);
       acc[0] += w * c[3 * i];
       acc[1] += w * c[3 * i + 1];
       acc[2] += w * c[3 * i + 2];
       acc[3] += w;
       acc[4] += w * 0.5 * (static_cast<double>(ts[i]) + te[i]);
-      optical += s;
+      trans -= w;
     }
     for (int k = 0; k < 3; ++k) out_rgb[3 * r + k] = static_cast<float>(acc[k]);
     out_op[r] = static_cast<float>(acc[3]);
@@ -193,8 +193,8 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor g_rgb, torch::Tensor
                                               torch::Tensor t_ends, torch::Tensor packed_info) {
   const int64_t R = packed_info.size(0);
   const int64_t S = sigmas.size(0);
-  auto g_sigmas = torch::zeros({S}, torch::kFloat32);
-  auto g_rgbs = torch::zeros({S, 3}, torch::kFloat32);
+  auto g_sigmas = torch::empty({S}, torch::kFloat32);  // every sample belongs to a ray: all are written
+  auto g_rgbs = torch::empty({S, 3}, torch::kFloat32);
   const float* gr = g_rgb.numel() ? g_rgb.data_ptr<float>() : nullptr;
   const float* go = g_opacity.numel() ? g_opacity.data_ptr<float>() : nullptr;
   const float* gd = g_depth.numel() ? g_depth.data_ptr<float>() : nullptr;
@@ -217,16 +217,16 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor g_rgb, torch::Tensor
       after.resize(n);
       const double g0 = gr ? gr[3 * r] : 0.0, g1 = gr ? gr[3 * r + 1] : 0.0, g2 = gr ? gr[3 * r + 2] : 0.0;
       const double gop = go ? go[r] : 0.0, gdp = gd ? gd[r] : 0.0;
-      double optical = 0.0;
+      double trans = 1.0;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = begin + j;
         const double s = static_cast<double>(sg[i]) * (static_cast<double>(te[i]) - ts[i]);
-        const double w = std::exp(-optical) * -std::expm1(-s);
+        const double w = trans * -std::expm1(-s);
         value[j] = c[3 * i] * g0 + c[3 * i + 1] * g1 + c[3 * i + 2] * g2 + gop +
                    0.5 * (static_cast<double>(ts[i]) + te[i]) * gdp;
-        optical += s;
+        trans -= w;
         wv[j] = w * value[j];
-        after[j] = std::exp(-optical);
+        after[j] = trans;
         out_gc[3 * i] = static_cast<float>(w * g0);
         out_gc[3 * i + 1] = static_cast<float>(w * g1);
         out_gc[3 * i + 2] = static_cast<float>(w * g2);
