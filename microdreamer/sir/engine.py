@@ -5,6 +5,11 @@ to t2, DDIM sampling back to 0) and then takes I optimisation steps of the pixel
 towards those fixed targets, plus the reference-view terms when an input image exists. The very first
 ("init") iteration samples its targets from pure noise. The loop knows nothing about which teacher
 or which 3D representation it drives.
+
+Renders may grow over the run (``cameras.resolutions`` switching at ``cameras.milestones``): the teacher
+resizes them to its own size and the targets and the reference view come back area-averaged. A
+representation with a pixel budget renders a random subset of pixels per step (the targets are fixed
+images, so the scaled subset loss estimates the whole one); the teacher still refines whole renders.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import torch
 from torch import Tensor
 
 from ..config import RunConfig
+from ..io.images import area_resize_tensor
 from ..representations.base import Representation
 from ..teachers.base import Teacher
-from ..io.images import area_resize_tensor
 from .cameras import Cameras, camera_sampler
 from .refiner import init_sample, refine
 from .schedule import SIRSchedule
