@@ -30,7 +30,7 @@ GPU_BACKENDS = (
 )
 #: our C++ (OpenMP) kernels, built on first use
 CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"), ("volume", "NeRF volume renderer"),
-               ("nerf_heads", "NeRF MLP heads"))
+               ("hashgrid", "hash-grid encoding"), ("nerf_heads", "NeRF MLP heads"))
 _GIB = 1024**3
 
 

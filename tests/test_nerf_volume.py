@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from microdreamer.errors import UserError
+from microdreamer.render.backends import choose_backend
 from microdreamer.render.occupancy import OccupancyGrid, OccupancyRule
 from microdreamer.render.volume import (
     MarchSettings,
@@ -190,6 +191,18 @@ def test_camera_rays_go_through_pixel_centres():
     torch.testing.assert_close(pix, expected, rtol=0, atol=1e-4)
     chosen = torch.tensor([[5, 100], [383, 0]])
     torch.testing.assert_close(cams.rays(chosen)[1], torch.stack([d[0, [5, 100]], d[1, [383, 0]]]))
+
+
+def test_cuda_without_the_library_falls_back_to_torch_and_says_why():
+    heard = []
+    missing = lambda: "the nerfacc package is not installed (pip install nerfacc)"  # noqa: E731
+    assert choose_backend("volume", "auto", "cuda", lambda: None, "nerfacc", missing, heard.append) == "torch"
+    assert heard == [missing()]
+    assert choose_backend("volume", "auto", "cuda", lambda: None, "nerfacc", lambda: None) == "nerfacc"
+    with pytest.raises(UserError, match="'nerfacc' is unavailable .*pip install nerfacc"):
+        choose_backend("volume", "nerfacc", "cuda", lambda: None, "nerfacc", missing)
+    with pytest.raises(UserError, match="'cpu' runs on CPU tensors only"):
+        choose_backend("volume", "cpu", "cuda", lambda: None, "nerfacc", missing)
 
 
 def test_backend_choice():

@@ -7,13 +7,22 @@ install). An explicit choice that cannot run on the device, or an unknown name, 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from functools import cache
 
 import torch
 
 from ..errors import UserError
 
 Reason = Callable[[], "str | None"]  # None when the backend can run here, else why not
+
+
+@cache
+def note_fallback(kind: str, reason: str) -> None:
+    """One warning per process and kind: a CUDA library is missing, the slower torch path runs (``reason``
+    says what to install)."""
+    warnings.warn(f"{kind} on CUDA uses the slower torch path: {reason}", stacklevel=3)
 
 
 def choose_backend(kind: str, name: str, device: torch.device | str, cpu_reason: Reason, cuda_name: str,

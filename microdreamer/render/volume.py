@@ -10,15 +10,14 @@ kernels with a hand-written backward) and ``"nerfacc"`` (CUDA, when the ``nerfac
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import partial
 
 import torch
 from torch import Tensor
 
-from .backends import choose_backend
+from .backends import choose_backend, note_fallback
 from .occupancy import OccupancyGrid
 from .types import RaySamples
 from .volume_cpu import composite_cpu, march_cpu, unavailable_reason, visibility_cpu
@@ -54,11 +53,6 @@ def available_volume_backends() -> dict[str, bool]:
     return {"torch": True, "cpu": unavailable_reason() is None, "nerfacc": nerfacc_unavailable_reason() is None}
 
 
-@cache
-def _note_missing_nerfacc(reason: str) -> None:
-    warnings.warn(f"NeRF ray marching on CUDA uses the slower torch path: {reason}", stacklevel=3)
-
-
 def resolve_volume_backend(name: str, device: torch.device | str) -> str:
     """The concrete backend for ``name`` on ``device``.
 
@@ -67,7 +61,7 @@ def resolve_volume_backend(name: str, device: torch.device | str) -> str:
     cannot run on ``device``, raises :class:`UserError`.
     """
     return choose_backend("volume", name, device, unavailable_reason, "nerfacc", nerfacc_unavailable_reason,
-                          _note_missing_nerfacc)
+                          partial(note_fallback, "NeRF ray marching"))
 
 
 def march_rays(rays_o: Tensor, rays_d: Tensor, settings: MarchSettings, grid: OccupancyGrid | None = None,

@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from ..config import NerfConfig, nerf_config
 from ..errors import UserError
+from ..render.backends import note_fallback
 from ..render.hashgrid import HashGridConfig, hash_grid_encode, init_params, resolve_backend
+from ..render.hashgrid_tcnn import tcnn_unavailable_reason
 from ..render.occupancy import OccupancyGrid, OccupancyRule
 from ..render.types import RenderOutput
 from ..render.volume import MarchSettings, VolumeOutput, render_rays, resolve_volume_backend
@@ -63,6 +65,8 @@ class NerfField(Representation):
         self.training = True
         self.grid_cfg = HashGridConfig(**cfg.hash_grid())
         self.encoding_backend = resolve_backend(cfg.encoding_backend, self.device)
+        if self.device.type == "cuda" and self.encoding_backend == "torch" and cfg.encoding_backend == "auto":
+            note_fallback("the hash-grid encoding", tcnn_unavailable_reason())
         self.backend = resolve_volume_backend(cfg.backend, self.device)
         self.heads_backend = "cpu" if self.backend == "cpu" and heads_unavailable_reason() is None else "torch"
         self.params = nn.Parameter(init_params(self.grid_cfg, generator).to(self.device, torch.float32))
