@@ -105,7 +105,6 @@ class NerfField(Representation):
         unit = (points + self.cfg.radius) / (2 * self.cfg.radius)
         return hash_grid_encode(unit, self.params, self.grid_cfg, backend=self.encoding_backend)
 
-
     def density_bias(self, points: Tensor) -> Tensor:
         """blob_magic3d ``scale·(1 − |p|/std)`` at world points (zero with ``density_bias = "none"``)."""
         if self.cfg.density_bias == "none":

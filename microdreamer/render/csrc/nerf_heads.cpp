@@ -20,37 +20,38 @@
 namespace {
 
 constexpr int64_t S = 256;   // samples per block
-constexpr int64_t LANES = 16;  // samples per inner vector loop
+constexpr int64_t LANES = 16;  // samples per inner vector loop of the weight gradients
+constexpr int64_t MLANES = 32;  // samples per inner vector loop of the matrix products
 constexpr int64_t JB = 8;     // outputs accumulated together
 
 // Y[j][s] = sum_k W[j][k] X[k][s] for j < out, k < in, s < S (W row-major [out][in]).
 void matmul(const float* __restrict W, const float* __restrict X, float* __restrict Y, int64_t out, int64_t in) {
   int64_t j = 0;
   for (; j + JB <= out; j += JB) {
-    for (int64_t s0 = 0; s0 < S; s0 += LANES) {
-      float acc[JB][LANES] = {};
+    for (int64_t s0 = 0; s0 < S; s0 += MLANES) {
+      float acc[JB][MLANES] = {};
       for (int64_t k = 0; k < in; ++k) {
         const float* __restrict x = X + k * S + s0;
         for (int64_t jj = 0; jj < JB; ++jj) {
           const float w = W[(j + jj) * in + k];
 #pragma omp simd
-          for (int64_t l = 0; l < LANES; ++l) acc[jj][l] += w * x[l];
+          for (int64_t l = 0; l < MLANES; ++l) acc[jj][l] += w * x[l];
         }
       }
       for (int64_t jj = 0; jj < JB; ++jj)
-        for (int64_t l = 0; l < LANES; ++l) Y[(j + jj) * S + s0 + l] = acc[jj][l];
+        for (int64_t l = 0; l < MLANES; ++l) Y[(j + jj) * S + s0 + l] = acc[jj][l];
     }
   }
   for (; j < out; ++j) {  // the few outputs of a head
-    for (int64_t s0 = 0; s0 < S; s0 += LANES) {
-      float acc[LANES] = {};
+    for (int64_t s0 = 0; s0 < S; s0 += MLANES) {
+      float acc[MLANES] = {};
       for (int64_t k = 0; k < in; ++k) {
         const float w = W[j * in + k];
         const float* __restrict x = X + k * S + s0;
 #pragma omp simd
-        for (int64_t l = 0; l < LANES; ++l) acc[l] += w * x[l];
+        for (int64_t l = 0; l < MLANES; ++l) acc[l] += w * x[l];
       }
-      for (int64_t l = 0; l < LANES; ++l) Y[j * S + s0 + l] = acc[l];
+      for (int64_t l = 0; l < MLANES; ++l) Y[j * S + s0 + l] = acc[l];
     }
   }
 }
