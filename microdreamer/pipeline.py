@@ -565,21 +565,21 @@ class MeshTask(ImageTask):
         return super().outputs(job) + self._mesh_outputs(job)
 
     def prepare(self, job: Job) -> MeshInput:
-        gaussians, mesh = self._outputs(job).all(), self._mesh_outputs(job)
-        if not self.overwrite and all(p.exists() for p in gaussians) and not any(p.exists() for p in mesh):
+        first, mesh = self._outputs(job).all(), self._mesh_outputs(job)  # the Gaussians' stage, the mesh's
+        if not self.overwrite and all(p.exists() for p in first) and not any(p.exists() for p in mesh):
             if not self.skip_existing:
                 raise UserError(
-                    f"{gaussians[0]} exists without its mesh (an earlier run stopped before the mesh stage): pass "
+                    f"{first[0]} exists without its mesh (an earlier run stopped before the mesh stage): pass "
                     "--skip-existing to make the mesh from it, --overwrite to redo the run, or choose another --out"
                 )
             return self._resumed(job)
-        check_outputs_free(gaussians + mesh, self.overwrite)
+        check_outputs_free(first + mesh, self.overwrite)
         return MeshInput(self._input(job))
 
     def _resumed(self, job: Job) -> MeshInput:
         outputs = self._outputs(job)
         run = SavedRun.read(outputs.report)
-        assert run is not None
+        assert run is not None  # a .json file
         config = report_config(self.cfg, self.out_dir)
         redo = "--overwrite to redo the run, or choose another --out"
         difference = _first_difference(_run_settings(run.data.get("config")), _run_settings(config))

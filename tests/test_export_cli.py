@@ -178,17 +178,10 @@ def _project(root: Path) -> Path:
     return root
 
 
-def _no_model_load(monkeypatch) -> None:
-    from microdreamer import pipeline
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the teacher must not be loaded")
-
-    monkeypatch.setattr(pipeline.ImageTo3D, "__init__", refuse)
-
-
 @pytest.mark.slow
 def test_a_run_folder_moved_elsewhere_still_exports_and_reproduces(tmp_path, monkeypatch, capsys):
+    from test_cli import _no_model_load
+
     from microdreamer.io.provenance import content_hash
 
     project = _project(tmp_path / "project")
@@ -275,3 +268,20 @@ def test_image2mesh_stopped_in_the_mesh_stage_resumes_there(tmp_path, monkeypatc
     assert {p.name: p.stat().st_mtime_ns for p in Path("out").iterdir() if p.name in stamps} == stamps
     assert Path("out/cow.glb").read_bytes() == Path("whole/cow.glb").read_bytes()
     assert sorted(p.name for p in Path("out").iterdir()) == sorted(gaussians + ["cow.glb", "cow_mesh.json"])
+
+
+def test_skip_existing_is_advised_only_where_it_would_keep_the_outputs(tmp_path):
+    from microdreamer.errors import UserError
+    from microdreamer.pipeline import check_outputs_free
+
+    ply, video = tmp_path / "cow.ply", tmp_path / "cow_turntable.gif"
+    ply.write_text("splats")
+    check_outputs_free([ply, video], overwrite=True)
+    with pytest.raises(UserError) as partly:  # a rerun asking for a video as well: skipping would not happen
+        check_outputs_free([ply, video], overwrite=False)
+    assert str(partly.value) == f"{ply} already exists: pass --overwrite to replace it, or choose another --out"
+    video.write_text("frames")
+    with pytest.raises(UserError) as all_there:
+        check_outputs_free([ply, video], overwrite=False)
+    assert str(all_there.value) == (f"{ply} already exists: pass --overwrite to replace it, --skip-existing to keep "
+                                    "it, or choose another --out")
