@@ -4,7 +4,8 @@ A command is (list of inputs) × (one pipeline, loaded once) × (a per-input run
 become :class:`Job` objects (:func:`expand_inputs` turns files, folders and globs into jobs); the command
 supplies a :class:`BatchTask`; :class:`BatchRunner` runs every job, keeps going after a bad input, skips
 finished ones with ``skip_existing`` and records everything in a manifest JSON that is rewritten after
-each job, so an interrupted or crashed batch still says what finished.
+each job, so an interrupted or crashed batch still says what finished; a job skipped because it finished
+earlier keeps what the earlier manifest recorded of it (seed, config, timings, evaluations, peak memory).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import glob
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -172,6 +173,11 @@ class ManifestEntry:
     note: str = ""
     seconds: float = 0.0
 
+    def keep_record_of(self, earlier: "ManifestEntry") -> None:
+        """Take what ``earlier`` (the same job, finished by an earlier run) recorded of the run that made it."""
+        self.seed, self.config, self.timings = earlier.seed, earlier.config, earlier.timings
+        self.evaluations, self.peak_memory = earlier.evaluations, earlier.peak_memory
+
 
 @dataclass
 class Manifest:
@@ -198,6 +204,18 @@ class Manifest:
     def write(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @staticmethod
+    def finished_entries(path: Path | None) -> dict[str, ManifestEntry]:
+        """The entries of jobs a manifest at ``path`` records as finished (done, or skipped with outputs that
+        an earlier run made), by stem; none when there is no readable manifest there."""
+        try:
+            rows = json.loads(path.read_text())["entries"] if path is not None else []
+            names = {f.name for f in fields(ManifestEntry)}
+            entries = [ManifestEntry(**{k: v for k, v in row.items() if k in names}) for row in rows]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        return {e.stem: e for e in entries if e.status in ("done", "skipped")}
 
 
 PipelineT = TypeVar("PipelineT")
@@ -271,6 +289,7 @@ class BatchRunner:
     def run(self, jobs: Sequence[Job], task: BatchTask[PipelineT, PreparedT]) -> Manifest:
         manifest = Manifest(self.command, str(self.out_dir), _now(), ignored=list(self.ignored))
         manifest.entries = [ManifestEntry(job.input, job.stem) for job in jobs]
+        earlier = Manifest.finished_entries(self.manifest_path) if self.skip_existing else {}
         self.observer.batch_started(len(jobs))
         loaded: list[PipelineT] = []
         try:
@@ -278,7 +297,7 @@ class BatchRunner:
                 self.observer.job_started(index, job)
                 start = time.perf_counter()
                 try:
-                    self._run_job(job, entry, task, loaded)
+                    self._run_job(job, entry, task, loaded, earlier.get(job.stem))
                 except KeyboardInterrupt:
                     entry.status = "interrupted"
                     raise
@@ -301,7 +320,10 @@ class BatchRunner:
             self._save(manifest)
         return manifest
 
-    def _run_job(self, job: Job, entry: ManifestEntry, task: BatchTask[PipelineT, PreparedT], loaded: list[PipelineT]) -> None:
+    def _run_job(
+        self, job: Job, entry: ManifestEntry, task: BatchTask[PipelineT, PreparedT], loaded: list[PipelineT],
+        earlier: ManifestEntry | None,
+    ) -> None:
         if job.problem is not None:
             raise UserError(job.problem)
         outputs = task.outputs(job)
@@ -311,6 +333,8 @@ class BatchRunner:
             entry.status = "skipped"
             entry.outputs = {p.name: str(p) for p in outputs}
             entry.note = "outputs exist"
+            if earlier is not None:
+                entry.keep_record_of(earlier)
             return
         prepared = task.prepare(job)
         if not loaded:

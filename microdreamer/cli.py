@@ -102,9 +102,12 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return out
 
 
-def _resolve_config(teacher: str | None, preset: str | None, config: Path | None, **flags: Any) -> "RunConfig":
+def _resolve_config(
+    teacher: str | None, preset: str | None, config: Path | None, *, needs_teacher: bool = True, **flags: Any
+) -> "RunConfig":
     """Preset < ``--config`` < flags. The preset is ``--preset``, else the one a saved config names (when
-    the teacher is not changed by ``--teacher``), else the teacher's own."""
+    the teacher is not changed by ``--teacher``), else the teacher's own. Without ``needs_teacher`` a model
+    file named by a run report is not looked for."""
     from .config import read_config_file, resolve
     from .teachers.registry import teacher_entry
 
@@ -113,7 +116,7 @@ def _resolve_config(teacher: str | None, preset: str | None, config: Path | None
     entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
     same_teacher = teacher is None or teacher == saved_teacher
     chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
-    return resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags))
+    return resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags), needs_teacher=needs_teacher)
 
 
 def _removal(rembg: bool | None) -> str | None:
@@ -285,17 +288,22 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip inputs whose outputs all 
 
 Inputs = Annotated[
     Optional[list[Path]],
-    typer.Argument(help="Images (PNG/JPG/WebP), folders or globs. None with --teacher reference: its front view.",
-                   show_default=False),
+    typer.Argument(help="Images (PNG/JPG/WebP), folders or globs. None with --config RUN.json: the run's input "
+                        "image; else with --teacher reference: its front view.", show_default=False),
 ]
 
 
-def _image_jobs(command: str, specs: list[Path], cfg: "RunConfig") -> list[Job]:
-    """The inputs of an image command; none means the reference teacher's own front view."""
-    from .pipeline import front_view_stem
+def _image_jobs(command: str, specs: list[Path], cfg: "RunConfig", config: Path | None) -> list[Job]:
+    """The inputs of an image command; none means the input image of the run whose report is ``config``,
+    else the reference teacher's own front view."""
+    from .pipeline import SavedRun, front_view_stem
 
     if specs:
         return expand_inputs(specs)
+    run = SavedRun.read(config)
+    image = None if run is None else run.input_image(f"pass the image: microdreamer {command} IMAGE --config {config}")
+    if image is not None:
+        return expand_inputs([image])
     if cfg.teacher.name == "reference":
         return [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
     raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
@@ -340,10 +348,10 @@ def image2gs(
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     video_options = _video_options(video, video_format)
     specs = images or []
-    jobs = _image_jobs("image2gs", specs, cfg)
+    jobs = _image_jobs("image2gs", specs, cfg, config)
     task = ImageTask(
         cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite,
-        prompt=prompt,
+        skip_existing=skip_existing, prompt=prompt,
     )
     run_batch("image2gs", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
@@ -409,8 +417,9 @@ def image2mesh(
     _check_image_teacher(cfg.teacher.name, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     specs = images or []
-    jobs = _image_jobs("image2mesh", specs, cfg)
-    task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite, prompt=prompt)
+    jobs = _image_jobs("image2mesh", specs, cfg, config)
+    task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite,
+                    skip_existing=skip_existing, prompt=prompt)
     run_batch("image2mesh", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
@@ -440,34 +449,27 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """A saved 3DGS run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
-    from .pipeline import PreprocessOptions, export_saved_run, resolve_device
+    from .pipeline import SavedRun, export_saved_run, resolve_device
 
     if to != "mesh":
         raise UserError(f"--to must be mesh, got '{to}'")
     if not result.is_file():
         raise UserError(f"result not found: {result}")
-    beside = result.with_suffix(".json")
-    if config is None and beside.is_file() and _is_run_report(beside):
-        config = beside
-    cfg = _resolve_config(
-        teacher, None, config, model=model, seed=seed, device=device, mesh_format=mesh_format, faces=faces,
-        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
-    )
-    report = json.loads(config.read_text()) if config is not None and config.suffix == ".json" else {}
-    console = _console(quiet)
+    run = SavedRun.read(config) if config is not None else SavedRun.beside(result)
+    config = config if run is None else run.path
     unrefined = config is None and teacher is None and refine  # nothing says which teacher the run used
     refine = refine and not unrefined
-    if image is None and report.get("input") and Path(report["input"]).is_file():
-        image = Path(report["input"])
-    if image is not None and not image.is_file():
-        raise UserError(f"input image not found: {image}")
-    options = PreprocessOptions.resolve(config)
+    cfg = _resolve_config(
+        teacher, None, config, needs_teacher=refine, model=model, seed=seed, device=device, mesh_format=mesh_format,
+        faces=faces, texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up,
+        scale=scale,
+    )
+    console = _console(quiet)
     target = out or result.parent
     with console.status(f"meshing {escape(result.name)}") as status:
         mesh = export_saved_run(
-            result, cfg, resolve_device(cfg.device), target, refine=refine, image=image,
-            prompt=prompt or report.get("prompt"), preprocess=options, overwrite=overwrite,
-            on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
+            result, cfg, resolve_device(cfg.device), target, run=run, refine=refine, image=image, prompt=prompt,
+            overwrite=overwrite, on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
         )
     console.print(f"[green]wrote[/] {escape(mesh.outputs[0])} ({mesh.faces} faces, "
                   f"{sum(mesh.timings.values()):.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in mesh.timings.items()) + ")")
@@ -476,23 +478,12 @@ def export(
                       "(give --config, or --teacher/--model/--image, to refine it)")
 
 
-def _is_run_report(path: Path) -> bool:
-    """Whether ``path`` is the JSON report of a run (it holds the run's ``config``)."""
-    try:
-        return isinstance(json.loads(path.read_text()).get("config"), dict)
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return False
-
-
 def _saved_prompt(config: Path | None) -> str | None:
     """The prompt of the run whose JSON report is given as ``--config`` (image+text runs), if any."""
-    if config is None or config.suffix != ".json":
-        return None
-    from .config import read_config_file
+    from .pipeline import SavedRun
 
-    read_config_file(config)  # one-line errors for a missing or unparsable file
-    prompt = json.loads(config.read_text()).get("prompt")
-    return prompt if isinstance(prompt, str) else None
+    run = SavedRun.read(config)
+    return None if run is None else run.prompt
 
 
 def _check_image_teacher(name: str, prompt: str | None) -> None:
@@ -541,7 +532,8 @@ def _run_prompts(
     cfg = _resolve_config(teacher or "mvdream", preset, config, **flags)
     if teacher_entry(cfg.teacher.name).inputs != "text":
         raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
-    task = task_class(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite)
+    task = task_class(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite,
+                      skip_existing=skip_existing)
     run_batch(command, [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet, single=len(jobs) == 1)
 

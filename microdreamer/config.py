@@ -239,6 +239,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot parse config file {path}: {exc}") from None
 
 
+def _saved_model(data: dict[str, Any], config_file: Path, overrides: dict[str, Any], needed: bool) -> dict[str, Any]:
+    """A run report names a model file or folder by a :class:`~microdreamer.io.provenance.FileRef`: found
+    again beside the report or where it was, unless the flags give another model or another teacher, or no
+    teacher is ``needed``."""
+    teacher = data.get("teacher")
+    if not isinstance(teacher, dict) or not isinstance(teacher.get("model"), dict):
+        return data
+    from .io.provenance import FileRef
+
+    given = overrides.get("teacher", {})
+    teacher = dict(teacher)
+    ref = FileRef.from_json(teacher.pop("model"))
+    if needed and "model" not in given and given.get("name", teacher.get("name")) == teacher.get("name"):
+        teacher["model"] = str(ref.resolve(config_file.parent, "the run's model", "pass --model"))
+    return {**data, "teacher": teacher}
+
+
 def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
@@ -246,11 +263,15 @@ def load_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
-def resolve(preset: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults < preset < config file < overrides (nested dicts keyed like the dataclasses)."""
+def resolve(
+    preset: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None, *, needs_teacher: bool = True
+) -> RunConfig:
+    """Defaults < preset < config file < overrides (nested dicts keyed like the dataclasses).
+
+    Without ``needs_teacher`` (a command that loads none) a model file named by a run report is not looked for."""
     cfg = _merge(RunConfig(), load_preset(preset), "")
     if config_file is not None:
-        cfg = _merge(cfg, read_config_file(config_file), "")
+        cfg = _merge(cfg, _saved_model(read_config_file(config_file), config_file, overrides or {}, needs_teacher), "")
     cfg = _merge(cfg, overrides or {}, "")
     cfg = dataclasses.replace(cfg, preset=preset)
     cfg.validate()

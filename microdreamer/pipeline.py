@@ -28,6 +28,7 @@ from .errors import UserError
 from .export import STAGES, MeshExportReport, StageCallback, export_mesh, mesh_output_paths
 from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
+from .io.provenance import FileRef, record_path
 from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
 from .representations.gaussians import Gaussians
 from .sir.cameras import CameraSampler, turntable
@@ -111,9 +112,9 @@ class PreprocessOptions:
     def resolve(cls, config_file: Path | None = None, **flags: Any) -> "PreprocessOptions":
         """Defaults < the ``preprocess`` entry of a run's JSON report given as ``--config`` < flags (None = unset)."""
         values: dict[str, Any] = {}
-        if config_file is not None and config_file.suffix == ".json":
-            read_config_file(config_file)  # one-line errors for a missing or unparsable file
-            saved = json.loads(config_file.read_text()).get("preprocess") or {}
+        run = SavedRun.read(config_file)
+        if run is not None:
+            saved = run.data.get("preprocess") or {}
             names = {f.name for f in dataclasses.fields(cls)}
             values.update({k: v for k, v in saved.items() if k in names})
         values.update({k: v for k, v in flags.items() if v is not None})
@@ -182,8 +183,12 @@ class RunOutputs:
 
 @dataclass
 class RunReport:
+    """``<stem>.json``: what a run did. The input image, and the model when it is a file or folder, are
+    :class:`~microdreamer.io.provenance.FileRef` records, so the report still finds them after the run
+    folder has moved (:class:`SavedRun`)."""
+
     stem: str
-    input: str | None
+    input: dict[str, str | None] | None  # a FileRef
     seed: int
     config: dict[str, Any]
     preprocess: dict[str, Any] | None
@@ -201,13 +206,61 @@ class RunReport:
         return json.dumps(self.__dict__, indent=2)
 
 
-def check_outputs_free(outputs: RunOutputs, overwrite: bool) -> None:
-    taken = [p for p in outputs.all() if p.exists()]
+def report_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """``cfg`` as a report in ``run_dir`` stores it: a model file or folder as a FileRef."""
+    config = cfg.to_dict()
+    config["teacher"]["model"] = record_path(cfg.teacher.model, run_dir)
+    return config
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run's JSON report read back (``--config RUN.json``, ``export RUN.ply``). The files it names are
+    looked for relative to its folder first, then where they were, and checked against their hashes."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Path | None) -> "SavedRun | None":
+        """The JSON file at ``path``; None without a path or for a TOML config."""
+        if path is None or path.suffix != ".json":
+            return None
+        read_config_file(path)  # one-line errors for a missing or unparsable file
+        data = json.loads(path.read_text())
+        return cls(path, data if isinstance(data, dict) else {})
+
+    @classmethod
+    def beside(cls, result: Path) -> "SavedRun | None":
+        """The report of the run that wrote ``result`` (``<stem>.json`` beside it, holding a ``config``)."""
+        path = result.with_suffix(".json")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return cls(path, data) if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
+
+    @property
+    def prompt(self) -> str | None:
+        prompt = self.data.get("prompt")
+        return prompt if isinstance(prompt, str) else None
+
+    def input_image(self, fix: str) -> Path | None:
+        """The run's input image; None for a run without one (a prompt, a front view). ``fix`` says what to do
+        when it is gone or changed."""
+        value = self.data.get("input")
+        if value is None:
+            return None
+        return FileRef.from_json(value).resolve(self.path.parent, "the run's input image", fix)
+
+
+def check_outputs_free(outputs: list[Path], overwrite: bool) -> None:
+    """Refuse to replace outputs without ``overwrite``; ``--skip-existing`` is offered only where it would
+    keep them all (a job is skipped when every output exists)."""
+    taken = [p for p in outputs if p.exists()]
     if taken and not overwrite:
-        raise UserError(
-            f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "
-            "or choose another --out"
-        )
+        keep = "--skip-existing to keep it, " if len(taken) == len(outputs) else ""
+        raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, {keep}or choose another --out")
 
 
 class ImageTo3D:
@@ -222,6 +275,12 @@ class ImageTo3D:
         self.teacher: Teacher = entry.build(cfg, device, allow_download)
         self.load_seconds = time.perf_counter() - start
         self._load_reported = False
+
+    def load_timing(self) -> dict[str, float]:
+        """``{"load_teacher": seconds}`` the first time it is asked for after loading, then nothing."""
+        timing = {} if self._load_reported else {"load_teacher": self.load_seconds}
+        self._load_reported = True
+        return timing
 
     def reference_view(self, prepared: PreparedInput) -> Reference:
         """The input image and its camera; without an image, the reference teacher's front render."""
@@ -251,16 +310,14 @@ class ImageTo3D:
         """Reconstruct one input and write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (plus
         ``<stem>_rgba.png`` for an image input and ``<stem>_turntable.*`` with ``video``), all at once."""
         preprocess = preprocess or PreprocessOptions()
-        # The teacher load time is reported once, by the first run after loading.
-        timings: dict[str, float] = {} if self._load_reported else {"load_teacher": self.load_seconds}
-        self._load_reported = True
+        timings = self.load_timing()  # reported once, by the first run after loading
         reset_peak_memory(self.device)
         start = time.perf_counter()
         prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
         outputs = RunOutputs.for_stem(
             out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None
         )
-        check_outputs_free(outputs, overwrite)
+        check_outputs_free(outputs.all(), overwrite)
         reference = None if self.text_only else self.reference_view(prepared)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         condition = Condition(
@@ -312,9 +369,9 @@ class ImageTo3D:
             after = self.teacher.evaluations.as_dict()
             report = RunReport(
                 stem=prepared.stem,
-                input=None if prepared.source is None else str(prepared.source),
+                input=None if prepared.source is None else FileRef.record(prepared.source, out_dir).to_dict(),
                 seed=self.cfg.seed,
-                config=self.cfg.to_dict(),
+                config=report_config(self.cfg, out_dir),
                 preprocess=dataclasses.asdict(preprocess) if prepared.rgba is not None else None,
                 timings={k: round(v, 4) for k, v in timings.items()},
                 evaluations={k: after[k] - before[k] for k in after},
@@ -406,6 +463,8 @@ class ImageTask:
     """The batch task of the image commands (:class:`microdreamer.batch.BatchTask`) for ``ImageTo3D``.
 
     A job without a source runs on the reference teacher's own front view (kept out of preprocessing).
+    With ``skip_existing`` what earlier runs finished is kept: the batch runner skips finished jobs, and
+    :class:`MeshTask` resumes a job at its mesh stage.
     """
 
     def __init__(
@@ -417,6 +476,7 @@ class ImageTask:
         preprocess: PreprocessOptions | None = None,
         video: VideoOptions | None = None,
         overwrite: bool = False,
+        skip_existing: bool = False,
         allow_download: bool = True,
         prompt: str | None = None,
     ) -> None:
@@ -427,6 +487,7 @@ class ImageTask:
         self.preprocess = preprocess or PreprocessOptions()
         self.video = video
         self.overwrite = overwrite
+        self.skip_existing = skip_existing
         self.allow_download = allow_download
         self.preparer = ImagePreparer(self.preprocess)
 
@@ -440,10 +501,14 @@ class ImageTask:
         return self._outputs(job).all()
 
     def prepare(self, job: Job) -> PreparedInput:
-        check_outputs_free(self._outputs(job), self.overwrite)
+        check_outputs_free(self._outputs(job).all(), self.overwrite)
+        return self._input(job)
+
+    def _input(self, job: Job, rgba: np.ndarray | None = None) -> PreparedInput:
+        """The job's input, its image preprocessed (or ``rgba``: what a run on it saved as ``<stem>_rgba.png``)."""
         if job.source is None:
             return PreparedInput(job.stem, prompt=self.prompt)
-        return PreparedInput(job.stem, job.source, self.preparer(job.source), self.prompt)
+        return PreparedInput(job.stem, job.source, self.preparer(job.source) if rgba is None else rgba, self.prompt)
 
     def load(self) -> ImageTo3D:
         return ImageTo3D(self.cfg, self.device, self.allow_download)
@@ -469,14 +534,29 @@ def _gpu_note(peak: dict[str, float]) -> str:
 class PromptTask(ImageTask):
     """The batch task of the text commands: each job's input is a prompt (jobs from :func:`prompt_jobs`)."""
 
-    def prepare(self, job: Job) -> PreparedInput:
-        check_outputs_free(self._outputs(job), self.overwrite)
+    def _input(self, job: Job, rgba: np.ndarray | None = None) -> PreparedInput:
         return PreparedInput(job.stem, prompt=job.input)
+
+
+@dataclass
+class MeshInput:
+    """A :class:`MeshTask` job ready to run; a job resumed at the mesh stage also holds the Gaussians an
+    earlier run saved and what that run reported."""
+
+    input: PreparedInput
+    gaussians: Gaussians | None = None
+    earlier: JobResult | None = None
 
 
 class MeshTask(ImageTask):
     """The batch task of ``image2mesh``: :class:`ImageTask`, then the textured mesh of the trained
-    Gaussians with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``)."""
+    Gaussians with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``).
+
+    With ``skip_existing``, a job whose Gaussians' outputs exist without its mesh (an earlier run stopped in
+    the mesh stage) makes the mesh alone, from the saved PLY, with the teacher conditioned as in that run (on
+    its saved ``<stem>_rgba.png`` and prompt): the same mesh an uninterrupted run makes. That run's settings
+    must be this one's, apart from the mesh export's.
+    """
 
     def _mesh_outputs(self, job: Job) -> list[Path]:
         return mesh_output_paths(self.out_dir, job.stem, self.cfg.mesh.format)
@@ -484,25 +564,79 @@ class MeshTask(ImageTask):
     def outputs(self, job: Job) -> list[Path]:
         return super().outputs(job) + self._mesh_outputs(job)
 
-    def prepare(self, job: Job) -> PreparedInput:
-        taken = [p for p in self._mesh_outputs(job) if p.exists()]
-        if taken and not self.overwrite:
-            raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "
-                            "or choose another --out")
-        return super().prepare(job)
+    def prepare(self, job: Job) -> MeshInput:
+        first, mesh = self._outputs(job).all(), self._mesh_outputs(job)  # the Gaussians' stage, the mesh's
+        if not self.overwrite and all(p.exists() for p in first) and not any(p.exists() for p in mesh):
+            if not self.skip_existing:
+                raise UserError(
+                    f"{first[0]} exists without its mesh (an earlier run stopped before the mesh stage): pass "
+                    "--skip-existing to make the mesh from it, --overwrite to redo the run, or choose another --out"
+                )
+            return self._resumed(job)
+        check_outputs_free(first + mesh, self.overwrite)
+        return MeshInput(self._input(job))
 
-    def run(self, pipeline: ImageTo3D, job: Job, prepared: PreparedInput, progress: StepCallback) -> JobResult:
-        result = super().run(pipeline, job, prepared, progress)
-        gaussians = Gaussians.load(Path(result.outputs["ply"]), self.cfg.gaussians, self.device)
+    def _resumed(self, job: Job) -> MeshInput:
+        outputs = self._outputs(job)
+        run = SavedRun.read(outputs.report)
+        assert run is not None  # a .json file
+        config = report_config(self.cfg, self.out_dir)
+        redo = "--overwrite to redo the run, or choose another --out"
+        difference = _first_difference(_run_settings(run.data.get("config")), _run_settings(config))
+        if difference is not None:
+            raise UserError(f"{outputs.report} holds a run with other settings ({difference}): give its settings "
+                            f"(--config {outputs.report}) to make its mesh, {redo}")
+        prepared = self._input(job, None if outputs.rgba is None else load_image(outputs.rgba))
+        if run.prompt != prepared.prompt:
+            raise UserError(f"{outputs.report} holds a run on another prompt ({run.prompt!r}, here "
+                            f"{prepared.prompt!r}): give its prompt to make its mesh, {redo}")
+        gaussians = Gaussians.load(outputs.ply, self.cfg.gaussians, self.device)
+        data = run.data
+        earlier = JobResult(
+            outputs={name: str(path) for name, path in outputs.named().items()}, seed=data.get("seed"),
+            config=config, timings=dict(data.get("timings") or {}), evaluations=dict(data.get("evaluations") or {}),
+            note="mesh stage only (Gaussians from the earlier run)",
+        )
+        return MeshInput(prepared, gaussians, earlier)
+
+    def run(self, pipeline: ImageTo3D, job: Job, prepared: MeshInput, progress: StepCallback) -> JobResult:
+        if prepared.earlier is None:
+            result = super().run(pipeline, job, prepared.input, progress)
+            gaussians = Gaussians.load(Path(result.outputs["ply"]), self.cfg.gaussians, self.device)
+        else:
+            result, gaussians = prepared.earlier, prepared.gaussians
+            reset_peak_memory(self.device)
+            result.timings.update({f"mesh.{k}": round(v, 4) for k, v in pipeline.load_timing().items()})
         mesh = pipeline.export_mesh(
-            prepared, gaussians, self.out_dir, self.overwrite,
+            prepared.input, gaussians, self.out_dir, self.overwrite,
             on_stage=lambda stage: progress(STAGES.index(stage), len(STAGES), f"mesh: {stage}"),
         )
         result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
         result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
-        result.peak_memory = peak_memory(self.device)  # the Gaussians' run and the mesh export together
+        result.peak_memory = peak_memory(self.device)  # the Gaussians' run (if any) and the mesh export together
         result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
         return result
+
+
+def _run_settings(config: Any) -> dict[str, Any]:
+    """What made a run's Gaussians: its report's config without the mesh export and the device, a model file
+    or folder by its hash."""
+    settings = {k: v for k, v in json.loads(json.dumps(config or {})).items() if k not in ("mesh", "device")}
+    teacher = settings.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("model"), dict):
+        teacher["model"] = f"sha256 {teacher['model'].get('sha256')}"
+    return settings
+
+
+def _first_difference(saved: Any, current: Any, key: str = "") -> str | None:
+    """``"name: A there, B here"`` for the first setting where two configs differ; None when they agree."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in dict.fromkeys([*saved, *current]):
+            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}" if key else name)
+            if found is not None:
+                return found
+        return None
+    return None if saved == current else f"{key}: {saved!r} there, {current!r} here"
 
 
 class PromptMeshTask(MeshTask, PromptTask):
@@ -516,18 +650,19 @@ def export_saved_run(
     device: torch.device,
     out_dir: Path,
     *,
+    run: SavedRun | None = None,
     refine: bool = True,
     image: Path | None = None,
     prompt: str | None = None,
-    preprocess: PreprocessOptions | None = None,
     overwrite: bool = False,
     on_stage: StageCallback | None = None,
 ) -> MeshExportReport:
     """``microdreamer export RUN.ply --to mesh``: the textured mesh of a saved 3DGS file.
 
-    With ``refine``, the run's teacher (from ``cfg``) is loaded and conditioned on the run's input
-    ``image`` (and ``prompt``) to refine the texture; without, the texture is the bake alone. The PLY is
-    read and the outputs checked before any model is loaded.
+    With ``refine``, the run's teacher (from ``cfg``) is loaded and conditioned as in the run: on ``image``,
+    else the input image that the run's report ``run`` names (found as :class:`SavedRun` finds it), prepared
+    with the report's preprocessing options, and on ``prompt``, else the report's. Without, the texture is
+    the bake alone. The PLY is read, the outputs checked and the image prepared before any model is loaded.
     """
     gaussians = Gaussians.load(ply, cfg.gaussians, device)
     stem = ply.stem
@@ -537,13 +672,17 @@ def export_saved_run(
     if not refine or cfg.mesh.refine_steps == 0:
         return export_mesh(gaussians, out_dir, stem, cfg, device=device, overwrite=overwrite, on_stage=on_stage)
     entry = teacher_entry(cfg.teacher.name)
+    prompt = prompt or (run.prompt if run is not None else None)
+    if image is None and run is not None and entry.inputs != "text":
+        image = run.input_image("pass --image IMAGE, or --no-refine")
     if entry.inputs != "text" and image is None and cfg.teacher.name != "reference":
         raise UserError(f"refining the texture with '{cfg.teacher.name}' needs the run's input image: pass "
                         "--image IMAGE, or --no-refine")
     if entry.inputs == "text" and not prompt:
         raise UserError(f"refining the texture with '{cfg.teacher.name}' needs the run's prompt: pass --prompt, "
                         "or --no-refine")
-    rgba = None if image is None else ImagePreparer(preprocess or PreprocessOptions())(image)
+    options = PreprocessOptions.resolve(None if run is None else run.path)
+    rgba = None if image is None else ImagePreparer(options)(image)
     pipeline = ImageTo3D(cfg, device)
     return pipeline.export_mesh(PreparedInput(stem, image, rgba, prompt), gaussians, out_dir, overwrite, on_stage)
 

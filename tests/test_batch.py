@@ -174,6 +174,26 @@ def test_skip_existing_does_no_work_and_never_loads(tmp_path: Path, inputs):
     assert task.runs == ["a", "c"]
 
 
+def test_a_resumed_batch_keeps_what_the_earlier_manifest_recorded_of_skipped_jobs(tmp_path: Path, inputs):
+    out, manifest = tmp_path / "out", tmp_path / "out" / "manifest.json"
+    BatchRunner("fake", out, manifest=manifest).run(inputs, FakeTask(out))
+    first = {e["stem"]: e for e in _manifest(manifest)["entries"]}
+    (out / "c.out").unlink()  # c runs again; a is skipped
+    for _ in range(2):  # and skipped again: what was kept is kept once more
+        task = FakeTask(out)
+        BatchRunner("fake", out, manifest=manifest, skip_existing=True).run(inputs, task)
+        entries = {e["stem"]: e for e in _manifest(manifest)["entries"]}
+        assert entries["a"]["status"] == "skipped" and entries["a"]["note"] == "outputs exist"
+        kept = ("seed", "config", "timings", "evaluations", "peak_memory")
+        assert {k: entries["a"][k] for k in kept} == {k: first["a"][k] for k in kept}
+        assert entries["a"]["timings"] == {"t": 0.5}
+    assert [e["status"] for e in _manifest(manifest)["entries"]] == ["skipped", "failed", "skipped", "failed"]
+    # nothing is taken from a manifest that cannot be read, or without skip_existing
+    manifest.write_text("{not json")
+    result = BatchRunner("fake", out, manifest=manifest, skip_existing=True).run(inputs, FakeTask(out))
+    assert result.entries[0].status == "skipped" and result.entries[0].timings == {} and result.entries[0].seed is None
+
+
 def test_single_input_errors_propagate(tmp_path: Path, inputs):
     with pytest.raises(UserError, match="b.png is bad"):
         BatchRunner("fake", tmp_path, single=True).run([inputs[1]], FakeTask(tmp_path))

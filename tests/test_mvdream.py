@@ -488,6 +488,43 @@ def test_text2mesh_batch_refines_the_texture_with_the_prompt(tmp_path, mv_dir, t
         assert json.loads((out / f"{stem}.json").read_text())["config"]["mesh"]["refine_steps"] == 2
 
 
+def test_text2mesh_batch_stopped_in_a_mesh_stage_resumes_there(tmp_path, capsys, monkeypatch, mv_dir,
+                                                              tiny_mesh_config):
+    from microdreamer import pipeline
+    from microdreamer.cli import main
+
+    def argv(out: Path, *prompts: str) -> list[str]:
+        return ["text2mesh", *prompts, "--model", str(mv_dir), "--config", str(tiny_mesh_config), "--out", str(out),
+                "--device", "cpu", "--refine-steps", "2", "-q"]
+
+    whole = tmp_path / "whole"
+    assert main(argv(whole, "a corgi")) == 0
+    out = tmp_path / "out"
+    export_mesh, calls = pipeline.export_mesh, []
+
+    def interrupt_the_second(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return export_mesh(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "export_mesh", interrupt_the_second)
+        assert main(argv(out, "a red cat", "a corgi")) == 130
+    assert calls == ["a_red_cat", "a_corgi"] and not (out / "a_corgi.glb").exists()
+    first = {e["stem"]: e for e in json.loads((out / "manifest.json").read_text())["entries"]}
+    assert [first[s]["status"] for s in ("a_red_cat", "a_corgi")] == ["done", "interrupted"]
+    capsys.readouterr()
+    assert main(argv(out, "a red cat", "a corgi") + ["--skip-existing", "--json"]) == 0
+    entries = {e["stem"]: e for e in json.loads(capsys.readouterr().out)["entries"]}
+    cat, corgi = entries["a_red_cat"], entries["a_corgi"]
+    assert cat["status"] == "skipped" and cat["timings"] == first["a_red_cat"]["timings"]
+    assert corgi["status"] == "done" and corgi["note"].startswith("mesh stage only")
+    # conditioned on the prompt as in the run: the mesh an uninterrupted run makes
+    assert (out / "a_corgi.glb").read_bytes() == (whole / "a_corgi.glb").read_bytes()
+    assert json.loads((out / "a_corgi_mesh.json").read_text())["refine"]["steps"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["text2gs", ""], "empty prompt"),
     (["text2mesh", " "], "empty prompt"),
