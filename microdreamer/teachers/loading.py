@@ -106,13 +106,13 @@ def resolve_model_dir(
     hub = require("huggingface_hub")
     patterns = list(files or ALLOW_PATTERNS)
     snapshot = _cached_snapshot(hub, text, cache_dir, patterns)
-    if snapshot is not None and not missing_files(snapshot, files):
+    missing = missing_files(snapshot, files) if snapshot is not None else []
+    if snapshot is not None and not missing:
         return snapshot
     if not allow_download:
-        state = "incomplete" if snapshot is not None else "not"
-        raise UserError(
-            f"model '{text}' is {state} in the Hugging Face cache and downloads are disabled; {_missing_model_help()}"
-        )
+        state = (f"is incomplete in the Hugging Face cache (missing {', '.join(missing[:3])})" if snapshot is not None
+                 else "is not in the Hugging Face cache")
+        raise UserError(f"model '{text}' {state} and downloads are disabled; {_missing_model_help()}")
     try:
         snapshot = Path(hub.snapshot_download(text, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as exc:  # network, offline mode, missing or gated repository: all end the same way
