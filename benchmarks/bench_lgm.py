@@ -1,7 +1,7 @@
 """Time of one LGM reconstruction with the real-size "big" network and random weights (no downloads).
 
 One object: 4 views of 256² → input tensor (ImageNet normalisation + Plücker rays) → network →
-splatter images [1, 4, 14, 128, 128] → 65,536 Gaussians in our frame (LGM's 0.005 opacity cut).
+splatter images [1, 4, 14, 128, 128] → up to 65,536 Gaussians in our frame (those above LGM's 0.005 opacity).
 Stages are timed apart; the FLOPs of one network call (torch's counter on the meta device) give the
 throughput reached. fp32 on the CPU, fp16 on CUDA (``--dtype`` overrides); on CUDA the peak allocated
 memory is printed too. Not a test: it prints numbers.
@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from bench_teachers import _sync, randomize
-from microdreamer.pipeline import resolve_device
+from bench_teachers import _sync, add_run_options, randomize, run_settings
 from microdreamer.reconstructors.lgm import LGMReconstructor, lgm_to_world, splatter_to_gaussians
 from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
-from microdreamer.teachers.loading import resolve_dtype
 
 
 def tflop_per_call(config: LGMConfig) -> float:
@@ -86,21 +83,9 @@ def bench(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16, fp32")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 10 on CUDA, 2 on CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 3 on CUDA, 0 on CPU)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the row here")
+    add_run_options(parser, cpu_repeats=2)
     args = parser.parse_args()
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    cuda = device.type == "cuda"
-    repeats = args.repeats if args.repeats is not None else (10 if cuda else 2)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
-    info = f"{torch.cuda.get_device_name(device)}" if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# device {device} ({info}), torch {torch.__version__}")
-    row = bench(device, dtype, repeats, warmup)
+    row = bench(*run_settings(args, cpu_repeats=2))
     print(json.dumps(row))
     if args.json is not None:
         args.json.write_text(json.dumps(row, indent=2))
