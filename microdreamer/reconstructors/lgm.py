@@ -20,7 +20,9 @@ Facts from 3DTopia/LGM@fe8d12c (teachers spec §5, geco spec §2.7), in our word
 
 Frames: LGM's Gaussians live in its normalised frame (cameras at radius 1.5). :func:`lgm_to_world`
 maps them into ours: view 0 back to its orbit pose, then scaled by ``radius / 1.5`` so that our
-orbit cameras at ``radius`` (same field of view) see exactly what LGM's input cameras saw.
+orbit cameras at ``radius`` (same field of view) see exactly what LGM's input cameras saw. The
+object's size is thus set by how the views frame it, as for every image input (a mesh teacher's
+"longest side 1" is a property of reference meshes, not of this frame).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def lgm_to_world(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0)
 
 def _log_softplus(x: Tensor) -> Tensor:
     """``log(softplus(x))``, finite for very negative x (where it equals x to float precision)."""
-    return torch.where(x > -15, F.softplus(x).clamp_min(1e-30).log(), x)
+    return torch.where(x > -15, F.softplus(x).log(), x)
 
 
 def splatter_to_gaussians(splats: Tensor, min_opacity: float = MIN_OPACITY) -> GaussianPLY:
