@@ -4,6 +4,7 @@ A model folder holds ``model_index.json`` and one sub-folder per component (``un
 ``config.json`` and its weights. We read every config ourselves, build the modules from a small whitelist of
 diffusers / transformers classes (never remote code), and load their weights from ``*.safetensors`` only,
 checking the key set strictly so that a wrong or truncated checkpoint fails with the offending key named.
+Single-file repositories (LGM) are folders that hold named safetensors files at the top instead.
 """
 
 from __future__ import annotations
@@ -77,39 +78,47 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 
 
 def resolve_model_dir(
-    model_id_or_path: str | Path, *, allow_download: bool, cache_dir: str | Path | None = None
+    model_id_or_path: str | Path,
+    *,
+    allow_download: bool,
+    cache_dir: str | Path | None = None,
+    files: tuple[str, ...] = (),
 ) -> Path:
     """A local model folder, or a Hugging Face id resolved to its cached snapshot.
 
-    The local cache is tried first (no network); a missing or incomplete snapshot is downloaded when
-    ``allow_download``, limited to :data:`ALLOW_PATTERNS`. Anything that cannot be resolved is a
-    :class:`UserError` saying how to provide the model.
+    The folder is in the diffusers layout, or, when ``files`` names them, holds just those files (a
+    single-file repository such as LGM's, of which only the named files are fetched). The local cache
+    is tried first (no network); a missing or incomplete snapshot is downloaded when
+    ``allow_download``, limited to :data:`ALLOW_PATTERNS` or ``files``. Anything that cannot be
+    resolved is a :class:`UserError` saying how to provide the model.
     """
     text = str(model_id_or_path)
     path = Path(text).expanduser()
     if path.exists() or not _REPO_ID.match(text):
+        layout = f"a folder holding {files[0]}" if files else "a folder in the diffusers layout"
         if not path.is_dir():
-            raise UserError(f"model folder not found: {path} (pass a folder in the diffusers layout, or a Hugging Face id)")
-        if not (path / "model_index.json").is_file():
+            raise UserError(f"model folder not found: {path} (pass {layout}, or a Hugging Face id)")
+        if files and missing_files(path, files):
+            raise UserError(f"{path} has no {missing_files(path, files)[0]}; is this the right model folder?")
+        if not files and not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers model folder: it has no model_index.json")
         return path
     hub = require("huggingface_hub")
-    snapshot = _cached_snapshot(hub, text, cache_dir)
-    if snapshot is not None and not missing_files(snapshot):
+    patterns = list(files or ALLOW_PATTERNS)
+    snapshot = _cached_snapshot(hub, text, cache_dir, patterns)
+    missing = missing_files(snapshot, files) if snapshot is not None else []
+    if snapshot is not None and not missing:
         return snapshot
     if not allow_download:
-        state = "incomplete" if snapshot is not None else "not"
-        raise UserError(
-            f"model '{text}' is {state} in the Hugging Face cache and downloads are disabled; {_missing_model_help()}"
-        )
+        state = (f"is incomplete in the Hugging Face cache (missing {', '.join(missing[:3])})" if snapshot is not None
+                 else "is not in the Hugging Face cache")
+        raise UserError(f"model '{text}' {state} and downloads are disabled; {_missing_model_help()}")
     try:
-        snapshot = Path(
-            hub.snapshot_download(text, allow_patterns=list(ALLOW_PATTERNS), cache_dir=cache_dir)
-        )
+        snapshot = Path(hub.snapshot_download(text, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as exc:  # network, offline mode, missing or gated repository: all end the same way
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
         raise UserError(f"cannot download model '{text}' ({reason}); {_missing_model_help()}") from None
-    missing = missing_files(snapshot)
+    missing = missing_files(snapshot, files)
     if missing:
         raise UserError(
             f"model '{text}' is incomplete in the cache and the download did not complete it "
@@ -118,19 +127,20 @@ def resolve_model_dir(
     return snapshot
 
 
-def _cached_snapshot(hub: ModuleType, repo_id: str, cache_dir: str | Path | None) -> Path | None:
+def _cached_snapshot(hub: ModuleType, repo_id: str, cache_dir: str | Path | None, patterns: list[str]) -> Path | None:
     try:
         return Path(
-            hub.snapshot_download(
-                repo_id, allow_patterns=list(ALLOW_PATTERNS), cache_dir=cache_dir, local_files_only=True
-            )
+            hub.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=True)
         )
     except require("huggingface_hub.errors").LocalEntryNotFoundError:  # also an incomplete snapshot
         return None
 
 
-def missing_files(model_dir: Path) -> list[str]:
-    """Files a complete model folder must have but ``model_dir`` lacks (relative paths)."""
+def missing_files(model_dir: Path, files: tuple[str, ...] = ()) -> list[str]:
+    """Files a complete model folder must have but ``model_dir`` lacks (relative paths): ``files``
+    when given, else those of the diffusers layout."""
+    if files:
+        return [name for name in files if not (model_dir / name).is_file()]
     if not (model_dir / "model_index.json").is_file():
         return ["model_index.json"]
     missing = []
