@@ -103,9 +103,9 @@ class PreprocessOptions:
         if self.remove_background not in MODES:
             raise UserError(f"unknown background removal '{self.remove_background}' (use {', '.join(MODES)})")
         if not 0.0 <= self.border_ratio < 1.0:
-            raise UserError("--border-ratio must lie in [0, 1)")
+            raise UserError(f"--border-ratio must lie in [0, 1), got {self.border_ratio:g}")
         if not 16 <= self.size <= 4096:
-            raise UserError("the preprocessing size must lie in 16..4096")
+            raise UserError(f"--size (the preprocessed image's side) must lie in 16..4096, got {self.size}")
 
     @classmethod
     def resolve(cls, config_file: Path | None = None, **flags: Any) -> "PreprocessOptions":
@@ -397,9 +397,9 @@ def prepare_input(image: Path | None, cfg: RunConfig, options: PreprocessOptions
 
 
 def describe_iteration(log: IterationLog) -> str:
-    """One short line for a progress bar."""
+    """One short line for progress: what the SIR iteration refined from, its loss and its wall time."""
     where = "init (from noise)" if log.t2 is None else f"t2={log.t2} t1={log.t1}"
-    return f"{where} loss={log.loss:.0f}"
+    return f"SIR {where} loss={log.loss:.0f}, {log.seconds:.1f} s"
 
 
 class ImageTask:
