@@ -133,16 +133,14 @@ def _resolve_config(teacher: str | None, preset: str | None, config: Path | None
     """Preset < ``--config`` < flags. The preset is ``--preset``, else the one a saved config names (when
     the teacher is not changed by ``--teacher``), else the teacher's own."""
     from .config import read_config_file, resolve
-    from .teachers.registry import check_teacher_config, teacher_entry
+    from .teachers.registry import teacher_entry
 
     saved = read_config_file(config) if config is not None else {}
     saved_teacher = saved.get("teacher", {}).get("name") if isinstance(saved.get("teacher"), dict) else None
     entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
     same_teacher = teacher is None or teacher == saved_teacher
     chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
-    cfg = resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags))
-    check_teacher_config(cfg)
-    return cfg
+    return resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags))
 
 
 def _removal(rembg: bool | None) -> str | None:
@@ -182,6 +180,7 @@ class _ProgressView(BatchObserver):
         self.total = 0
         self.label = ""
         self.loading_since = 0.0
+        self.loaded_in: float | None = None
 
     def __enter__(self) -> "_ProgressView":
         self.progress.start()
@@ -214,10 +213,13 @@ class _ProgressView(BatchObserver):
             self.loading_since = time.perf_counter()
             self._line(f"{self.label}: loading the teacher")
         else:
-            self._line(f"{self.label}: teacher loaded in {time.perf_counter() - self.loading_since:.1f} s")
+            self.loaded_in = time.perf_counter() - self.loading_since  # said with the first step: it loaded
 
     def step(self, done: int, total: int, info: str) -> None:
         self.progress.update(self.run_task, completed=done, total=total, info=escape(info))
+        if self.loaded_in is not None:
+            self._line(f"{self.label}: teacher loaded in {self.loaded_in:.1f} s")
+            self.loaded_in = None
         if info:
             self._line(f"{self.label} [{done}/{total}] {info}")
 
@@ -409,7 +411,7 @@ def image2gs(
         elevation=elevation, backend=backend, device=device,
     )
     prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg.teacher.name, prompt)
+    _check_image_teacher(cfg, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     video_options = _video_options(video, video_format)
     _check_run_outputs(out, manifest)
@@ -481,7 +483,7 @@ def image2mesh(
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
     )
     prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg.teacher.name, prompt)
+    _check_image_teacher(cfg, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     _check_run_outputs(out, manifest)
     _warn_cut_prompts(cfg, [prompt] if prompt else [], quiet)
@@ -573,11 +575,13 @@ def _saved_prompt(config: Path | None) -> str | None:
     return prompt if isinstance(prompt, str) else None
 
 
-def _check_image_teacher(name: str, prompt: str | None) -> None:
-    """Image commands take image and image+text teachers; ``--prompt`` only the latter, and not blank."""
-    from .teachers.registry import teacher_entry
+def _check_image_teacher(cfg: "RunConfig", prompt: str | None) -> None:
+    """Image commands take image and image+text teachers (see :func:`check_teacher_config`); ``--prompt``
+    only the latter, and not blank."""
+    from .teachers.registry import check_teacher_config
 
-    inputs = teacher_entry(name).inputs
+    name = cfg.teacher.name
+    inputs = check_teacher_config(cfg).inputs
     if inputs == "text":
         raise UserError(f"teacher '{name}' generates from text alone: use text2gs PROMPT")
     if prompt is not None and inputs != "image+text":
@@ -635,13 +639,13 @@ def _run_prompts(
     """One job per prompt through the batch runner, the text-to-3D teacher loaded once; ``flags`` are
     config overrides (:func:`_overrides`). A lone bad prompt fails before any model is loaded."""
     from .pipeline import prompt_jobs, resolve_device
-    from .teachers.registry import teacher_entry
+    from .teachers.registry import check_teacher_config
 
     jobs = prompt_jobs(prompts)
     if len(jobs) == 1 and jobs[0].problem is not None:
         raise UserError(jobs[0].problem)
     cfg = _resolve_config(teacher or "mvdream", preset, config, **flags)
-    if teacher_entry(cfg.teacher.name).inputs != "text":
+    if check_teacher_config(cfg).inputs != "text":
         raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
     video_options = _video_options(video, video_format)
     _check_run_outputs(out, manifest)

@@ -35,6 +35,7 @@ from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
 from .teachers.registry import teacher_entry
 from .video import VideoOptions, encode_video, render_frames, turntable_cameras
+from .wording import plural
 
 
 def resolve_device(name: str) -> torch.device:
@@ -457,8 +458,8 @@ class ImageTask:
         return JobResult(
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
             evaluations=report.evaluations, peak_memory=report.peak_memory,
-            note=f"{report.primitives} Gaussians, {report.timings['sir']:.1f} s SIR, "
-                 f"{report.evaluations['total']} network evaluations" + _gpu_note(report.peak_memory),
+            note=f"{plural(report.primitives, 'Gaussian')}, {report.timings['sir']:.1f} s SIR, "
+                 f"{plural(report.evaluations['total'], 'network evaluation')}" + _gpu_note(report.peak_memory),
         )
 
 
@@ -501,7 +502,7 @@ class MeshTask(ImageTask):
         result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
         result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
         result.peak_memory = peak_memory(self.device)  # the Gaussians' run and the mesh export together
-        result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
+        result.note += f"; mesh {plural(mesh.faces, 'face')} in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
         return result
 
 

@@ -98,7 +98,7 @@ def resolve_model_dir(
     """
     advice = advice or _missing_model_help()
     text = str(model_id_or_path)
-    local = _local_model_dir(text)
+    local = local_model_dir(text)
     if local is not None:
         return local
     hub = require("huggingface_hub")
@@ -136,7 +136,7 @@ def model_files(
 
     text = str(model_id_or_path)
     try:
-        local = _local_model_dir(text)
+        local = local_model_dir(text)
     except UserError:
         return None
     if local is not None:
@@ -154,8 +154,9 @@ def model_files(
     return None
 
 
-def _local_model_dir(text: str) -> Path | None:
-    """``text`` as a local model folder, or None when it is a Hugging Face id that names no local path."""
+def local_model_dir(text: str) -> Path | None:
+    """``text`` as a local model folder (checked to be one), or None when it is a Hugging Face id that names
+    no local path."""
     path = Path(text).expanduser()
     if not path.exists() and _REPO_ID.match(text):
         return None

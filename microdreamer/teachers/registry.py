@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +13,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..wording import plural
 from .base import Teacher
+from .loading import local_model_dir
 from .mv_cameras import VIEWS_PER_OBJECT
 
 if TYPE_CHECKING:
@@ -30,8 +32,7 @@ class TeacherEntry:
 def _reference(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
     from .reference import ReferenceTeacher
 
-    if not cfg.teacher.model:
-        raise UserError("the reference teacher needs a mesh: pass --model MESH (.obj, .glb or .gltf)")
+    check_teacher_config(cfg)
     return ReferenceTeacher(
         cfg.teacher.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background
     )
@@ -41,6 +42,7 @@ def _zero123(variant: str) -> Callable[[RunConfig, torch.device, bool], Teacher]
     def build(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
         from .zero123 import Zero123Teacher
 
+        check_teacher_config(cfg)
         return Zero123Teacher.from_pretrained(
             cfg.teacher.model, variant=variant, device=device, dtype=cfg.teacher.dtype, allow_download=allow_download
         )
@@ -83,8 +85,18 @@ def teacher_entry(name: str) -> TeacherEntry:
 
 
 def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
-    """The entry of ``cfg``'s teacher, once ``cfg`` is checked for what that teacher needs (before it loads)."""
+    """The entry of ``cfg``'s teacher, once ``cfg`` is checked for what that teacher needs, before it loads:
+    the reference teacher a mesh file, a model folder given as a path its layout, the multi-view teachers
+    views in groups they denoise together."""
     entry = teacher_entry(cfg.teacher.name)
+    model = cfg.teacher.model
+    if entry.name == "reference":
+        if not model:
+            raise UserError("the reference teacher needs a mesh: pass --model MESH (.obj, .glb or .gltf)")
+        if not Path(model).expanduser().is_file():
+            raise UserError(f"mesh file not found: {model} (--model)")
+    elif model:
+        local_model_dir(model)
     views, multiple = cfg.cameras.views, entry.views_multiple
     if views % multiple:
         raise UserError(
