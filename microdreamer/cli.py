@@ -310,7 +310,9 @@ def _within(low: float, high: float, *, strict: bool = False, unit: str = "") ->
     """An option callback refusing a number outside [low, high] (``strict``: the open interval), NaN included."""
     def check(value: Any) -> Any:
         if value is not None and not (low < value < high if strict else low <= value <= high):
-            if high == math.inf:
+            if (low, high) == (-math.inf, math.inf):
+                bounds = "be a finite number"
+            elif high == math.inf:
                 bounds = f"be {'greater than' if strict else 'at least'} {low:g} and finite"
             else:
                 bounds = f"lie {'strictly between' if strict else 'in'} {low:g}{' and ' if strict else '..'}{high:g}"
@@ -606,7 +608,9 @@ def _warn_cut_prompts(cfg: "RunConfig", prompts: list[str], quiet: bool) -> None
     from .teachers.registry import prompt_reader
 
     reader = prompt_reader(cfg) if prompts and not quiet else None
-    for prompt in prompts if reader is not None else []:
+    if reader is None:
+        return
+    for prompt in prompts:
         kept = reader.cut(prompt)
         if kept is not None:
             tail = " ".join(kept.split()[-4:])
@@ -776,7 +780,7 @@ def render(
                                              callback=_within(-ELEVATION_LIMIT, ELEVATION_LIMIT, strict=True, unit=" degrees"))] = 0.0,
     radius: Annotated[float, typer.Option(help="Camera distance.", callback=_within(0, math.inf, strict=True))] = 2.0,
     fovy: Annotated[float, typer.Option(help="Vertical field of view in degrees.", callback=_within(0, 180, strict=True, unit=" degrees"))] = 49.1,
-    azimuth: Annotated[float, typer.Option(help="Azimuth of the first frame in degrees.", callback=_within(-math.inf, math.inf, strict=True, unit=" degrees"))] = 0.0,
+    azimuth: Annotated[float, typer.Option(help="Azimuth of the first frame in degrees.", callback=_within(-math.inf, math.inf, strict=True))] = 0.0,
     normalize: Annotated[bool, _flag(help="Fit a mesh into the unit box first.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     overwrite: Annotated[bool, _flag(help="Replace an existing video.")] = False,
