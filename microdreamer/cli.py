@@ -322,6 +322,10 @@ def _within(low: float, high: float, *, strict: bool = False, unit: str = "") ->
     return check
 
 
+#: a distance: positive and finite
+_POSITIVE = _within(0, math.inf, strict=True)
+
+
 def _flag(*decls: str, help: str) -> Any:
     """A flag: its help shows no value, as it takes none (``--video``, not ``--video true``)."""
     return typer.Option(*decls, help=help, metavar="")
@@ -776,11 +780,14 @@ def render(
     frames: Annotated[int, typer.Option(help="Frames over 360°.", callback=_within(*TURNTABLE_FRAMES))] = 90,
     fps: Annotated[int, typer.Option(help="Frames per second.", callback=_within(*TURNTABLE_FPS))] = 30,
     res: Annotated[int, typer.Option(help="Frame size in pixels.", callback=_within(*TURNTABLE_RESOLUTION))] = 512,
-    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees (negative = from above).",
-                                             callback=_within(-ELEVATION_LIMIT, ELEVATION_LIMIT, strict=True, unit=" degrees"))] = 0.0,
-    radius: Annotated[float, typer.Option(help="Camera distance.", callback=_within(0, math.inf, strict=True))] = 2.0,
-    fovy: Annotated[float, typer.Option(help="Vertical field of view in degrees.", callback=_within(0, 180, strict=True, unit=" degrees"))] = 49.1,
-    azimuth: Annotated[float, typer.Option(help="Azimuth of the first frame in degrees.", callback=_within(-math.inf, math.inf, strict=True))] = 0.0,
+    elevation: Annotated[float, typer.Option(
+        help="Camera elevation in degrees (negative = from above).",
+        callback=_within(-ELEVATION_LIMIT, ELEVATION_LIMIT, strict=True, unit=" degrees"))] = 0.0,
+    radius: Annotated[float, typer.Option(help="Camera distance.", callback=_POSITIVE)] = 2.0,
+    fovy: Annotated[float, typer.Option(
+        help="Vertical field of view in degrees.", callback=_within(0, 180, strict=True, unit=" degrees"))] = 49.1,
+    azimuth: Annotated[float, typer.Option(
+        help="Azimuth of the first frame in degrees.", callback=_within(-math.inf, math.inf, strict=True))] = 0.0,
     normalize: Annotated[bool, _flag(help="Fit a mesh into the unit box first.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     overwrite: Annotated[bool, _flag(help="Replace an existing video.")] = False,
@@ -812,7 +819,7 @@ def eval_(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Path, typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf).")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
-    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.", callback=_within(0, math.inf, strict=True))] = 2.0,
+    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.", callback=_POSITIVE)] = 2.0,
     res: Annotated[int, typer.Option(help="Render resolution.", callback=_within(*RESOLUTION))] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
@@ -853,7 +860,8 @@ def eval_(
 @app.command("selftest")
 def selftest(
     out: Annotated[Optional[Path], typer.Option(help="Keep the outputs here (default: a temporary folder).")] = None,
-    min_psnr: Annotated[float, typer.Option(help="Fail below this mean held-out PSNR (dB).", callback=_within(0, 100))] = SELFTEST_MIN_PSNR,
+    min_psnr: Annotated[float, typer.Option(
+        help="Fail below this mean held-out PSNR (dB).", callback=_within(0, 100))] = SELFTEST_MIN_PSNR,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
     """Reconstruct the bundled CC0 Spot cow with the reference teacher and check the held-out PSNR."""
@@ -941,7 +949,8 @@ def models_download(
 
     entry = find_entry(name)
     if not cache_status(entry, cache_dir)[0]:
-        check_output_dir(hub_cache(cache_dir), "--cache-dir" if cache_dir is not None else "--cache-dir (default: HF_HUB_CACHE)")
+        option = "--cache-dir" if cache_dir is not None else "--cache-dir (default: HF_HUB_CACHE)"
+        check_output_dir(hub_cache(cache_dir), option)
     console = _console()
     if not entry.commercial_use:
         console.print(f"[bold yellow]licence:[/] {escape(entry.license)}")

@@ -167,7 +167,8 @@ class RunConfig:
             (self.gaussians.num_points >= 1, "gaussians.num_points must be at least 1"),
             (self.gaussians.backend in backends,
              f"--backend (gaussians.backend) must be {', '.join(backends)}, got '{self.gaussians.backend}'"),
-            (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number in 0..{MAX_SEED} (2**64 - 1), got {self.seed}"),
+            (0 <= self.seed <= MAX_SEED,
+             f"--seed must be a whole number in 0..{MAX_SEED} (2**64 - 1), got {self.seed}"),
             (all(0.0 <= b <= 1.0 for b in self.background) and len(self.background) == 3,
              "background must be three numbers in [0, 1]"),
             *self._mesh_checks(),
@@ -182,7 +183,8 @@ class RunConfig:
         m = self.mesh
         steps_ok = 1 <= m.refine_denoise_steps <= 1000
         return [
-            (16 <= m.resolution <= 1024, f"--grid (mesh.resolution, the density grid) must lie in 16..1024, got {m.resolution}"),
+            (16 <= m.resolution <= 1024,
+             f"--grid (mesh.resolution, the density grid) must lie in 16..1024, got {m.resolution}"),
             (0 < m.threshold < math.inf, f"--threshold (mesh.threshold) must be a positive number, got {m.threshold:g}"),
             (0.0 <= m.min_component <= 1.0, "mesh.min_component must lie in [0, 1]"),
             (m.faces >= 100, f"--faces (mesh.faces, the face budget) must be at least 100, got {m.faces}"),
