@@ -213,7 +213,7 @@ def test_cache_status_reads_the_cache_only(tiny_dir, tmp_path, offline):
     (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     cached, _ = catalog.cache_status(entry, hub)
     assert not cached
-    with pytest.raises(UserError, match=r"did not complete it \(missing vae/\*\.safetensors\).*--model"):
+    with pytest.raises(UserError, match=r"did not complete it \(missing vae/\*\.safetensors\); check the network"):
         catalog.download(entry, hub)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .loading import missing_files, require, resolve_model_dir
+from .loading import DOWNLOAD_HELP, missing_files, require, resolve_model_dir
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ def find_entry(name: str) -> CatalogEntry:
 def cache_status(entry: CatalogEntry, cache_dir: str | Path | None = None) -> tuple[bool, int | None]:
     """(complete snapshot cached, bytes the repository takes in the cache or None); never uses the network."""
     hub = require("huggingface_hub")
+    if hub_cache(cache_dir).is_file():
+        raise UserError(f"the Hugging Face cache {hub_cache(cache_dir)} is a file, not a folder; give the cache folder")
     try:
         info = hub.scan_cache_dir(cache_dir)
     except hub.CacheNotFound:
@@ -101,6 +103,12 @@ def cache_status(entry: CatalogEntry, cache_dir: str | Path | None = None) -> tu
     return False, None
 
 
+def hub_cache(cache_dir: str | Path | None = None) -> Path:
+    """The Hugging Face hub cache that downloads go to: ``cache_dir``, else HF_HUB_CACHE (or its default)."""
+    return Path(cache_dir) if cache_dir is not None else Path(require("huggingface_hub.constants").HF_HUB_CACHE)
+
+
 def download(entry: CatalogEntry, cache_dir: str | Path | None = None) -> Path:
     """Fetch (or find in the cache) the entry's configs and safetensors weights; returns the snapshot folder."""
-    return resolve_model_dir(entry.repo_id, allow_download=True, cache_dir=cache_dir, files=entry.files)
+    return resolve_model_dir(entry.repo_id, allow_download=True, cache_dir=cache_dir, files=entry.files,
+                             advice=DOWNLOAD_HELP)
