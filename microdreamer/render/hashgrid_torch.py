@@ -38,12 +38,11 @@ def corner_bits(device: torch.device | str | None = None) -> Tensor:
 
 
 def level_corners(x: Tensor, cfg: HashGridConfig, level: int) -> tuple[Tensor, Tensor]:
-    """Flat-table entries ``[N,8]`` (the level's offset included) and float32 weights ``[N,8]`` of
-    the 8 corners of each point's cell at ``level``; the weights are differentiable w.r.t. ``x``."""
+    """Entries ``[N,8]`` (within the level's table) and float32 weights ``[N,8]`` of the 8 corners
+    of each point's cell at ``level``; the weights are differentiable w.r.t. ``x``."""
     scale = cfg.level_scales()[level]
     res = cfg.level_resolutions()[level]
     size = cfg.level_sizes()[level]
-    offset = cfg.level_offsets()[level]
     x32 = x.float()
     pos = (x32.detach().double() * scale + 0.5).float()
     cell = torch.floor(pos)
@@ -51,13 +50,13 @@ def level_corners(x: Tensor, cfg: HashGridConfig, level: int) -> tuple[Tensor, T
     if x32.requires_grad:
         frac = frac + (x32 - x32.detach()) * scale  # adds exactly 0; d frac / dx = scale
     bits = corner_bits(x.device)
-    corners = (cell.long()[:, None, :] + bits) & UINT32  # [N,8,3]
-    cx, cy, cz = corners.unbind(-1)
+    # cell + 1 may reach 2^32; the final mask keeps the low 32 bits, which + and · mod 2^32 determine
+    cx, cy, cz = ((cell.long() & UINT32)[:, None, :] + bits).unbind(-1)  # [N,8] each
     if cfg.level_hashed()[level]:
         entry = (cx * PRIMES[0]) ^ (cy * PRIMES[1]) ^ (cz * PRIMES[2])
     else:
         entry = cx + cy * res + cz * (res * res)
-    entry = (entry & UINT32) % size + offset
+    entry = (entry & UINT32) % size
     factors = torch.where(bits.bool(), frac[:, None, :], 1 - frac[:, None, :])  # [N,8,3]
     weights = factors[..., 0] * factors[..., 1] * factors[..., 2]
     return entry, weights
@@ -65,9 +64,10 @@ def level_corners(x: Tensor, cfg: HashGridConfig, level: int) -> tuple[Tensor, T
 
 def encode_torch(x: Tensor, params: Tensor, cfg: HashGridConfig) -> Tensor:
     """Reference encoding: ``x [N,3]``, flat ``params`` → ``[N, L·F]`` in ``params``' dtype."""
-    table = params.view(-1, cfg.n_features_per_level)
+    tables = params.view(-1, cfg.n_features_per_level).split(cfg.level_sizes())
     features = []
-    for level in range(cfg.n_levels):
+    for level, table in enumerate(tables):
         entry, weights = level_corners(x, cfg, level)
-        features.append((weights.to(params.dtype)[..., None] * table[entry]).sum(dim=1))
+        values = table.index_select(0, entry.flatten()).view(*entry.shape, cfg.n_features_per_level)
+        features.append((weights.to(params.dtype)[..., None] * values).sum(dim=1))
     return torch.cat(features, dim=-1)
