@@ -124,7 +124,8 @@ def test_indices_at_cell_boundaries_match_hand_computed(backend, level):
         assert [e for e, _ in corners] == entries_torch[n].tolist()
         expected = sum(float(w) * table[offset + e] for e, w in corners)
         bound = 16 * U * sum(float(w) * table[offset + e].abs() for e, w in corners)  # weights (3u), sum (8u)
-        torch.testing.assert_close(out[n, 2 * level: 2 * level + 2].double(), expected, atol=bound.max().item(), rtol=0)
+        feature = out[n, 2 * level: 2 * level + 2].double()
+        torch.testing.assert_close(feature, expected, atol=bound.max().item(), rtol=0)
     assert fused_pos(scale, lo7) < 7 <= fused_pos(scale, hi7)  # neighbours really straddle the boundary
     if level == 2:  # (34, 33, 33) → 34 + 33·34 + 33·34² = 39304 ≡ 0: the wrapped corner carries weight
         corner, weight = hand_corners((1.0, 1.0, 1.0), cfg, level)[1]
@@ -280,7 +281,9 @@ def test_cpu_matches_torch_small_grid():
 
 @needs_cpu_kernel
 def test_cpu_matches_torch_threestudio_grid():
-    compare_cpu_with_torch(THREESTUDIO, random_points(500, seed=10), random_params(THREESTUDIO, seed=11), seed=12)
+    outside = torch.tensor([[-0.2, -0.1, -0.3], [0.4, -0.05, 1.01]])  # negative indices, dense tables of 8·k
+    x = torch.cat([random_points(500, seed=10), outside])
+    compare_cpu_with_torch(THREESTUDIO, x, random_params(THREESTUDIO, seed=11), seed=12)
 
 
 @needs_cpu_kernel

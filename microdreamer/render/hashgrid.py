@@ -57,7 +57,9 @@ class HashGridConfig:
         if self.n_levels < 1:
             raise UserError(f"hash grid n_levels must be at least 1, got {self.n_levels}")
         if self.n_features_per_level not in (1, 2, 4, 8):
-            raise UserError(f"hash grid n_features_per_level must be 1, 2, 4 or 8 (as tcnn), got {self.n_features_per_level}")
+            raise UserError(
+                f"hash grid n_features_per_level must be 1, 2, 4 or 8 (as tcnn), got {self.n_features_per_level}"
+            )
         if not 3 <= self.log2_hashmap_size <= 30:
             raise UserError(f"hash grid log2_hashmap_size must be in [3, 30], got {self.log2_hashmap_size}")
         if self.base_resolution < 1 or not self.per_level_scale >= 1.0:
@@ -132,7 +134,9 @@ def load_tcnn_params(
     if key not in state_dict and isinstance(state_dict.get("state_dict"), Mapping):
         state_dict = state_dict["state_dict"]
     if key not in state_dict:
-        raise UserError(f"the checkpoint has no hash-grid parameters '{key}'; is it a threestudio implicit-volume NeRF?")
+        raise UserError(
+            f"the checkpoint has no hash-grid parameters '{key}'; is it a threestudio implicit-volume NeRF?"
+        )
     params = state_dict[key]
     if params.numel() != cfg.num_params:
         raise UserError(
@@ -165,7 +169,9 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         return name
     if name == "cpu":
         if device.type != "cpu":
-            raise UserError(f"hash-grid backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'")
+            raise UserError(
+                f"hash-grid backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'"
+            )
         reason = unavailable_reason()
         if reason is not None:
             raise UserError(f"hash-grid backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")

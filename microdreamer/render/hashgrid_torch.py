@@ -2,17 +2,18 @@
 
 Per point and level (tiny-cuda-nn's ``GridEncoding``, HashGrid / CoherentPrime / Linear):
 
-* ``pos = fma(scale, x, 0.5)`` in float32, ``cell = floor(pos)`` (as ``(uint32)(int)``, so a negative
-  cell wraps like tcnn's), ``frac = pos − cell``. torch has no float32 fma, so ``scale·x`` is formed in
-  float64 (exact: two 24-bit mantissas) and ``+ 0.5`` added there: that sum is exact whenever
-  ``scale·x ≥ 2⁻⁶`` and then rounds once to float32, i.e. equals the fused result; below that
-  (``pos < 0.52``, far from any cell boundary) double rounding can move ``frac`` by its last bit.
+* ``pos = fma(scale, x, 0.5)`` in float32, ``cell = floor(pos)`` (then ``(uint32)(int)``: a negative
+  cell, from x < −0.5/scale, wraps like tcnn's), ``frac = pos − cell``. torch has no float32 fma,
+  so ``scale·x`` is formed in float64 (exact: two 24-bit mantissas) and ``+ 0.5`` added there: that
+  sum is exact whenever ``scale·x ≥ 2⁻⁶`` and then rounds once to float32, i.e. equals the fused
+  result; below that (``pos < 0.52``, far from any cell boundary) double rounding can move ``frac``
+  by its last bit.
 * Corner ``c = 0..7`` takes ``cell + 1`` along dimension ``d`` when bit ``d`` of ``c`` is set; its
   weight is ``((1·w_x)·w_y)·w_z`` in float32 with ``w_d = frac_d`` or ``1 − frac_d``.
 * Entry: dense levels ``(x + y·res + z·res²) mod size``; hashed levels
   ``(x·1 ⊕ y·2654435761 ⊕ z·805459861) mod size``, both in uint32 wrap-around arithmetic (int64 here,
-  masked to the low 32 bits before the modulo, which also makes the real ``% size`` of the 8-padded
-  dense tables right).
+  masked to the low 32 bits before the modulo; the mask matters for the real ``% size`` of the
+  8-padded dense tables, which do not divide 2^32).
 * Feature ``f`` of the level = Σ_c weight_c · table[offset + entry_c, f]. tcnn accumulates with fmaf
   in corner order; this sums unfused, so the two agree to float32 rounding, not bit for bit.
 """
@@ -50,8 +51,9 @@ def level_corners(x: Tensor, cfg: HashGridConfig, level: int) -> tuple[Tensor, T
     if x32.requires_grad:
         frac = frac + (x32 - x32.detach()) * scale  # adds exactly 0; d frac / dx = scale
     bits = corner_bits(x.device)
-    # cell + 1 may reach 2^32; the final mask keeps the low 32 bits, which + and · mod 2^32 determine
-    cx, cy, cz = ((cell.long() & UINT32)[:, None, :] + bits).unbind(-1)  # [N,8] each
+    # int64 arithmetic, then the low 32 bits: + and · (and ⊕ bitwise) give the same low bits as in uint32,
+    # including for negative cells (two's complement) and products beyond 2^63
+    cx, cy, cz = (cell.long()[:, None, :] + bits).unbind(-1)  # [N,8] each
     if cfg.level_hashed()[level]:
         entry = (cx * PRIMES[0]) ^ (cy * PRIMES[1]) ^ (cz * PRIMES[2])
     else:

@@ -221,7 +221,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor params, torch::Tensor scale
   const auto levels = read_levels(scales, table);
   const int64_t n = x.size(0);
   auto out = torch::empty({n, static_cast<int64_t>(levels.size()) * n_features}, x.options());
-  DISPATCH_F(n_features, forward_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), levels, n, out.data_ptr<float>()));
+  DISPATCH_F(n_features,
+             forward_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), levels, n, out.data_ptr<float>()));
   return out;
 }
 
@@ -241,8 +242,9 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor x, torch::
   auto g_x = need_x ? torch::zeros_like(x) : torch::empty({0}, x.options());
   DISPATCH_F(n_features, {
     transpose<F, true>(level_major.data_ptr<float>(), grad.data_ptr<float>(), n_levels, n);
-    if (need_params) backward_impl<F>(x.data_ptr<float>(), level_major.data_ptr<float>(), levels, n, g_params.data_ptr<float>());
-    if (need_x) backward_x_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), level_major.data_ptr<float>(), levels, n, g_x.data_ptr<float>());
+    const float* g = level_major.data_ptr<float>();
+    if (need_params) backward_impl<F>(x.data_ptr<float>(), g, levels, n, g_params.data_ptr<float>());
+    if (need_x) backward_x_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), g, levels, n, g_x.data_ptr<float>());
   });
   return {g_params, g_x};
 }
