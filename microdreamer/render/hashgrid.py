@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ._backends import resolve_backend_choice
 from .hashgrid_cpu import encode_cpu, unavailable_reason
 from .hashgrid_tcnn import encode_tcnn, tcnn_unavailable_reason
 from .hashgrid_torch import encode_torch
 
-BACKENDS = ("torch", "cpu", "tcnn")
 THREESTUDIO_PARAMS_KEY = "geometry.encoding.encoding.encoding.params"
 N_DIMS = 3
 MAX_DENSE_RESOLUTION = 0x659  # tcnn's MAX_BASES[3]: finer grids are always hashed (x + y·res + z·res² overflows)
@@ -158,32 +158,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     torch (on CUDA without tinycudann, ``tcnn_unavailable_reason()`` is the line saying what to install).
     An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
     """
-    device = torch.device(device)
-    if name == "auto":
-        if device.type == "cuda" and tcnn_unavailable_reason() is None:
-            return "tcnn"
-        if device.type == "cpu" and unavailable_reason() is None:
-            return "cpu"
-        return "torch"
-    if name == "torch":
-        return name
-    if name == "cpu":
-        if device.type != "cpu":
-            raise UserError(
-                f"hash-grid backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'"
-            )
-        reason = unavailable_reason()
-        if reason is not None:
-            raise UserError(f"hash-grid backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")
-        return name
-    if name == "tcnn":
-        if device.type != "cuda":
-            raise UserError(f"hash-grid backend 'tcnn' needs CUDA tensors, not {device}; use 'auto'")
-        reason = tcnn_unavailable_reason()
-        if reason is not None:
-            raise UserError(f"hash-grid backend 'tcnn' is unavailable ({reason}); use 'auto'")
-        return name
-    raise UserError(f"unknown hash-grid backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
+    return resolve_backend_choice("hash-grid", name, device, "tcnn", tcnn_unavailable_reason, unavailable_reason)
 
 
 def hash_grid_encode(x: Tensor, params: Tensor, cfg: HashGridConfig, backend: str = "auto") -> Tensor:
