@@ -396,7 +396,13 @@ def test_tcnn_adapter(monkeypatch):
 def test_tcnn_matches_torch():
     dev = torch.device("cuda")
     for cfg in (SMALL, THREESTUDIO):
-        x = random_points(4000, seed=19).to(dev).requires_grad_()
+        # CUDA's fast-math exp2f may put a level's scale an ulp (2^-12 at 4095) off ours: features and
+        # parameter gradients move continuously with it, but the gradient w.r.t. x jumps where a point
+        # changes cell, so the points keep 1e-3 from every cell face at every level
+        x = random_points(6000, seed=19).double()
+        frac = torch.stack([torch.frac(x * s + 0.5) for s in cfg.level_scales()])
+        x = x[((frac > 1e-3) & (frac < 1 - 1e-3)).all(0).all(-1)].float().to(dev).requires_grad_()
+        assert len(x) > 1000
         params = random_params(cfg, seed=20).to(dev)
         g = torch.randn(len(x), cfg.n_output_dims, generator=torch.Generator().manual_seed(21)).to(dev)
         results = []
@@ -405,8 +411,7 @@ def test_tcnn_matches_torch():
             out = hash_grid_encode(x, p, cfg, backend=backend)
             results.append((out.detach(), *torch.autograd.grad((out * g).sum(), [p, x])))
         (ref, ref_gp, ref_gx), (out, gp, gx) = results
-        # float32 rounding (see compare_cpu_with_torch) plus CUDA's fast-math exp2f: a scale an ulp
-        # off moves pos by up to 2^-23·4096·x, i.e. frac by ~5e-4 at the finest level
-        torch.testing.assert_close(out, ref, atol=2e-3 * params.abs().max().item(), rtol=0)
-        torch.testing.assert_close(gp, ref_gp, atol=2e-3 * ref_gp.abs().max().item(), rtol=0)
-        torch.testing.assert_close(gx, ref_gx, atol=2e-3 * ref_gx.abs().max().item(), rtol=0)
+        # float32 rounding (see compare_cpu_with_torch) plus a frac off by up to 2.5e-4 (the scale's ulp)
+        torch.testing.assert_close(out, ref, atol=1e-3 * params.abs().max().item(), rtol=0)
+        torch.testing.assert_close(gp, ref_gp, atol=1e-3 * ref_gp.abs().max().item(), rtol=0)
+        torch.testing.assert_close(gx, ref_gx, atol=1e-3 * ref_gx.abs().max().item(), rtol=0)

@@ -72,8 +72,8 @@ class HashGridConfig:
         """Each level's ``scale`` as tcnn computes it in float32 (exp2f, log2f; each step rounded once).
 
         float32 products and differences are exact in float64, and float64 log2/exp2 rounded to float32
-        give the correctly rounded float32 results (what glibc's log2f/exp2f return); CUDA's fast-math
-        exp2f may differ by an ulp at some level.
+        give the correctly rounded float32 results. glibc's log2f/exp2f (error ≤ 0.502 ulp) return the
+        same but in rare near-halfway cases, and CUDA's fast-math exp2f may differ by an ulp at some level.
         """
         log2_scale = _f32(math.log2(_f32(self.per_level_scale)))
         return [
