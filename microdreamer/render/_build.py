@@ -36,3 +36,13 @@ def load_extension(name: str) -> ModuleType:
         )
     except Exception as exc:  # compiler missing or build failure: callers fall back to plain torch
         raise ExtensionUnavailable(f"could not build the C++ kernel '{name}': {exc}") from exc
+
+
+@cache
+def extension_unavailable_reason(name: str) -> str | None:
+    """``None`` when ``csrc/<name>.cpp`` builds and loads here, else why not (one line)."""
+    try:
+        load_extension(name)
+    except ExtensionUnavailable as exc:
+        return str(exc).splitlines()[0]
+    return None

@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from ..sir.cameras import Cameras
+from ._backends import resolve_backend_choice
 from .gaussians_cpu import project_cpu, rasterize_cpu, unavailable_reason
 from .gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
 from .gaussians_torch import project_gaussians, rasterize_torch
 from .types import RenderOutput
-
-BACKENDS = ("torch", "cpu", "gsplat")
 
 
 def available_backends() -> dict[str, bool]:
@@ -31,32 +29,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     ``"auto"`` picks gsplat on CUDA when it imports, else the C++ kernel on CPU when it builds, else
     torch. An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
     """
-    device = torch.device(device)
-    if name == "auto":
-        if device.type == "cuda" and gsplat_unavailable_reason() is None:
-            return "gsplat"
-        if device.type == "cpu" and unavailable_reason() is None:
-            return "cpu"
-        return "torch"
-    if name == "torch":
-        return name
-    if name == "cpu":
-        if device.type != "cpu":
-            raise UserError(
-                f"rasterizer backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'"
-            )
-        reason = unavailable_reason()
-        if reason is not None:
-            raise UserError(f"rasterizer backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")
-        return name
-    if name == "gsplat":
-        if device.type != "cuda":
-            raise UserError(f"rasterizer backend 'gsplat' needs CUDA tensors, not {device}; use 'auto'")
-        reason = gsplat_unavailable_reason()
-        if reason is not None:
-            raise UserError(f"rasterizer backend 'gsplat' is unavailable ({reason}); use 'auto'")
-        return name
-    raise UserError(f"unknown rasterizer backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
+    return resolve_backend_choice("rasterizer", name, device, "gsplat", gsplat_unavailable_reason, unavailable_reason)
 
 
 def rasterize_gaussians(

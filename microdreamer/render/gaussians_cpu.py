@@ -9,7 +9,6 @@ back to front as 3DGS does. Same semantics as the torch reference; float32, CPU 
 
 from __future__ import annotations
 
-from functools import cache
 from types import ModuleType
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..sir.cameras import Cameras
-from ._build import ExtensionUnavailable, load_extension
+from ._build import extension_unavailable_reason, load_extension
 from .gaussians_torch import ALPHA_MAX, ALPHA_MIN, EPS2D, FOV_MARGIN, T_MIN, Projection
 
 
@@ -26,14 +25,9 @@ def extension() -> ModuleType:
     return load_extension("gaussians")
 
 
-@cache
 def unavailable_reason() -> str | None:
     """``None`` when the kernel builds and loads here, else why not (one line)."""
-    try:
-        extension()
-    except ExtensionUnavailable as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return extension_unavailable_reason("gaussians")
 
 
 def _f32(t: Tensor) -> Tensor:
