@@ -180,23 +180,34 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, repeats: int, war
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(parser: argparse.ArgumentParser, cpu_repeats: int) -> None:
+    """--device, --dtype, --repeats, --warmup and --json, as every network benchmark takes them."""
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16, fp32")
-    parser.add_argument("--only", nargs="*", default=list(BUILDERS), choices=list(BUILDERS))
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: 10 on CUDA, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed calls (default: 10 on CUDA, {cpu_repeats} on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 on CUDA, 0 on CPU)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+
+def run_settings(args: argparse.Namespace, cpu_repeats: int) -> tuple[torch.device, torch.dtype, int, int]:
+    """Device, dtype, repeats and warmup from :func:`add_run_options`' options; prints the device line."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.type == "cuda"
-    repeats = args.repeats if args.repeats is not None else (10 if cuda else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if cuda else cpu_repeats)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
     info = f"{torch.cuda.get_device_name(device)}" if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# device {device} ({info}), torch {torch.__version__}")
+    return device, dtype, repeats, warmup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=list(BUILDERS), choices=list(BUILDERS))
+    add_run_options(parser, cpu_repeats=1)
+    args = parser.parse_args()
+    device, dtype, repeats, warmup = run_settings(args, cpu_repeats=1)
     rows = []
     for name in args.only:
         row = bench(name, device, dtype, repeats, warmup)

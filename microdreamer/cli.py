@@ -7,7 +7,11 @@ Progress and messages go to stderr; stdout carries only results (tables of the l
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -30,7 +34,10 @@ from .batch import (
     ignored_files,
     is_single_input,
 )
+from .config import ELEVATION_LIMIT, RESOLUTION, TURNTABLE_FPS, TURNTABLE_FRAMES, TURNTABLE_RESOLUTION
 from .errors import UserError
+from .io.atomic import check_output_dir, check_output_file
+from .wording import plural, shorten
 
 if TYPE_CHECKING:
     from .batch import BatchTask
@@ -56,12 +63,32 @@ _STATUS_STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "interrupt
 _CHECK_STYLE = {"ok": "green", "missing": "dim", "warn": "yellow", "error": "red"}
 
 
-def _console(quiet: bool = False) -> Console:
-    return Console(stderr=True, quiet=quiet)
+def _console(quiet: bool = False, stderr: bool = True) -> Console:
+    """stderr (messages, progress) or stdout (tables). Off a terminal (a log, a pipe) nothing is wrapped
+    and tables are as wide as their cells."""
+    console = Console(stderr=stderr, quiet=quiet)
+    if not console.is_terminal:
+        console.soft_wrap, console.width = True, 1000
+    return console
+
+
+@contextmanager
+def _status(console: Console, text: str) -> Iterator[None]:
+    """A spinner with ``text`` on a terminal; elsewhere ``text`` once, as a line."""
+    if console.is_terminal:
+        with console.status(text):
+            yield
+    else:
+        console.print(text, markup=False, highlight=False)
+        yield
 
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+#: how the messages of :func:`check_output_dir` name an output folder the user did not give
+_BESIDE = "--out (default: beside {})"
 
 
 # configuration -------------------------------------------------------------------------------------
@@ -138,18 +165,25 @@ def _video_options(video: bool, video_format: str | None) -> "VideoOptions | Non
 
 
 class _ProgressView(BatchObserver):
-    """Rich progress bars on stderr: one for the batch (several inputs), one for the current run."""
+    """Progress on stderr. On a terminal, rich bars: one for the batch (several inputs), one for the
+    current run. Elsewhere (a log, CI, a scheduler) plain lines: each input, the teacher load, each SIR
+    iteration and mesh stage."""
 
     def __init__(self, console: Console, batch: bool) -> None:
         self.console = console
         self.batch = batch
+        self.lines = not console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, transient=True, disable=console.quiet or not console.is_terminal,
+            console=console, transient=True, disable=console.quiet or self.lines,
         )
         self.batch_task: Any = None
         self.run_task: Any = None
+        self.total = 0
+        self.label = ""
+        self.loading_since = 0.0
+        self.loaded_in: float | None = None
 
     def __enter__(self) -> "_ProgressView":
         self.progress.start()
@@ -158,29 +192,50 @@ class _ProgressView(BatchObserver):
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
+    def _line(self, text: str) -> None:
+        if self.lines:
+            self.console.print(text, markup=False, highlight=False)
+
     def batch_started(self, total: int) -> None:
+        self.total = total
         if self.batch:
             self.batch_task = self.progress.add_task("batch", total=total, info="")
 
     def job_started(self, index: int, job: Job) -> None:
+        self.label = shorten(job.stem, 40)
         if self.run_task is not None:
             self.progress.remove_task(self.run_task)
-        self.run_task = self.progress.add_task(escape(job.stem), total=None, info="")
+        self.run_task = self.progress.add_task(escape(self.label), total=None, info="")
         if self.batch_task is not None:
-            self.progress.update(self.batch_task, info=escape(job.input))
+            self.progress.update(self.batch_task, info=escape(shorten(job.input)))
+            self._line(f"[{index + 1}/{self.total}] {shorten(job.input)}")
 
     def loading(self, active: bool) -> None:
         self.progress.update(self.run_task, info="loading the teacher…" if active else "")
+        if active:
+            self.loading_since = time.perf_counter()
+            self._line(f"{self.label}: loading the teacher")
+        else:
+            self.loaded_in = time.perf_counter() - self.loading_since  # said with the first step: it loaded
 
     def step(self, done: int, total: int, info: str) -> None:
         self.progress.update(self.run_task, completed=done, total=total, info=escape(info))
+        if self.loaded_in is not None:
+            self._line(f"{self.label}: teacher loaded in {self.loaded_in:.1f} s")
+            self.loaded_in = None
+        if info:
+            self._line(f"{self.label} [{done}/{total}] {info}")
 
     def job_finished(self, index: int, entry: ManifestEntry) -> None:
         if self.batch_task is not None:
             self.progress.advance(self.batch_task)
-            style = _STATUS_STYLE[entry.status]
-            detail = entry.error if entry.status == "failed" else entry.note
-            self.console.print(f"[{style}]{entry.status}[/] {escape(entry.input)}: {escape(detail or '')}")
+            self.console.print(_entry_line(entry))
+
+
+def _entry_line(entry: ManifestEntry) -> str:
+    """``done photo.png: 5000 Gaussians, …`` (rich markup) for the log of a batch or a single run."""
+    detail = entry.error if entry.status == "failed" else entry.note
+    return f"[{_STATUS_STYLE[entry.status]}]{entry.status}[/] {escape(shorten(entry.input))}: {escape(detail or '')}"
 
 
 def run_batch(
@@ -221,8 +276,7 @@ def run_batch(
             print(f"interrupted: no partial outputs were left behind{where}", file=sys.stderr)
             raise typer.Exit(130) from None
     if single:
-        entry = result.entries[0]
-        console.print(f"[{_STATUS_STYLE[entry.status]}]{entry.status}[/] {escape(entry.input)}: {escape(entry.note)}")
+        console.print(_entry_line(result.entries[0]))
     elif not quiet:
         _print_summary(console, result, manifest_path)
     else:  # errors are printed even when quiet
@@ -237,21 +291,48 @@ def run_batch(
 
 
 def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> None:
-    table = Table("input", "status", "seconds", "result", title=f"{manifest.command}: {len(manifest.entries)} inputs")
+    title = f"{manifest.command}: {plural(len(manifest.entries), 'input')}"
+    table = Table("input", "status", "seconds", "result", title=title)
     for e in manifest.entries:
         detail = e.error if e.status == "failed" else e.note
-        table.add_row(escape(e.input), f"[{_STATUS_STYLE[e.status]}]{e.status}[/]", f"{e.seconds:.1f}",
+        table.add_row(escape(shorten(e.input)), f"[{_STATUS_STYLE[e.status]}]{e.status}[/]", f"{e.seconds:.1f}",
                       escape(detail or ""))
     console.print(table)
     counts = ", ".join(f"{n} {s}" for s, n in manifest.counts().items() if n)
     console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
     if manifest.ignored:
         names = ", ".join(Path(p).name for p in manifest.ignored[:5]) + (", …" if len(manifest.ignored) > 5 else "")
-        console.print(f"ignored {len(manifest.ignored)} file(s) that are not images ({', '.join(IMAGE_SUFFIXES)}): "
-                      f"{escape(names)}")
+        console.print(f"ignored {plural(len(manifest.ignored), 'file')} without an image suffix "
+                      f"({', '.join(IMAGE_SUFFIXES)}): {escape(names)}")
 
 
 # options shared by the generation commands --------------------------------------------------------
+
+
+def _within(low: float, high: float, *, strict: bool = False, unit: str = "") -> Callable[[Any], Any]:
+    """An option callback refusing a number outside [low, high] (``strict``: the open interval), NaN included."""
+    def check(value: Any) -> Any:
+        if value is not None and not (low < value < high if strict else low <= value <= high):
+            if (low, high) == (-math.inf, math.inf):
+                bounds = "be a finite number"
+            elif high == math.inf:
+                bounds = f"be {'greater than' if strict else 'at least'} {low:g} and finite"
+            else:
+                bounds = f"lie {'strictly between' if strict else 'in'} {low:g}{' and ' if strict else '..'}{high:g}"
+            raise typer.BadParameter(f"must {bounds}{unit}, got {value:g}")
+        return value
+
+    return check
+
+
+#: a distance: positive and finite
+_POSITIVE = _within(0, math.inf, strict=True)
+
+
+def _flag(*decls: str, help: str) -> Any:
+    """A flag: its help shows no value, as it takes none (``--video``, not ``--video true``)."""
+    return typer.Option(*decls, help=help, metavar="")
+
 
 Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
@@ -267,21 +348,21 @@ TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a
 Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
 Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
-Video = Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
+Video = Annotated[bool, _flag("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
 VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
-Overwrite = Annotated[bool, typer.Option(help="Replace existing outputs.")]
-SkipPrompts = Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")]
+Overwrite = Annotated[bool, _flag(help="Replace existing outputs.")]
+SkipPrompts = Annotated[bool, _flag(help="Skip prompts whose outputs all exist (resume a batch).")]
 BatchManifest = Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+JsonOut = Annotated[bool, _flag("--json", help="Print the run summary as JSON on stdout.")]
+Quiet = Annotated[bool, _flag("--quiet", "-q", help="Print only errors.")]
 ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")]
 ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt for an image+text teacher (imagedream); optional there.")]
 Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
 Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
 Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")]
 BorderRatio = Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")]
-Rembg = Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
-SkipExisting = Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")]
+Rembg = Annotated[Optional[bool], _flag("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
+SkipExisting = Annotated[bool, _flag(help="Skip inputs whose outputs all exist (resume a batch).")]
 
 
 # image commands ------------------------------------------------------------------------------------
@@ -344,9 +425,11 @@ def image2gs(
         elevation=elevation, backend=backend, device=device,
     )
     prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg.teacher.name, prompt)
+    _check_image_teacher(cfg, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
     video_options = _video_options(video, video_format)
+    _check_run_outputs(out, manifest)
+    _warn_cut_prompts(cfg, [prompt] if prompt else [], quiet)
     specs = images or []
     jobs = _image_jobs("image2gs", specs, cfg, config)
     task = ImageTask(
@@ -414,8 +497,10 @@ def image2mesh(
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
     )
     prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg.teacher.name, prompt)
+    _check_image_teacher(cfg, prompt)
     options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
+    _check_run_outputs(out, manifest)
+    _warn_cut_prompts(cfg, [prompt] if prompt else [], quiet)
     specs = images or []
     jobs = _image_jobs("image2mesh", specs, cfg, config)
     task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite,
@@ -434,7 +519,7 @@ def export(
     model: Model = None,
     image: Annotated[Optional[Path], typer.Option(help="The run's input image (default: the one its report names).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The run's prompt, for text and image+text teachers (default: the report's).")] = None,
-    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine the baked texture with the teacher (one SIR pass).")] = True,
+    refine: Annotated[bool, _flag("--refine/--no-refine", help="Refine the baked texture with the teacher (one SIR pass).")] = True,
     mesh_format: MeshFormat = None,
     faces: Faces = None,
     texture_size: TextureSize = None,
@@ -466,6 +551,7 @@ def export(
     )
     console = _console(quiet)
     target = out or result.parent
+    check_output_dir(target, "--out" if out is not None else _BESIDE.format("RESULT"))
     with console.status(f"meshing {escape(result.name)}") as status:
         mesh = export_saved_run(
             result, cfg, resolve_device(cfg.device), target, run=run, refine=refine, image=image, prompt=prompt,
@@ -486,17 +572,45 @@ def _saved_prompt(config: Path | None) -> str | None:
     return None if run is None else run.prompt
 
 
-def _check_image_teacher(name: str, prompt: str | None) -> None:
-    """Image commands take image and image+text teachers; ``--prompt`` only the latter, and not blank."""
-    from .teachers.registry import teacher_entry
+def _check_image_teacher(cfg: "RunConfig", prompt: str | None) -> None:
+    """Image commands take image and image+text teachers (see :func:`check_teacher_config`); ``--prompt``
+    only the latter, and not blank."""
+    from .teachers.registry import check_teacher_config
 
-    inputs = teacher_entry(name).inputs
+    name = cfg.teacher.name
+    inputs = check_teacher_config(cfg).inputs
     if inputs == "text":
         raise UserError(f"teacher '{name}' generates from text alone: use text2gs PROMPT")
     if prompt is not None and inputs != "image+text":
         raise UserError(f"--prompt needs an image+text teacher (imagedream); '{name}' reads only the image")
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt: leave --prompt out, or describe the object")
+
+
+def _check_run_outputs(out: Path | None, manifest: Path | None, inputs: list[Path] | None = None) -> None:
+    """Before any input is read: the output folder can be written (without ``out``, the folder of each of
+    ``inputs``, where their outputs go), and so can the manifest's folder."""
+    if out is not None:
+        check_output_dir(out)
+    for folder in dict.fromkeys(p.parent for p in inputs or []) if out is None else []:
+        check_output_dir(folder, _BESIDE.format("each input"))
+    if manifest is not None:
+        check_output_file(manifest, "--manifest")
+
+
+def _warn_cut_prompts(cfg: "RunConfig", prompts: list[str], quiet: bool) -> None:
+    """One warning line for each prompt the teacher's text encoder would cut, before the teacher loads."""
+    from .teachers.registry import prompt_reader
+
+    reader = prompt_reader(cfg) if prompts and not quiet else None
+    if reader is None:
+        return
+    for prompt in prompts:
+        kept = reader.cut(prompt)
+        if kept is not None:
+            tail = " ".join(kept.split()[-4:])
+            print(f"warning: prompt '{shorten(prompt, 50)}' is longer than the {reader.length} tokens "
+                  f"{cfg.teacher.name} reads: it is cut after '…{tail}'", file=sys.stderr)
 
 
 # text commands -------------------------------------------------------------------------------------
@@ -524,15 +638,18 @@ def _run_prompts(
     """One job per prompt through the batch runner, the text-to-3D teacher loaded once; ``flags`` are
     config overrides (:func:`_overrides`). A lone bad prompt fails before any model is loaded."""
     from .pipeline import prompt_jobs, resolve_device
-    from .teachers.registry import teacher_entry
+    from .teachers.registry import check_teacher_config
 
     jobs = prompt_jobs(prompts)
     if len(jobs) == 1 and jobs[0].problem is not None:
         raise UserError(jobs[0].problem)
     cfg = _resolve_config(teacher or "mvdream", preset, config, **flags)
-    if teacher_entry(cfg.teacher.name).inputs != "text":
+    if check_teacher_config(cfg).inputs != "text":
         raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
-    task = task_class(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite,
+    video_options = _video_options(video, video_format)
+    _check_run_outputs(out, manifest)
+    _warn_cut_prompts(cfg, [job.input for job in jobs if job.problem is None], quiet)
+    task = task_class(cfg, resolve_device(cfg.device), out, video=video_options, overwrite=overwrite,
                       skip_existing=skip_existing)
     run_batch(command, [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
               skip_existing=skip_existing, json_out=json_out, quiet=quiet, single=len(jobs) == 1)
@@ -630,9 +747,9 @@ def preprocess_(
     border_ratio: Annotated[float, typer.Option(help="Empty border around the recentred object.")] = 0.2,
     rembg: Rembg = None,
     overwrite: Overwrite = False,
-    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose output exists.")] = False,
+    skip_existing: Annotated[bool, _flag(help="Skip inputs whose output exists.")] = False,
     manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json with --out).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Mask, recentre and rescale images → <stem>_rgba.png (what every image command does first)."""
@@ -641,6 +758,7 @@ def preprocess_(
 
     options = PreprocessOptions(border_ratio=border_ratio, remove_background=_removal(rembg) or "auto", size=size)
     jobs = expand_inputs(images, exclude=is_preprocessed_output, unique_stems=out is not None)
+    _check_run_outputs(out, manifest, [job.source for job in jobs if job.source is not None])
     task = PreprocessTask(options, out, overwrite)
     run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest,
               manifest_default=None if out is None else out / MANIFEST_NAME, skip_existing=skip_existing,
@@ -651,34 +769,41 @@ def preprocess_(
 def render(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh (.obj, .glb, .gltf).")],
     video: Annotated[Optional[Path], typer.Option(help="Output .mp4 or .gif (default: RESULT_turntable.mp4).")] = None,
-    frames: Annotated[int, typer.Option(help="Frames over 360°.")] = 90,
-    fps: Annotated[int, typer.Option(help="Frames per second.")] = 30,
-    res: Annotated[int, typer.Option(help="Frame size in pixels.")] = 512,
-    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees (negative = from above).")] = 0.0,
-    radius: Annotated[float, typer.Option(help="Camera distance.")] = 2.0,
-    fovy: Annotated[float, typer.Option(help="Vertical field of view in degrees.")] = 49.1,
-    azimuth: Annotated[float, typer.Option(help="Azimuth of the first frame in degrees.")] = 0.0,
-    normalize: Annotated[bool, typer.Option(help="Fit a mesh into the unit box first.")] = True,
+    frames: Annotated[int, typer.Option(help="Frames over 360°.", callback=_within(*TURNTABLE_FRAMES))] = 90,
+    fps: Annotated[int, typer.Option(help="Frames per second.", callback=_within(*TURNTABLE_FPS))] = 30,
+    res: Annotated[int, typer.Option(help="Frame size in pixels.", callback=_within(*TURNTABLE_RESOLUTION))] = 512,
+    elevation: Annotated[float, typer.Option(
+        help="Camera elevation in degrees (negative = from above).",
+        callback=_within(-ELEVATION_LIMIT, ELEVATION_LIMIT, strict=True, unit=" degrees"))] = 0.0,
+    radius: Annotated[float, typer.Option(help="Camera distance.", callback=_POSITIVE)] = 2.0,
+    fovy: Annotated[float, typer.Option(
+        help="Vertical field of view in degrees.", callback=_within(0, 180, strict=True, unit=" degrees"))] = 49.1,
+    azimuth: Annotated[float, typer.Option(
+        help="Azimuth of the first frame in degrees.", callback=_within(-math.inf, math.inf, strict=True))] = 0.0,
+    normalize: Annotated[bool, _flag(help="Fit a mesh into the unit box first.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing video.")] = False,
+    overwrite: Annotated[bool, _flag(help="Replace an existing video.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """A 360° turntable video of a saved result."""
     from .pipeline import resolve_device
-    from .video import VideoOptions, default_format, render_frames, result_renderer, turntable_cameras, write_video
+    from .video import (
+        VideoOptions, default_format, format_of, render_frames, result_renderer, turntable_cameras, write_video,
+    )
 
     target = video or result.with_name(f"{result.stem}_turntable.{default_format()}")
-    options = VideoOptions(format=target.suffix.lower().lstrip(".") or "?", frames=frames, fps=fps, resolution=res)
+    options = VideoOptions(format=format_of(target), frames=frames, fps=fps, resolution=res)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --video")
+    check_output_file(target, "--video" if video is not None else _BESIDE.format("RESULT"))
     dev = resolve_device(device)
     draw = result_renderer(result, dev, normalize=normalize)
     cameras = turntable_cameras(options.frames, elevation, radius, res, fovy, start_azimuth=azimuth)
     console = _console(quiet)
-    with console.status(f"rendering {frames} frames of {escape(result.name)}"):
+    with _status(console, f"rendering {plural(frames, 'frame')} of {escape(result.name)}"):
         pixels = render_frames(draw, cameras)
         write_video(target, pixels, options.fps)
-    console.print(f"[green]wrote[/] {escape(str(target))} ({frames} frames, {res}x{res}, {fps} fps)")
+    console.print(f"[green]wrote[/] {escape(str(target))} ({plural(frames, 'frame')}, {res}x{res}, {fps} fps)")
 
 
 @app.command("eval")
@@ -686,8 +811,8 @@ def eval_(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Path, typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf).")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
-    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.")] = 2.0,
-    res: Annotated[int, typer.Option(help="Render resolution.")] = 256,
+    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.", callback=_POSITIVE)] = 2.0,
+    res: Annotated[int, typer.Option(help="Render resolution.", callback=_within(*RESOLUTION))] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
     """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
@@ -702,16 +827,19 @@ def eval_(
         raise UserError(f"result not found: {result}")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     evaluate = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
     report = evaluate(result, reference, resolve_device(device), radius=radius, resolution=res)
     table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", title=f"{result.name} vs {reference.name}")
     for v in report.views:
         table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}")
     table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", style="bold")
-    Console().print(table)
+    console = _console(stderr=False)
+    console.print(table)
     if isinstance(report, MeshEvalReport):
         s = report.surface
-        Console().print(
+        console.print(
             f"surface ({'run frame' if report.frame == 'run' else 'unit box'}): Chamfer {s.chamfer:.4f}, "
             f"F-score@0.01 {s.fscore[0.01]:.3f}, "
             f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
@@ -724,19 +852,24 @@ def eval_(
 @app.command("selftest")
 def selftest(
     out: Annotated[Optional[Path], typer.Option(help="Keep the outputs here (default: a temporary folder).")] = None,
-    min_psnr: Annotated[float, typer.Option(help="Fail below this mean held-out PSNR.")] = SELFTEST_MIN_PSNR,
+    min_psnr: Annotated[float, typer.Option(
+        help="Fail below this mean held-out PSNR (dB).", callback=_within(0, 100))] = SELFTEST_MIN_PSNR,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
     """Reconstruct the bundled CC0 Spot cow with the reference teacher and check the held-out PSNR."""
     import tempfile
 
-    from .evaluate import evaluate_gaussians
+    from .evaluate import HELD_OUT_VIEWS, evaluate_gaussians
     from .pipeline import ImageTo3D, describe_iteration, resolve_device
 
     mesh = Path(__file__).resolve().parent / "assets" / "spot" / "spot.obj"
     console = _console()
     dev = resolve_device(device)
     cfg = _resolve_config("reference", None, None, model=str(mesh), device=device)
+    if out is not None:
+        check_output_dir(out)
+    console.print(f"selftest: the Spot cow from its front view with the reference teacher on {dev} "
+                  "(a first run also builds the C++ kernels, about a minute)", markup=False, highlight=False)
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp)
         with _ProgressView(console, batch=False) as view:
@@ -748,12 +881,14 @@ def selftest(
                 None, folder, overwrite=True,
                 on_iteration=lambda log, total: view.step(log.iteration + 1, total, describe_iteration(log)),
             )
-        scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev)
+        with _status(console, f"spot: scoring {HELD_OUT_VIEWS} held-out views"):
+            scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev)
     ok = scores.mean_psnr >= min_psnr
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
     console.print(
         f"{verdict} selftest: mean held-out PSNR {scores.mean_psnr:.2f} dB (threshold {min_psnr:.1f}), "
-        f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {dev}, {report.primitives} Gaussians"
+        f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {dev}, "
+        f"{plural(report.primitives, 'Gaussian')}"
     )
     if not ok:
         raise typer.Exit(1)
@@ -767,7 +902,7 @@ CacheDir = Annotated[Optional[Path], typer.Option(help="Hugging Face hub cache (
 @models_app.command("list")
 def models_list(
     cache_dir: CacheDir = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Every known teacher's weights: cached or not, size, licence."""
     from .teachers.catalog import CATALOG, cache_status
@@ -783,7 +918,7 @@ def models_list(
     if json_out:
         _print_json(rows)
         return
-    console = Console()
+    console = _console(stderr=False)
     table = Table("teacher", "cached", "size", "use", "weights", title="teacher weights")
     for r in rows:
         state = "[green]yes[/]" if r["cached"] else ("[yellow]incomplete[/]" if r["size_bytes"] else "no")
@@ -802,20 +937,23 @@ def models_download(
     cache_dir: CacheDir = None,
 ) -> None:
     """Fetch one teacher's configs and safetensors weights into the Hugging Face cache."""
-    from .teachers.catalog import download, find_entry
+    from .teachers.catalog import cache_status, download, find_entry, hub_cache
 
     entry = find_entry(name)
+    if not cache_status(entry, cache_dir)[0]:
+        option = "--cache-dir" if cache_dir is not None else "--cache-dir (default: HF_HUB_CACHE)"
+        check_output_dir(hub_cache(cache_dir), option)
     console = _console()
     if not entry.commercial_use:
         console.print(f"[bold yellow]licence:[/] {escape(entry.license)}")
-    with console.status(f"fetching {entry.repo_id} (about {entry.approx_size_gb:.1f} GB)"):
+    with _status(console, f"fetching {entry.repo_id} (about {entry.approx_size_gb:.1f} GB)"):
         folder = download(entry, cache_dir)
     console.print(f"[green]ready[/] {entry.name}: {escape(str(folder))}")
     typer.echo(str(folder))
 
 
 @presets_app.command("list")
-def presets_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False) -> None:
+def presets_list(json_out: Annotated[bool, _flag("--json", help="Print JSON on stdout.")] = False) -> None:
     """The presets, with their teacher and description."""
     from .config import PRESET_DIR, load_preset, preset_names
 
@@ -831,13 +969,13 @@ def presets_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
     table = Table("preset", "teacher", "about", title="presets")
     for r in rows:
         table.add_row(r["name"], r["teacher"], escape(r["about"]))
-    Console().print(table)
+    _console(stderr=False).print(table)
 
 
 @presets_app.command("show")
 def presets_show(
     name: Annotated[str, typer.Argument(help="Preset name.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print JSON instead of TOML.")] = False,
 ) -> None:
     """The preset resolved over the defaults, as a TOML file usable with --config."""
     from .config import resolve
@@ -869,15 +1007,15 @@ def _to_toml(data: dict[str, Any]) -> str:
 
 @app.command("doctor")
 def doctor(
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
-    build: Annotated[bool, typer.Option(help="Build the C++ kernels to check them (cached after the first time).")] = True,
+    json_out: Annotated[bool, _flag("--json", help="Print JSON on stdout.")] = False,
+    build: Annotated[bool, _flag(help="Build the C++ kernels to check them (cached after the first time).")] = True,
     cache_dir: CacheDir = None,
 ) -> None:
     """What this machine can run: torch and devices, GPU memory, backends, cached models, ffmpeg."""
     from .doctor import run_checks, to_dict
 
     console = _console()
-    with console.status("checking (the first run builds the C++ kernels, about a minute)"):
+    with _status(console, "checking (the first run builds the C++ kernels, about a minute)"):
         checks = run_checks(build_kernels=build, cache_dir=cache_dir)
     report = to_dict(checks)
     if json_out:
@@ -887,7 +1025,7 @@ def doctor(
         for c in checks:
             style = _CHECK_STYLE.get(c.status, "")
             table.add_row(c.section, c.name, f"[{style}]{c.status}[/]", escape(c.detail))
-        Console().print(table)
+        _console(stderr=False).print(table)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -898,6 +1036,26 @@ def doctor(
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+#: words that read as a value given to a flag (``--video true``)
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _check_flags_take_no_value(command: Any, argv: list[str]) -> None:
+    """``--video true`` would make ``true`` an input (an image path, a second prompt): refuse it in one line."""
+    args = list(argv)
+    while getattr(command, "commands", None) and args and args[0] in command.commands:
+        command = command.commands[args.pop(0)]
+    flags = {name: param for param in command.params if getattr(param, "is_flag", False)
+             for name in (*param.opts, *param.secondary_opts)}
+    for option, word in zip(args, args[1:]):
+        if option == "--":
+            return
+        if option in flags and word.lower() in _BOOLEAN_WORDS and not Path(word).exists():
+            off = flags[option].secondary_opts
+            how = f"write {option} to turn it on" + (f", {off[0]} to turn it off" if off else ", or leave it out")
+            raise UserError(f"{option} is a flag and takes no value: {how}, not '{option} {word}'")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and exit code 2; Ctrl-C is 130."""
     command = typer.main.get_command(app)
@@ -905,6 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["--help"]
     try:
+        _check_flags_take_no_value(command, argv)
         rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

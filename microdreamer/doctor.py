@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .wording import plural
 
 STATUSES = ("ok", "missing", "warn", "error")
 #: optional GPU backends: (import name, what it is used for)
@@ -75,7 +76,7 @@ def check_devices() -> list[Check]:
         checks.append(Check("devices", "cuda", "missing", f"{why}: runs use the CPU (slow)"))
     if torch.backends.mps.is_available():
         checks.append(Check("devices", "mps", "ok", "Apple GPU available"))
-    checks.append(Check("devices", "cpu", "ok", f"{os.cpu_count()} cores"))
+    checks.append(Check("devices", "cpu", "ok", plural(os.cpu_count(), "core") if os.cpu_count() else "cores unknown"))
     return checks
 
 

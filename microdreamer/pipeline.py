@@ -36,6 +36,7 @@ from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
 from .teachers.registry import teacher_entry
 from .video import VideoOptions, encode_video, render_frames, turntable_cameras
+from .wording import plural
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,9 +105,9 @@ class PreprocessOptions:
         if self.remove_background not in MODES:
             raise UserError(f"unknown background removal '{self.remove_background}' (use {', '.join(MODES)})")
         if not 0.0 <= self.border_ratio < 1.0:
-            raise UserError("--border-ratio must lie in [0, 1)")
+            raise UserError(f"--border-ratio must lie in [0, 1), got {self.border_ratio:g}")
         if not 16 <= self.size <= 4096:
-            raise UserError("the preprocessing size must lie in 16..4096")
+            raise UserError(f"--size (the preprocessed image's side) must lie in 16..4096, got {self.size}")
 
     @classmethod
     def resolve(cls, config_file: Path | None = None, **flags: Any) -> "PreprocessOptions":
@@ -515,9 +516,9 @@ def prepare_input(image: Path | None, cfg: RunConfig, options: PreprocessOptions
 
 
 def describe_iteration(log: IterationLog) -> str:
-    """One short line for a progress bar."""
+    """One short line for progress: what the SIR iteration refined from, its loss and its wall time."""
     where = "init (from noise)" if log.t2 is None else f"t2={log.t2} t1={log.t1}"
-    return f"{where} loss={log.loss:.0f}"
+    return f"SIR {where} loss={log.loss:.0f}, {log.seconds:.1f} s"
 
 
 class ImageTask:
@@ -583,8 +584,8 @@ class ImageTask:
         return JobResult(
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
             evaluations=report.evaluations, peak_memory=report.peak_memory,
-            note=f"{report.primitives} Gaussians, {report.timings['sir']:.1f} s SIR, "
-                 f"{report.evaluations['total']} network evaluations" + _gpu_note(report.peak_memory),
+            note=f"{plural(report.primitives, 'Gaussian')}, {report.timings['sir']:.1f} s SIR, "
+                 f"{plural(report.evaluations['total'], 'network evaluation')}" + _gpu_note(report.peak_memory),
         )
 
 
@@ -675,7 +676,7 @@ class MeshTask(ImageTask):
         result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
         result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
         result.peak_memory = peak_memory(self.device)  # the Gaussians' run (if any) and the mesh export together
-        result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
+        result.note += f"; mesh {plural(mesh.faces, 'face')} in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
         return result
 
 

@@ -193,7 +193,7 @@ def test_noise_schedule_rejects_other_parameterisations(model_copy, change, mess
 
 def test_catalog_entries_and_licences():
     names = [e.name for e in catalog.CATALOG]
-    assert names == ["stable-zero123", "zero123-xl", "mvdream", "imagedream"]
+    assert names == ["stable-zero123", "zero123-xl", "mvdream", "imagedream", "lgm"]
     stable = catalog.find_entry("stable-zero123")
     assert stable.repo_id == "ashawkey/stable-zero123-diffusers"
     assert not stable.commercial_use and "Non-Commercial" in stable.license
@@ -213,8 +213,36 @@ def test_cache_status_reads_the_cache_only(tiny_dir, tmp_path, offline):
     (snapshot / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     cached, _ = catalog.cache_status(entry, hub)
     assert not cached
-    with pytest.raises(UserError, match=r"did not complete it \(missing vae/\*\.safetensors\).*--model"):
+    with pytest.raises(UserError, match=r"did not complete it \(missing vae/\*\.safetensors\); check the network"):
         catalog.download(entry, hub)
+
+
+def test_single_file_repository_resolves_from_cache_and_folder(tmp_path, offline):
+    """LGM's layout: a repository of loose safetensors files, of which only the named ones are needed."""
+    folder = tmp_path / "lgm"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "model_fp16_fixrot.safetensors"))
+    files = ("model_fp16_fixrot.safetensors",)
+    assert resolve_model_dir(folder, allow_download=False, files=files) == folder
+    assert missing_files(folder, files) == [] and missing_files(folder, ("model_fixrot.safetensors",)) == [
+        "model_fixrot.safetensors"]
+    with pytest.raises(UserError, match="has no model_fixrot.safetensors"):
+        resolve_model_dir(folder, allow_download=False, files=("model_fixrot.safetensors",))
+    entry = catalog.CatalogEntry("lgm-like", "someone/lgm-like", "test", True, 0.0, "test", files=files)
+    hub = tmp_path / "hub"
+    assert catalog.cache_status(entry, hub) == (False, None)
+    snapshot = _fake_cache(hub, folder, repo=entry.repo_id)
+    assert catalog.cache_status(entry, hub)[0] and catalog.download(entry, hub) == snapshot
+    (snapshot / files[0]).unlink()
+    assert not catalog.cache_status(entry, hub)[0]
+    with pytest.raises(UserError, match=r"did not complete it \(missing model_fp16_fixrot.safetensors\)"):
+        catalog.download(entry, hub)
+
+
+def test_lgm_catalog_entry_fetches_one_file():
+    entry = catalog.find_entry("lgm")
+    assert entry.repo_id == "ashawkey/LGM" and entry.files == ("model_fp16_fixrot.safetensors",)
+    assert not entry.commercial_use and "model card" in entry.license
 
 
 @pytest.mark.parametrize("component", ["unet", "vae", "image_encoder"])

@@ -24,6 +24,7 @@ from microdreamer.teachers.base import Condition, guide
 from microdreamer.teachers.mv_cameras import mvdream_camera
 from microdreamer.teachers.mvdream import ImageDreamTeacher, MVDreamTeacher
 from microdreamer.teachers.registry import TEACHERS, teacher_entry
+from microdreamer.wording import shorten
 from tiny_models import CLIP_MEAN, CLIP_STD, TINY_CLIP_IMAGE, build_tiny_mvdream, build_tiny_zero123
 
 RES = 16  # the tiny teachers' image size (latents 8×8)
@@ -131,6 +132,49 @@ def test_quotes_unicode_and_long_prompts_embed(mvdream):
     assert (tokens[0] - tokens[1]).abs().max() > 1e-3
     ids = mvdream.tokenizer(prompts[2], padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77 and ids[-1] == mvdream.tokenizer.eos_token_id  # truncated, still closed
+
+
+def test_the_prompt_reader_knows_what_the_encoder_cuts_before_the_weights_load(mvdream, mv_dir, tmp_path):
+    tokenizer = mvdream.tokenizer
+    reader = MVDreamTeacher.prompt_reader(mv_dir)
+    assert reader.length == 77
+    # one word of k letters is k tokens in the tiny byte vocabulary: 75 of them fill the encoder with start
+    # and end; 76 are one too many
+    assert len(tokenizer("x" * 75).input_ids) == 77 and reader.cut("x" * 75) is None
+    assert reader.cut("a cat") is None
+    for prompt in ("x" * 76, "a cat " * 60):
+        read = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids  # as encode_text
+        assert reader.cut(prompt) == tokenizer.decode(read[1:-1])
+    assert MVDreamTeacher.prompt_reader(tmp_path / "no-model") is None  # loading the teacher says why
+    without_weights = tmp_path / "tokenizer-only"
+    for part in ("model_index.json", "tokenizer", "text_encoder/config.json"):
+        source, target = mv_dir / part, without_weights / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    assert MVDreamTeacher.prompt_reader(without_weights).cut("x" * 76) == "x" * 75
+
+
+def test_a_long_prompt_is_named_as_cut_before_the_teacher_loads(tmp_path, capsys, monkeypatch, mv_dir):
+    from microdreamer import pipeline
+    from microdreamer.cli import main
+    from microdreamer.errors import UserError
+
+    def stop(*args, **kwargs):
+        raise UserError("the teacher would load now")
+
+    monkeypatch.setattr(pipeline.ImageTo3D, "__init__", stop)
+    prompt = "a small red cat sitting on a wooden table next to a cup of coffee and old books on a grey rainy afternoon"
+    out = tmp_path / "out"
+    assert main(["text2gs", prompt, "--model", str(mv_dir), "--out", str(out), "--device", "cpu"]) == 2
+    warning, *progress, error = capsys.readouterr().err.splitlines()
+    head = f"warning: prompt '{shorten(prompt, 50)}' is longer than the 77 tokens mvdream reads: it is cut after '…"
+    assert warning.startswith(head) and warning.endswith("'")
+    tail = warning[len(head):-1]  # the last words read: the tiny vocabulary's tokens are mostly single letters
+    assert 10 < len(tail) and 0 < prompt.index(tail) < len(prompt) - len(tail) - 5
+    assert error == "error: the teacher would load now"
+    assert progress == ["a_small_red_cat_sitting_on…to_a_cup_of_c: loading the teacher"]  # the stem, shortened
+    assert main(["text2gs", prompt, "--model", str(mv_dir), "--out", str(out), "--device", "cpu", "-q"]) == 2
+    assert capsys.readouterr().err == "error: the teacher would load now\n"  # --quiet: errors only
 
 
 @pytest.mark.parametrize("prompt", [None, "", "   \n\t"])

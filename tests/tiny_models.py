@@ -339,3 +339,19 @@ def write_mvdream(
         write_feature_extractor(root, clip_image_size)
     write_scheduler(root)
     return root
+
+
+#: an LGM small enough for CPU tests: 32² views → 16² splatter images, attention in the lowest level
+TINY_LGM = dict(
+    input_size=32, down_channels=(32, 32, 64), down_attention=(False, False, True),
+    up_channels=(64, 32), up_attention=(True, False),
+)
+
+
+def write_lgm(folder: Path, network: nn.Module, filename: str = "model_fp16_fixrot.safetensors",
+              dtype: torch.dtype = torch.float16) -> Path:
+    """The published ``ashawkey/LGM`` layout: one safetensors file (fp16 by default) at the folder's top."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(folder / filename))
+    return folder / filename

@@ -20,23 +20,23 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..sir.cameras import Cameras
+from ..wording import plural
 from .base import Branch, Condition, Teacher, guide
 from .catalog import find_entry
 from .loading import (
     build_model,
     expect_components,
     load_image_processor,
+    model_files,
     noise_schedule,
+    read_json,
     require,
     resolve_dtype,
     resolve_model_dir,
 )
-from .mv_cameras import FRONT_AZIMUTH, mvdream_camera, with_reference_frame
+from .mv_cameras import FRONT_AZIMUTH, VIEWS_PER_OBJECT, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
 from .sd_parts import clip_pixel_values, posterior_draw, reference_image
-
-#: views denoised together per object (both models were trained on 4 views)
-VIEWS_PER_OBJECT = 4
 
 #: model_index.json classes of an MVDream pipeline folder (spec §2.1); ImageDream adds the image encoder (§3.1)
 MVDREAM_COMPONENTS = {
@@ -50,6 +50,30 @@ IMAGEDREAM_COMPONENTS = {
     "image_encoder": "CLIPVisionModel",
     "feature_extractor": "CLIPImageProcessor",
 }
+
+
+#: the parts of a pipeline folder that say how a prompt is read, without the weights
+PROMPT_PARTS = ("tokenizer/", "text_encoder/config.json")
+
+
+def load_tokenizer(root: Path) -> Any:
+    return require("transformers").CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+
+
+class PromptReader:
+    """What the text encoder of a pipeline folder reads of a prompt, known before its weights load: the
+    CLIP tokens up to the encoder's length (77 for SD 2.1, start and end tokens included); the rest is cut."""
+
+    def __init__(self, root: Path) -> None:
+        self.tokenizer = load_tokenizer(root)
+        self.length = int(read_json(root / "text_encoder" / "config.json")["max_position_embeddings"])
+
+    def cut(self, prompt: str) -> str | None:
+        """The words read of ``prompt`` when the encoder cuts it (as the tokenizer spells them), else None."""
+        ids = self.tokenizer(prompt.strip(), verbose=False).input_ids
+        if len(ids) <= self.length:
+            return None
+        return self.tokenizer.decode(ids[1 : self.length - 1])
 
 
 def clean_prompt(prompt: str | None) -> str:
@@ -119,7 +143,7 @@ class MultiViewTeacher(Teacher):
         expect_components(root, cls.components)
         _, alphas_cumprod = noise_schedule(root)
         unet = MultiViewUNet.from_folder(root / "unet", dtype=torch_dtype, device=device).requires_grad_(False)
-        tokenizer = require("transformers").CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+        tokenizer = load_tokenizer(root)
         parts = dict(
             unet=unet,
             vae=build_model(root, "vae", device=device, dtype=torch_dtype),
@@ -128,6 +152,19 @@ class MultiViewTeacher(Teacher):
             alphas_cumprod=alphas_cumprod,
         )
         return cls(**parts, **cls._extra_parts(root, device, torch_dtype))
+
+    @classmethod
+    def prompt_reader(
+        cls, model_id_or_path: str | Path | None = None, allow_download: bool = True, cache_dir: str | Path | None = None
+    ) -> PromptReader | None:
+        """How this teacher (``model_id_or_path`` as for :meth:`from_pretrained`) reads prompts, from its
+        tokenizer alone; None when that cannot be had or read (loading the teacher then says why)."""
+        root = model_files(model_id_or_path or find_entry(cls.catalog_name).repo_id, PROMPT_PARTS,
+                           allow_download=allow_download, cache_dir=cache_dir)
+        try:
+            return None if root is None else PromptReader(root)
+        except (UserError, OSError, ValueError, KeyError):
+            return None
 
     @classmethod
     def _extra_parts(cls, root: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -191,7 +228,7 @@ class MultiViewTeacher(Teacher):
         if len(cameras) != b:
             raise ValueError(f"{b} latents but {len(cameras)} cameras")
         if b % VIEWS_PER_OBJECT:
-            raise UserError(f"the multi-view teachers denoise groups of {VIEWS_PER_OBJECT} views: got {b} views")
+            raise UserError(f"the multi-view teachers denoise groups of {VIEWS_PER_OBJECT} views: got {plural(b, 'view')}")
         if not self._text:
             raise RuntimeError(f"{type(self).__name__}.prepare(condition) must run before predicting noise")
         x = latents.to(self.device, self.dtype)
