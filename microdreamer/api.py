@@ -31,7 +31,10 @@ import torch
 from .batch import BatchObserver, BatchRunner, Job, Manifest, expand_inputs, ignored_files, is_single_input
 from .config import RunConfig, read_config_file, resolve
 from .errors import UserError
-from .evaluate import EvalReport, MeshEvalReport, evaluate_mesh, held_out_scores
+from .io.atomic import check_output_dir, check_output_file
+from .evaluate import (
+    HELD_OUT_VIEWS, EvalReport, MeshEvalReport, evaluate_gaussians, evaluate_mesh, held_out_scores, is_gaussian_ply,
+)
 from .export import STAGES, MeshExportReport, TexturedMesh
 from .io.mesh import load_mesh
 from .pipeline import (
@@ -41,20 +44,23 @@ from .pipeline import (
     MeshTask,
     PreparedInput,
     PreprocessOptions,
+    PreprocessTask,
     PromptMeshTask,
     PromptTask,
     Reconstruction,
     RunReport,
     SavedRun,
     describe_iteration,
+    export_saved_run,
     front_view_stem,
     prompt_jobs,
     prompt_stem,
     resolve_device,
 )
+from .preprocess import is_preprocessed_output
 from .sir.cameras import Cameras
-from .teachers.registry import teacher_entry
-from .video import VideoOptions, render_frames, turntable_cameras
+from .teachers.registry import check_teacher_config, teacher_entry
+from .video import VideoOptions, render_frames, result_renderer, turntable_cameras, write_video
 
 #: setting name (as on the command line) → where it lives in :class:`~microdreamer.config.RunConfig`
 SETTINGS: dict[str, tuple[str, ...]] = {
@@ -129,10 +135,22 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_run_outputs(out: Path | None, manifest: Path | None, inputs: Sequence[Path] = ()) -> None:
+    """Before any input is read: the output folder can be written (without ``out``, the folder of each of
+    ``inputs``, where their outputs go), and so can the manifest's folder."""
+    if out is not None:
+        check_output_dir(out)
+    for folder in dict.fromkeys(p.parent for p in inputs) if out is None else []:
+        check_output_dir(folder, "--out (default: beside each input)")
+    if manifest is not None:
+        check_output_file(manifest, "--manifest")
+
+
 @dataclass(frozen=True)
 class Progress:
     """One progress event: ``stage`` is ``load`` (the teacher, ``done`` 0 then 1), ``sir`` (an iteration
-    finished: ``done`` of ``total`` including the init iteration) or ``mesh`` (a mesh stage started)."""
+    finished: ``done`` of ``total`` including the init iteration), ``mesh`` (a mesh stage started) or
+    ``score`` (:func:`selftest`'s evaluation started)."""
 
     stage: str
     done: int
@@ -240,6 +258,7 @@ class Pipeline:
 
     def __init__(self, config: RunConfig, *, allow_download: bool = True) -> None:
         config.validate()
+        self.entry = check_teacher_config(config)  # what the teacher needs, checked before it loads
         self.config = config
         self.device = resolve_device(config.device)
         self.allow_download = allow_download
@@ -262,7 +281,7 @@ class Pipeline:
     @property
     def inputs(self) -> str:
         """What the teacher reads: ``image``, ``image+text`` or ``text``."""
-        return teacher_entry(self.config.teacher.name).inputs
+        return self.entry.inputs
 
     def load(self, on_progress: ProgressCallback | None = None) -> ImageTo3D:
         """The loaded teacher (loads it the first time)."""
@@ -366,6 +385,7 @@ class Pipeline:
         stop_on_error: bool | None = None,
         observer: BatchObserver | None = None,
         on_progress: ProgressCallback | None = None,
+        command: str | None = None,
     ) -> Manifest:
         """Many inputs with the teacher loaded once; returns the manifest (also written to ``manifest``,
         default ``OUT/manifest.json`` for a batch).
@@ -374,11 +394,15 @@ class Pipeline:
         the run ``config_file`` reports, else the reference teacher's front view. ``mesh`` adds the textured
         mesh of each. A bad input fails its entry and the batch goes on, unless ``stop_on_error`` (default:
         a single plain input), where its error is raised. ``skip_existing`` skips finished inputs and
-        resumes an image's mesh stage.
+        resumes an image's mesh stage. ``command`` names the batch in the manifest and messages (default:
+        the command line's name for it).
         """
         out = Path(out_dir)
+        manifest = None if manifest is None else Path(manifest)
+        check_run_outputs(out, manifest)
         device = self.device
         text = self.inputs == "text"
+        command = command or _command(text, mesh)
         if text:
             if prompt is not None:
                 raise UserError("a text teacher takes its prompts as the inputs")
@@ -393,33 +417,33 @@ class Pipeline:
         else:
             self.check_prompt(prompt)
             specs = [Path(p) for p in inputs]
-            jobs = self._image_jobs(specs, config_file)
+            jobs = self._image_jobs(command, specs, config_file)
             single = is_single_input(specs) if stop_on_error is None else stop_on_error
             task_class = MeshTask if mesh else ImageTask
             task = task_class(self.config, device, out, preprocess=preprocess, video=None if mesh else video,
                               overwrite=overwrite, skip_existing=skip_existing, prompt=prompt,
                               allow_download=self.allow_download)
             ignored = ignored_files(specs)
-        manifest_path = Path(manifest) if manifest is not None else (None if single else out / "manifest.json")
+        manifest_path = manifest if manifest is not None else (None if single else out / "manifest.json")
         runner = BatchRunner(
-            _command(text, mesh), out, manifest=manifest_path, skip_existing=skip_existing, single=single,
+            command, out, manifest=manifest_path, skip_existing=skip_existing, single=single,
             observer=observer or _Observer(on_progress), ignored=ignored,
         )
         return runner.run(jobs, task)
 
-    def _image_jobs(self, specs: list[Path], config_file: str | Path | None) -> list[Job]:
+    def _image_jobs(self, command: str, specs: list[Path], config_file: str | Path | None) -> list[Job]:
         """The inputs of an image batch; none means the input image of the run whose report is
         ``config_file``, else the reference teacher's own front view."""
         if specs:
             return expand_inputs(specs)
         config = None if config_file is None else Path(config_file)
         run = SavedRun.read(config)
-        image = None if run is None else run.input_image(f"pass the image: give it as an input with --config {config}")
+        image = None if run is None else run.input_image(f"pass the image: microdreamer {command} IMAGE --config {config}")
         if image is not None:
             return expand_inputs([image])
         if self.config.teacher.name == "reference":
             return [Job(front_view_stem(self.config), f"front view of {self.config.teacher.model}")]
-        raise UserError("an input image is needed (or the reference teacher with a mesh, to use its front view)")
+        raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
 
 
 def _command(text: bool, mesh: bool) -> str:
@@ -437,3 +461,138 @@ def _as_rgba(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 4:
         return image
     return np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+
+
+# the other commands' work, for callers without a shell ----------------------------------------------
+
+
+def preprocess_images(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    *,
+    options: PreprocessOptions | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    manifest: str | Path | None = None,
+    stop_on_error: bool | None = None,
+    observer: BatchObserver | None = None,
+) -> Manifest:
+    """Mask, recentre and rescale images → ``<stem>_rgba.png`` in ``out_dir`` (None: beside each input).
+    Earlier outputs (``*_rgba.png``) in input folders are left out; the manifest defaults to
+    ``OUT/manifest.json`` for a batch with ``out_dir``."""
+    specs = [Path(p) for p in inputs]
+    out = None if out_dir is None else Path(out_dir)
+    jobs = expand_inputs(specs, exclude=is_preprocessed_output, unique_stems=out is not None)
+    check_run_outputs(out, None if manifest is None else Path(manifest), [j.source for j in jobs if j.source is not None])
+    single = is_single_input(specs) if stop_on_error is None else stop_on_error
+    manifest_path = Path(manifest) if manifest is not None else (None if single or out is None else out / "manifest.json")
+    runner = BatchRunner("preprocess", out or Path("."), manifest=manifest_path, skip_existing=skip_existing,
+                         single=single, observer=observer, ignored=ignored_files(specs))
+    return runner.run(jobs, PreprocessTask(options or PreprocessOptions(), out, overwrite))
+
+
+@dataclass
+class ExportOutcome:
+    report: MeshExportReport
+    refined: bool  # False when nothing said which teacher the run used (no report beside it, no teacher)
+
+
+def export_run(
+    result: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    teacher: str | None = None,
+    image: str | Path | None = None,
+    prompt: str | None = None,
+    refine: bool = True,
+    overwrite: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> ExportOutcome:
+    """A saved 3DGS run → textured mesh beside it (or in ``out_dir``). The run's report (``config``, else the
+    ``<stem>.json`` beside ``result``) supplies the teacher, input image, prompt and settings; ``settings``
+    (:data:`SETTINGS` names) go over it. Without a report or a ``teacher`` the texture is baked, not refined."""
+    result = Path(result)
+    if not result.is_file():
+        raise UserError(f"result not found: {result}")
+    config_path = None if config is None else Path(config)
+    run = SavedRun.read(config_path) if config_path is not None else SavedRun.beside(result)
+    config_path = config_path if run is None else run.path
+    refined = refine and not (config_path is None and teacher is None)
+    cfg = resolve_config(teacher, None, config_path, needs_teacher=refined, **settings)
+    target = Path(out_dir) if out_dir is not None else result.parent
+    report = export_saved_run(
+        result, cfg, resolve_device(cfg.device), target, run=run, refine=refined,
+        image=None if image is None else Path(image), prompt=prompt, overwrite=overwrite, on_stage=on_stage,
+    )
+    return ExportOutcome(report, refined or not refine)
+
+
+def evaluate(
+    result: str | Path,
+    reference: str | Path,
+    *,
+    device: str = "auto",
+    radius: float = 2.0,
+    resolution: int = 256,
+) -> EvalReport:
+    """``microdreamer eval``: a 3DGS ``.ply`` is scored on the 16 held-out views; a mesh also by its surface
+    (a :class:`~microdreamer.evaluate.MeshEvalReport`)."""
+    result, reference = Path(result), Path(reference)
+    if not result.is_file():
+        raise UserError(f"result not found: {result}")
+    score = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
+    return score(result, reference, resolve_device(device), radius=radius, resolution=resolution)
+
+
+def render_video(
+    result: str | Path,
+    target: str | Path,
+    *,
+    options: VideoOptions,
+    elevation: float = 0.0,
+    radius: float = 2.0,
+    fovy: float = 49.1,
+    azimuth: float = 0.0,
+    normalize: bool = True,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """A turntable video (mp4 or gif, by ``target``'s suffix) of a saved 3DGS ``.ply`` or mesh."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --video")
+    draw = result_renderer(Path(result), resolve_device(device), normalize=normalize)
+    cameras = turntable_cameras(options.frames, elevation, radius, options.resolution or 512, fovy,
+                                start_azimuth=azimuth)
+    return write_video(target, render_frames(draw, cameras), options.fps)
+
+
+#: the bundled CC0 mesh :func:`selftest` reconstructs
+SELFTEST_MESH = Path(__file__).resolve().parent / "assets" / "spot" / "spot.obj"
+
+
+@dataclass
+class SelftestOutcome:
+    report: RunReport
+    scores: EvalReport
+    device: torch.device
+
+
+def selftest(
+    out_dir: str | Path | None = None,
+    *,
+    device: str = "auto",
+    on_progress: ProgressCallback | None = None,
+) -> SelftestOutcome:
+    """Reconstruct the bundled Spot cow from its front view with the reference teacher (default preset) and
+    score it on the 16 held-out views; the outputs go to ``out_dir`` (default: a temporary folder)."""
+    pipe = Pipeline.from_preset(teacher="reference", model=str(SELFTEST_MESH), device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = pipe.image_to_3d(on_progress=on_progress)
+        report = result.save(Path(out_dir) if out_dir is not None else Path(tmp), overwrite=True)
+        if on_progress is not None:
+            on_progress(Progress("score", 0, 1, f"scoring {HELD_OUT_VIEWS} held-out views"))
+        scores = evaluate_gaussians(Path(report.outputs["ply"]), SELFTEST_MESH, pipe.device)
+    return SelftestOutcome(report, scores, pipe.device)
