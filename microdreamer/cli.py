@@ -26,12 +26,9 @@ from rich.table import Table
 from .batch import (
     IMAGE_SUFFIXES,
     BatchObserver,
-    BatchRunner,
     Job,
     Manifest,
     ManifestEntry,
-    expand_inputs,
-    ignored_files,
     is_single_input,
 )
 from .config import ELEVATION_LIMIT, RESOLUTION, TURNTABLE_FPS, TURNTABLE_FRAMES, TURNTABLE_RESOLUTION
@@ -40,9 +37,7 @@ from .io.atomic import check_output_dir, check_output_file
 from .wording import plural, shorten
 
 if TYPE_CHECKING:
-    from .batch import BatchTask
     from .config import RunConfig
-    from .pipeline import PromptTask
     from .video import VideoOptions
 
 app = typer.Typer(
@@ -92,58 +87,6 @@ _BESIDE = "--out (default: beside {})"
 
 
 # configuration -------------------------------------------------------------------------------------
-
-
-def _overrides(**flags: Any) -> dict[str, Any]:
-    """Command-line flags → nested config overrides (only the flags the user gave)."""
-    table = {
-        "teacher": ("teacher", "name"),
-        "model": ("teacher", "model"),
-        "iters": ("schedule", "iterations"),
-        "steps": ("schedule", "steps"),
-        "views": ("cameras", "views"),
-        "res": ("cameras", "resolution"),
-        "elevation": ("cameras", "elevation"),
-        "backend": ("gaussians", "backend"),
-        "negative_prompt": ("guidance", "negative_prompt"),
-        "mesh_format": ("mesh", "format"),
-        "faces": ("mesh", "faces"),
-        "texture_size": ("mesh", "texture"),
-        "grid": ("mesh", "resolution"),
-        "threshold": ("mesh", "threshold"),
-        "refine_steps": ("mesh", "refine_steps"),
-        "up": ("mesh", "up"),
-        "scale": ("mesh", "scale"),
-        "seed": ("seed",),
-        "device": ("device",),
-    }
-    out: dict[str, Any] = {}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        *parents, leaf = table[flag]
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return out
-
-
-def _resolve_config(
-    teacher: str | None, preset: str | None, config: Path | None, *, needs_teacher: bool = True, **flags: Any
-) -> "RunConfig":
-    """Preset < ``--config`` < flags. The preset is ``--preset``, else the one a saved config names (when
-    the teacher is not changed by ``--teacher``), else the teacher's own. Without ``needs_teacher`` a model
-    file named by a run report is not looked for."""
-    from .config import read_config_file, resolve
-    from .teachers.registry import teacher_entry
-
-    saved = read_config_file(config) if config is not None else {}
-    saved_teacher = saved.get("teacher", {}).get("name") if isinstance(saved.get("teacher"), dict) else None
-    entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
-    same_teacher = teacher is None or teacher == saved_teacher
-    chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
-    return resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags), needs_teacher=needs_teacher)
 
 
 def _removal(rembg: bool | None) -> str | None:
@@ -226,6 +169,11 @@ class _ProgressView(BatchObserver):
         if info:
             self._line(f"{self.label} [{done}/{total}] {info}")
 
+    def say(self, info: str) -> None:
+        """What the current run is doing now, outside its steps (``spot: scoring 16 held-out views``)."""
+        self.progress.update(self.run_task, info=escape(info))
+        self._line(f"{self.label}: {info}")
+
     def job_finished(self, index: int, entry: ManifestEntry) -> None:
         if self.batch_task is not None:
             self.progress.advance(self.batch_task)
@@ -239,38 +187,21 @@ def _entry_line(entry: ManifestEntry) -> str:
 
 
 def run_batch(
-    command: str,
-    specs: list[Path],
-    jobs: list[Job],
-    task: "BatchTask",
-    out_dir: Path,
+    run: Callable[[BatchObserver], Manifest],
     *,
-    manifest: Path | None,
-    manifest_default: Path | None,
-    skip_existing: bool,
+    single: bool,
+    manifest_path: Path | None,
     json_out: bool,
     quiet: bool,
-    single: bool | None = None,
-    ignored: list[Path] | None = None,
 ) -> Manifest:
-    """Run ``task`` over ``jobs`` with progress, a manifest, a summary and the exit code.
-
-    One plain input (:func:`is_single_input`) behaves like a single command: its error ends the command
-    (exit 2). Otherwise the batch goes on after failures, writes the manifest (``manifest``, else
-    ``manifest_default``) and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written.
-    ``ignored`` files (non-images in input folders) are named in the summary and the manifest. For the image
-    commands of other engineers: build jobs with :func:`expand_inputs` and a task like ``ImageTask``.
-    """
-    single = is_single_input(specs) if single is None else single
-    manifest_path = manifest if manifest is not None or single else manifest_default
+    """Run a batch (``run``, an API call given the progress observer) with progress, a summary and the exit
+    code. A single plain input behaves like a single command: its error ends the command (exit 2).
+    Otherwise the batch goes on after failures, writes the manifest and exits 1 when any input failed.
+    Ctrl-C exits 130 once the manifest is written."""
     console = _console(quiet)
     with _ProgressView(console, batch=not single) as view:
-        runner = BatchRunner(
-            command, out_dir, manifest=manifest_path, skip_existing=skip_existing, single=single, observer=view,
-            ignored=ignored or (),
-        )
         try:
-            result = runner.run(jobs, task)
+            result = run(view)
         except KeyboardInterrupt:
             where = f"; {manifest_path} records what finished" if manifest_path is not None else ""
             print(f"interrupted: no partial outputs were left behind{where}", file=sys.stderr)
@@ -288,6 +219,11 @@ def run_batch(
     if result.failed:
         raise typer.Exit(1)
     return result
+
+
+def _manifest_path(manifest: Path | None, out: Path | None, single: bool) -> Path | None:
+    """``--manifest``, else ``OUT/manifest.json`` for a batch."""
+    return manifest if manifest is not None or single or out is None else out / MANIFEST_NAME
 
 
 def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> None:
@@ -374,20 +310,48 @@ Inputs = Annotated[
 ]
 
 
-def _image_jobs(command: str, specs: list[Path], cfg: "RunConfig", config: Path | None) -> list[Job]:
-    """The inputs of an image command; none means the input image of the run whose report is ``config``,
-    else the reference teacher's own front view."""
-    from .pipeline import SavedRun, front_view_stem
+def _run_images(
+    command: str,
+    specs: list[Path],
+    out: Path,
+    *,
+    mesh: bool,
+    teacher: str | None,
+    preset: str | None,
+    config: Path | None,
+    prompt: str | None,
+    border_ratio: float | None,
+    rembg: bool | None,
+    video: bool,
+    video_format: str | None,
+    overwrite: bool,
+    skip_existing: bool,
+    manifest: Path | None,
+    json_out: bool,
+    quiet: bool,
+    **flags: Any,
+) -> None:
+    """An image command through :meth:`Pipeline.run_batch`: everything is checked before the teacher loads."""
+    from .api import Pipeline, check_run_outputs, resolve_config
+    from .pipeline import PreprocessOptions, SavedRun
 
-    if specs:
-        return expand_inputs(specs)
+    pipe = Pipeline(resolve_config(teacher, preset, config, **flags))
     run = SavedRun.read(config)
-    image = None if run is None else run.input_image(f"pass the image: microdreamer {command} IMAGE --config {config}")
-    if image is not None:
-        return expand_inputs([image])
-    if cfg.teacher.name == "reference":
-        return [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
-    raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
+    prompt = prompt if prompt is not None or run is None else run.prompt
+    pipe.check_prompt(prompt)
+    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
+    video_options = _video_options(video, video_format)
+    check_run_outputs(out, manifest)
+    _warn_cut_prompts(pipe.config, [prompt] if prompt else [], quiet)
+    single = is_single_input(specs)
+    run_batch(
+        lambda observer: pipe.run_batch(
+            specs, out, mesh=mesh, prompt=prompt, config_file=config, preprocess=options, video=video_options,
+            overwrite=overwrite, skip_existing=skip_existing, manifest=manifest, stop_on_error=single,
+            observer=observer, command=command,
+        ),
+        single=single, manifest_path=_manifest_path(manifest, out, single), json_out=json_out, quiet=quiet,
+    )
 
 
 @app.command("image2gs")
@@ -418,26 +382,12 @@ def image2gs(
     quiet: Quiet = False,
 ) -> None:
     """Image(s) → 3D Gaussians (OUT/<stem>.ply, <stem>_views.png, <stem>_rgba.png, <stem>.json)."""
-    from .pipeline import ImageTask, PreprocessOptions, resolve_device
-
-    cfg = _resolve_config(
-        teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
-        elevation=elevation, backend=backend, device=device,
+    _run_images(
+        "image2gs", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
+        border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet, model=model, seed=seed,
+        iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
     )
-    prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg, prompt)
-    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
-    video_options = _video_options(video, video_format)
-    _check_run_outputs(out, manifest)
-    _warn_cut_prompts(cfg, [prompt] if prompt else [], quiet)
-    specs = images or []
-    jobs = _image_jobs("image2gs", specs, cfg, config)
-    task = ImageTask(
-        cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite,
-        skip_existing=skip_existing, prompt=prompt,
-    )
-    run_batch("image2gs", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
 
 # mesh options, shared by image2mesh, text2mesh and export
@@ -489,24 +439,14 @@ def image2mesh(
     The mesh is centred at the origin in a box of side --scale, Y-up with the input view's camera on +z
     (glTF convention). Its texture is baked from the Gaussians and refined with one SIR pass of the teacher.
     """
-    from .pipeline import MeshTask, PreprocessOptions, resolve_device
-
-    cfg = _resolve_config(
-        teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
-        elevation=elevation, backend=backend, device=device, mesh_format=mesh_format, faces=faces,
-        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+    _run_images(
+        "image2mesh", images or [], out, mesh=True, teacher=teacher, preset=preset, config=config, prompt=prompt,
+        border_ratio=border_ratio, rembg=rembg, video=False, video_format=None, overwrite=overwrite,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet, model=model, seed=seed,
+        iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
+        mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
+        refine_steps=refine_steps, up=up, scale=scale,
     )
-    prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg, prompt)
-    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
-    _check_run_outputs(out, manifest)
-    _warn_cut_prompts(cfg, [prompt] if prompt else [], quiet)
-    specs = images or []
-    jobs = _image_jobs("image2mesh", specs, cfg, config)
-    task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite,
-                    skip_existing=skip_existing, prompt=prompt)
-    run_batch("image2mesh", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
 
 @app.command("export")
@@ -534,68 +474,27 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """A saved 3DGS run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
-    from .pipeline import SavedRun, export_saved_run, resolve_device
+    from .api import export_run
 
     if to != "mesh":
         raise UserError(f"--to must be mesh, got '{to}'")
     if not result.is_file():
         raise UserError(f"result not found: {result}")
-    run = SavedRun.read(config) if config is not None else SavedRun.beside(result)
-    config = config if run is None else run.path
-    unrefined = config is None and teacher is None and refine  # nothing says which teacher the run used
-    refine = refine and not unrefined
-    cfg = _resolve_config(
-        teacher, None, config, needs_teacher=refine, model=model, seed=seed, device=device, mesh_format=mesh_format,
-        faces=faces, texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up,
-        scale=scale,
-    )
+    check_output_dir(out or result.parent, "--out" if out is not None else _BESIDE.format("RESULT"))
     console = _console(quiet)
-    target = out or result.parent
-    check_output_dir(target, "--out" if out is not None else _BESIDE.format("RESULT"))
     with console.status(f"meshing {escape(result.name)}") as status:
-        mesh = export_saved_run(
-            result, cfg, resolve_device(cfg.device), target, run=run, refine=refine, image=image, prompt=prompt,
+        outcome = export_run(
+            result, out, config=config, teacher=teacher, image=image, prompt=prompt, refine=refine,
             overwrite=overwrite, on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
+            model=model, seed=seed, device=device, mesh_format=mesh_format, faces=faces, texture_size=texture_size,
+            grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
         )
+    mesh = outcome.report
     console.print(f"[green]wrote[/] {escape(mesh.outputs[0])} ({mesh.faces} faces, "
                   f"{sum(mesh.timings.values()):.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in mesh.timings.items()) + ")")
-    if unrefined:
+    if not outcome.refined:
         console.print(f"no run report beside {escape(str(result))}: the texture is baked, not refined "
                       "(give --config, or --teacher/--model/--image, to refine it)")
-
-
-def _saved_prompt(config: Path | None) -> str | None:
-    """The prompt of the run whose JSON report is given as ``--config`` (image+text runs), if any."""
-    from .pipeline import SavedRun
-
-    run = SavedRun.read(config)
-    return None if run is None else run.prompt
-
-
-def _check_image_teacher(cfg: "RunConfig", prompt: str | None) -> None:
-    """Image commands take image and image+text teachers (see :func:`check_teacher_config`); ``--prompt``
-    only the latter, and not blank."""
-    from .teachers.registry import check_teacher_config
-
-    name = cfg.teacher.name
-    inputs = check_teacher_config(cfg).inputs
-    if inputs == "text":
-        raise UserError(f"teacher '{name}' generates from text alone: use text2gs PROMPT")
-    if prompt is not None and inputs != "image+text":
-        raise UserError(f"--prompt needs an image+text teacher (imagedream); '{name}' reads only the image")
-    if prompt is not None and not prompt.strip():
-        raise UserError("empty prompt: leave --prompt out, or describe the object")
-
-
-def _check_run_outputs(out: Path | None, manifest: Path | None, inputs: list[Path] | None = None) -> None:
-    """Before any input is read: the output folder can be written (without ``out``, the folder of each of
-    ``inputs``, where their outputs go), and so can the manifest's folder."""
-    if out is not None:
-        check_output_dir(out)
-    for folder in dict.fromkeys(p.parent for p in inputs or []) if out is None else []:
-        check_output_dir(folder, _BESIDE.format("each input"))
-    if manifest is not None:
-        check_output_file(manifest, "--manifest")
 
 
 def _warn_cut_prompts(cfg: "RunConfig", prompts: list[str], quiet: bool) -> None:
@@ -619,10 +518,10 @@ def _warn_cut_prompts(cfg: "RunConfig", prompts: list[str], quiet: bool) -> None
 
 def _run_prompts(
     command: str,
-    task_class: type[PromptTask],
     prompts: list[str],
     out: Path,
     *,
+    mesh: bool,
     teacher: str | None,
     preset: str | None,
     config: Path | None,
@@ -635,24 +534,28 @@ def _run_prompts(
     quiet: bool,
     **flags: Any,
 ) -> None:
-    """One job per prompt through the batch runner, the text-to-3D teacher loaded once; ``flags`` are
-    config overrides (:func:`_overrides`). A lone bad prompt fails before any model is loaded."""
-    from .pipeline import prompt_jobs, resolve_device
-    from .teachers.registry import check_teacher_config
+    """One job per prompt through :meth:`Pipeline.run_batch`, the text-to-3D teacher loaded once; ``flags``
+    are settings (:data:`microdreamer.api.SETTINGS`). A lone bad prompt fails before any model is loaded."""
+    from .api import Pipeline, check_run_outputs, resolve_config
+    from .pipeline import prompt_jobs
 
     jobs = prompt_jobs(prompts)
     if len(jobs) == 1 and jobs[0].problem is not None:
         raise UserError(jobs[0].problem)
-    cfg = _resolve_config(teacher or "mvdream", preset, config, **flags)
-    if check_teacher_config(cfg).inputs != "text":
-        raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
+    pipe = Pipeline(resolve_config(teacher or "mvdream", preset, config, **flags))
+    if pipe.inputs != "text":
+        raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{pipe.config.teacher.name}'")
     video_options = _video_options(video, video_format)
-    _check_run_outputs(out, manifest)
-    _warn_cut_prompts(cfg, [job.input for job in jobs if job.problem is None], quiet)
-    task = task_class(cfg, resolve_device(cfg.device), out, video=video_options, overwrite=overwrite,
-                      skip_existing=skip_existing)
-    run_batch(command, [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet, single=len(jobs) == 1)
+    check_run_outputs(out, manifest)
+    _warn_cut_prompts(pipe.config, [job.input for job in jobs if job.problem is None], quiet)
+    single = len(jobs) == 1
+    run_batch(
+        lambda observer: pipe.run_batch(
+            prompts, out, mesh=mesh, video=video_options, overwrite=overwrite, skip_existing=skip_existing,
+            manifest=manifest, stop_on_error=single, observer=observer,
+        ),
+        single=single, manifest_path=_manifest_path(manifest, out, single), json_out=json_out, quiet=quiet,
+    )
 
 
 @app.command("text2gs")
@@ -680,10 +583,8 @@ def text2gs(
     quiet: Quiet = False,
 ) -> None:
     """Prompt(s) → 3D Gaussians (OUT/<prompt words>.ply, _views.png, .json)."""
-    from .pipeline import PromptTask
-
     _run_prompts(
-        "text2gs", PromptTask, prompts, out, teacher=teacher, preset=preset, config=config, video=video,
+        "text2gs", prompts, out, mesh=False, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
         json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt,
@@ -728,10 +629,8 @@ def text2mesh(
     baked from the Gaussians; the mvdream preset does not refine it (as the reference), --refine-steps N
     refines it with one SIR pass of the teacher.
     """
-    from .pipeline import PromptMeshTask
-
     _run_prompts(
-        "text2mesh", PromptMeshTask, prompts, out, teacher=teacher, preset=preset, config=config, video=video,
+        "text2mesh", prompts, out, mesh=True, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
         json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt, mesh_format=mesh_format, faces=faces,
@@ -753,16 +652,18 @@ def preprocess_(
     quiet: Quiet = False,
 ) -> None:
     """Mask, recentre and rescale images → <stem>_rgba.png (what every image command does first)."""
-    from .pipeline import PreprocessOptions, PreprocessTask
-    from .preprocess import is_preprocessed_output
+    from .api import preprocess_images
+    from .pipeline import PreprocessOptions
 
     options = PreprocessOptions(border_ratio=border_ratio, remove_background=_removal(rembg) or "auto", size=size)
-    jobs = expand_inputs(images, exclude=is_preprocessed_output, unique_stems=out is not None)
-    _check_run_outputs(out, manifest, [job.source for job in jobs if job.source is not None])
-    task = PreprocessTask(options, out, overwrite)
-    run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest,
-              manifest_default=None if out is None else out / MANIFEST_NAME, skip_existing=skip_existing,
-              json_out=json_out, quiet=quiet, ignored=ignored_files(images))
+    single = is_single_input(images)
+    run_batch(
+        lambda observer: preprocess_images(
+            images, out, options=options, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
+            stop_on_error=single, observer=observer,
+        ),
+        single=single, manifest_path=_manifest_path(manifest, out, single), json_out=json_out, quiet=quiet,
+    )
 
 
 @app.command("render")
@@ -786,23 +687,18 @@ def render(
     quiet: Quiet = False,
 ) -> None:
     """A 360° turntable video of a saved result."""
-    from .pipeline import resolve_device
-    from .video import (
-        VideoOptions, default_format, format_of, render_frames, result_renderer, turntable_cameras, write_video,
-    )
+    from .api import render_video
+    from .video import VideoOptions, default_format, format_of
 
     target = video or result.with_name(f"{result.stem}_turntable.{default_format()}")
     options = VideoOptions(format=format_of(target), frames=frames, fps=fps, resolution=res)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --video")
     check_output_file(target, "--video" if video is not None else _BESIDE.format("RESULT"))
-    dev = resolve_device(device)
-    draw = result_renderer(result, dev, normalize=normalize)
-    cameras = turntable_cameras(options.frames, elevation, radius, res, fovy, start_azimuth=azimuth)
     console = _console(quiet)
     with _status(console, f"rendering {plural(frames, 'frame')} of {escape(result.name)}"):
-        pixels = render_frames(draw, cameras)
-        write_video(target, pixels, options.fps)
+        render_video(result, target, options=options, elevation=elevation, radius=radius, fovy=fovy,
+                     azimuth=azimuth, normalize=normalize, device=device, overwrite=overwrite)
     console.print(f"[green]wrote[/] {escape(str(target))} ({plural(frames, 'frame')}, {res}x{res}, {fps} fps)")
 
 
@@ -819,9 +715,9 @@ def eval_(
     distance, F-score at 0.01 and 0.05 and normal consistency. The reference is fitted into the unit
     box; a mesh goes back into its run's frame through the <stem>_mesh.json beside it, else it is
     fitted into the unit box too."""
-    from .evaluate import MeshEvalReport, evaluate_gaussians, evaluate_mesh, is_gaussian_ply
+    from .api import evaluate
+    from .evaluate import MeshEvalReport
     from .io.atomic import atomic_path
-    from .pipeline import resolve_device
 
     if not result.is_file():
         raise UserError(f"result not found: {result}")
@@ -829,8 +725,7 @@ def eval_(
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
     if json_out is not None:
         check_output_file(json_out, "--json")
-    evaluate = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
-    report = evaluate(result, reference, resolve_device(device), radius=radius, resolution=res)
+    report = evaluate(result, reference, device=device, radius=radius, resolution=res)
     table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", title=f"{result.name} vs {reference.name}")
     for v in report.views:
         table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}")
@@ -857,37 +752,33 @@ def selftest(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
     """Reconstruct the bundled CC0 Spot cow with the reference teacher and check the held-out PSNR."""
-    import tempfile
+    from .api import SELFTEST_MESH, Progress, selftest as run_selftest
+    from .pipeline import resolve_device
 
-    from .evaluate import HELD_OUT_VIEWS, evaluate_gaussians
-    from .pipeline import ImageTo3D, describe_iteration, resolve_device
-
-    mesh = Path(__file__).resolve().parent / "assets" / "spot" / "spot.obj"
     console = _console()
     dev = resolve_device(device)
-    cfg = _resolve_config("reference", None, None, model=str(mesh), device=device)
     if out is not None:
         check_output_dir(out)
     console.print(f"selftest: the Spot cow from its front view with the reference teacher on {dev} "
                   "(a first run also builds the C++ kernels, about a minute)", markup=False, highlight=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = out or Path(tmp)
-        with _ProgressView(console, batch=False) as view:
-            view.job_started(0, Job("spot", str(mesh)))
-            view.loading(True)
-            runner = ImageTo3D(cfg, dev)
-            view.loading(False)
-            report = runner.run(
-                None, folder, overwrite=True,
-                on_iteration=lambda log, total: view.step(log.iteration + 1, total, describe_iteration(log)),
-            )
-        with _status(console, f"spot: scoring {HELD_OUT_VIEWS} held-out views"):
-            scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev)
+    with _ProgressView(console, batch=False) as view:
+        view.job_started(0, Job("spot", str(SELFTEST_MESH)))
+
+        def show(event: Progress) -> None:
+            if event.stage == "load":
+                view.loading(event.done == 0)
+            elif event.stage == "score":
+                view.say(event.info)
+            else:
+                view.step(event.done, event.total, event.info)
+
+        outcome = run_selftest(out, device=device, on_progress=show)
+    report, scores = outcome.report, outcome.scores
     ok = scores.mean_psnr >= min_psnr
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
     console.print(
         f"{verdict} selftest: mean held-out PSNR {scores.mean_psnr:.2f} dB (threshold {min_psnr:.1f}), "
-        f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {dev}, "
+        f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {outcome.device}, "
         f"{plural(report.primitives, 'Gaussian')}"
     )
     if not ok:

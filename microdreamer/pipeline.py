@@ -25,7 +25,7 @@ from . import __version__
 from .batch import Job, JobResult, StepCallback
 from .config import RunConfig, read_config_file
 from .errors import UserError
-from .export import STAGES, MeshExportReport, StageCallback, export_mesh, mesh_output_paths
+from .export import STAGES, MeshExportReport, StageCallback, TexturedMesh, export_mesh, make_mesh, mesh_output_paths
 from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
 from .io.provenance import FileRef, record_path
@@ -131,19 +131,23 @@ class ImagePreparer:
 
     def __call__(self, path: Path) -> np.ndarray:
         rgba = load_image(path)
+        try:
+            return self.prepare(rgba)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
+
+    def prepare(self, rgba: np.ndarray) -> np.ndarray:
+        """A decoded ``[H,W,4]`` uint8 image → the preprocessed reference view."""
         o = self.options
         wants_rembg = o.remove_background == "rembg" or (
             o.remove_background == "auto" and not has_alpha(rgba) and importlib.util.find_spec("rembg") is not None
         )
         if wants_rembg and self._session is None:
             self._session = new_rembg_session()
-        try:
-            return preprocess(
-                rgba, border_ratio=o.border_ratio, size=o.size, remove_background=o.remove_background,
-                rembg_session=self._session,
-            )
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from None
+        return preprocess(
+            rgba, border_ratio=o.border_ratio, size=o.size, remove_background=o.remove_background,
+            rembg_session=self._session,
+        )
 
 
 @dataclass
@@ -264,6 +268,68 @@ def check_outputs_free(outputs: list[Path], overwrite: bool) -> None:
         raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, {keep}or choose another --out")
 
 
+@dataclass
+class Reconstruction:
+    """One finished SIR run in memory (:meth:`ImageTo3D.reconstruct`); :meth:`save` writes its files."""
+
+    cfg: RunConfig
+    device: torch.device
+    input: PreparedInput
+    preprocess: PreprocessOptions
+    gaussians: Gaussians
+    views: torch.Tensor  # [8,3,H,W] the contact sheet: 8 views around the object at elevation 0
+    frames: np.ndarray | None  # turntable frames, with ``video``
+    video: VideoOptions | None
+    timings: dict[str, float]
+    evaluations: dict[str, int]
+    optimisation_steps: int
+    iterations: list[dict[str, Any]]
+
+    def outputs(self, out_dir: Path) -> RunOutputs:
+        return RunOutputs.for_stem(
+            Path(out_dir), self.input.stem, rgba=self.input.rgba is not None,
+            video_format=self.video.format if self.video else None,
+        )
+
+    def save(self, out_dir: Path, overwrite: bool = False) -> RunReport:
+        """Write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (and ``<stem>_rgba.png``,
+        ``<stem>_turntable.*``) into ``out_dir``: all appear together, once all of them are complete."""
+        out_dir = Path(out_dir)
+        outputs = self.outputs(out_dir)
+        check_outputs_free(outputs.all(), overwrite)
+        start = time.perf_counter()
+        timings = dict(self.timings)
+        prepared = self.input
+        with ExitStack() as stack:
+            tmp = {name: stack.enter_context(atomic_path(path)) for name, path in outputs.named().items()}
+            self.gaussians.save(tmp["ply"])
+            save_image(tmp["views"], image_grid(self.views, cols=4))
+            if outputs.rgba is not None:
+                save_image(tmp["rgba"], prepared.rgba)
+            if self.frames is not None:
+                assert self.video is not None
+                encode_video(tmp["video"], self.frames, self.video.fps, self.video.format)
+            timings["export"] = timings.get("export", 0.0) + time.perf_counter() - start
+            report = RunReport(
+                stem=prepared.stem,
+                input=None if prepared.source is None else FileRef.record(prepared.source, out_dir).to_dict(),
+                seed=self.cfg.seed,
+                config=report_config(self.cfg, out_dir),
+                preprocess=dataclasses.asdict(self.preprocess) if prepared.rgba is not None else None,
+                timings={k: round(v, 4) for k, v in timings.items()},
+                evaluations=dict(self.evaluations),
+                primitives=self.gaussians.num_primitives,
+                optimisation_steps=self.optimisation_steps,
+                iterations=self.iterations,
+                versions=versions(self.device),
+                outputs={name: str(path) for name, path in outputs.named().items()},
+                prompt=prepared.prompt,
+                peak_memory=peak_memory(self.device),
+            )
+            tmp["report"].write_text(report.to_json())
+        return report
+
+
 class ImageTo3D:
     """Image (or a reference mesh's front view) → 3D Gaussians, with the teacher loaded once."""
 
@@ -311,14 +377,25 @@ class ImageTo3D:
         """Reconstruct one input and write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (plus
         ``<stem>_rgba.png`` for an image input and ``<stem>_turntable.*`` with ``video``), all at once."""
         preprocess = preprocess or PreprocessOptions()
+        prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
+        check_outputs_free(RunOutputs.for_stem(
+            out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None
+        ).all(), overwrite)
+        result = self.reconstruct(prepared, on_iteration, preprocess=preprocess, video=video)
+        return result.save(out_dir, overwrite)
+
+    def reconstruct(
+        self,
+        prepared: PreparedInput,
+        on_iteration: ProgressCallback | None = None,
+        *,
+        preprocess: PreprocessOptions | None = None,
+        video: VideoOptions | None = None,
+    ) -> "Reconstruction":
+        """Run SIR on one prepared input; nothing is written (see :meth:`Reconstruction.save`)."""
         timings = self.load_timing()  # reported once, by the first run after loading
         reset_peak_memory(self.device)
         start = time.perf_counter()
-        prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
-        outputs = RunOutputs.for_stem(
-            out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None
-        )
-        check_outputs_free(outputs.all(), overwrite)
         reference = None if self.text_only else self.reference_view(prepared)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         condition = Condition(
@@ -343,6 +420,7 @@ class ImageTo3D:
         result = engine.run()
         timings["sir"] = time.perf_counter() - start
         timings.update({f"sir.{k}": v for k, v in result.timings.items()})
+        after = self.teacher.evaluations.as_dict()
 
         start = time.perf_counter()
         c = self.cfg.cameras
@@ -357,35 +435,12 @@ class ImageTo3D:
                 start_azimuth=self.teacher.reference_azimuth,
             ).to(self.device)
             frames = render_frames(lambda cams: gaussians.render(cams, background).rgb, video_cams)
-        # All files appear together, only once all of them are complete.
-        with ExitStack() as stack:
-            tmp = {name: stack.enter_context(atomic_path(path)) for name, path in outputs.named().items()}
-            gaussians.save(tmp["ply"])
-            save_image(tmp["views"], image_grid(views.cpu(), cols=4))
-            if outputs.rgba is not None:
-                save_image(tmp["rgba"], prepared.rgba)
-            if frames is not None:
-                encode_video(tmp["video"], frames, video.fps, video.format)
-            timings["export"] = time.perf_counter() - start
-            after = self.teacher.evaluations.as_dict()
-            report = RunReport(
-                stem=prepared.stem,
-                input=None if prepared.source is None else FileRef.record(prepared.source, out_dir).to_dict(),
-                seed=self.cfg.seed,
-                config=report_config(self.cfg, out_dir),
-                preprocess=dataclasses.asdict(preprocess) if prepared.rgba is not None else None,
-                timings={k: round(v, 4) for k, v in timings.items()},
-                evaluations={k: after[k] - before[k] for k in after},
-                primitives=gaussians.num_primitives,
-                optimisation_steps=result.optimisation_steps,
-                iterations=[log.__dict__ for log in result.iterations],
-                versions=versions(self.device),
-                outputs={name: str(path) for name, path in outputs.named().items()},
-                prompt=prepared.prompt,
-                peak_memory=peak_memory(self.device),
-            )
-            tmp["report"].write_text(report.to_json())
-        return report
+        timings["export"] = time.perf_counter() - start
+        return Reconstruction(
+            self.cfg, self.device, prepared, preprocess or PreprocessOptions(), gaussians, views.cpu(), frames, video,
+            timings, {k: after[k] - before[k] for k in after}, result.optimisation_steps,
+            [log.__dict__ for log in result.iterations],
+        )
 
     def export_mesh(
         self,
@@ -395,6 +450,13 @@ class ImageTo3D:
         overwrite: bool = False,
         on_stage: StageCallback | None = None,
     ) -> MeshExportReport:
+        """:meth:`make_mesh`, written to ``out_dir`` (outputs checked before any work)."""
+        check_outputs_free(mesh_output_paths(Path(out_dir), prepared.stem, self.cfg.mesh.format), overwrite)
+        return self.make_mesh(prepared, gaussians, on_stage).save(out_dir, overwrite)
+
+    def make_mesh(
+        self, prepared: PreparedInput, gaussians: Gaussians, on_stage: StageCallback | None = None
+    ) -> TexturedMesh:
         """The textured mesh of ``gaussians`` (a run on ``prepared``), its texture refined with this teacher
         conditioned as in the run (and on the reference view when the run's loss used it)."""
         reference = None if self.text_only else self.reference_view(prepared)
@@ -410,8 +472,7 @@ class ImageTo3D:
         )
         if not self.cfg.loss.reference_rgb:
             reference = None
-        return export_mesh(gaussians, out_dir, prepared.stem, self.cfg, self.teacher, reference, self.device,
-                           overwrite, on_stage=on_stage)
+        return make_mesh(gaussians, prepared.stem, self.cfg, self.teacher, reference, self.device, on_stage=on_stage)
 
 
 def front_view_stem(cfg: RunConfig) -> str:

@@ -70,13 +70,15 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 def _no_work(monkeypatch) -> None:
     """Fail the test if a command starts what a refusal must come before: a teacher, a mesh export, a
     render, an evaluation or a download."""
-    from microdreamer import evaluate, pipeline, video
+    from microdreamer import api, evaluate, pipeline, video
     from microdreamer.teachers import catalog
 
     def refuse(*args, **kwargs):
         raise AssertionError("the command started working before refusing its input")
 
     monkeypatch.setattr(pipeline.ImageTo3D, "__init__", refuse)
+    for name in ("export_saved_run", "result_renderer", "evaluate_gaussians", "evaluate_mesh"):
+        monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
     for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_gaussians"),
                          (evaluate, "evaluate_mesh"), (catalog, "download")]:
         monkeypatch.setattr(module, name, refuse)
@@ -593,11 +595,11 @@ def test_piped_progress_is_plain_whole_lines_and_the_summary_is_not_cut(tmp_path
 
 @pytest.mark.slow
 def test_selftest_prints_its_progress_when_piped(capsys, monkeypatch, micro_config):
-    from microdreamer import cli
+    from microdreamer import api
     from microdreamer.config import resolve
 
-    # the bundled run, made tiny: the same command path with a micro schedule
-    monkeypatch.setattr(cli, "_resolve_config", lambda *args, **flags: resolve(
+    # the bundled run, made tiny: the same command path with a micro schedule (resolved in the API)
+    monkeypatch.setattr(api, "resolve_config", lambda *args, **flags: resolve(
         "reference", micro_config, {"teacher": {"model": flags["model"]}, "device": flags["device"]}))
     assert main(["selftest", "--min-psnr", "0"]) == 0
     lines = _plain_lines(capsys.readouterr().err, [

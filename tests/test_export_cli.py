@@ -242,7 +242,7 @@ def test_image2mesh_stopped_in_the_mesh_stage_resumes_there(tmp_path, monkeypatc
         def interrupt(*args, **kwargs):
             raise KeyboardInterrupt
 
-        m.setattr(pipeline, "export_mesh", interrupt)
+        m.setattr(pipeline, "make_mesh", interrupt)
         assert main([*RUN, "--out", "out"]) == 130
     gaussians = ["cow.json", "cow.ply", "cow_rgba.png", "cow_views.png"]
     assert sorted(p.name for p in Path("out").iterdir()) == gaussians

@@ -544,16 +544,16 @@ def test_text2mesh_batch_stopped_in_a_mesh_stage_resumes_there(tmp_path, capsys,
     whole = tmp_path / "whole"
     assert main(argv(whole, "a corgi")) == 0
     out = tmp_path / "out"
-    export_mesh, calls = pipeline.export_mesh, []
+    make_mesh, calls = pipeline.make_mesh, []
 
     def interrupt_the_second(*args, **kwargs):
-        calls.append(args[2])
+        calls.append(args[1])  # the stem
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return export_mesh(*args, **kwargs)
+        return make_mesh(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "export_mesh", interrupt_the_second)
+        m.setattr(pipeline, "make_mesh", interrupt_the_second)
         assert main(argv(out, "a red cat", "a corgi")) == 130
     assert calls == ["a_red_cat", "a_corgi"] and not (out / "a_corgi.glb").exists()
     first = {e["stem"]: e for e in json.loads((out / "manifest.json").read_text())["entries"]}
