@@ -1,4 +1,5 @@
-"""The known diffusion teachers: where their weights live, under which licence, and whether they are cached.
+"""The known diffusion models (SIR teachers, and the Zero123++ multi-view generator): where their weights live,
+under which licence, and whether they are cached.
 
 Licences are those stated on the Hugging Face model pages of the weights; the converted diffusers
 ports inherit the terms of the original weights whatever their own card says.
@@ -61,6 +62,17 @@ CATALOG: tuple[CatalogEntry, ...] = (
         commercial_use=True,
         approx_size_gb=4.0,
         source="Peng-Wang/ImageDream (sd-v2.1-base-4view-ipmv.pt)",
+    ),
+    CatalogEntry(  # a multi-view generator (microdreamer.generators), not an SIR teacher
+        name="zero123plus",
+        repo_id="sudo-ai/zero123plus-v1.1",
+        license=(
+            "CC-BY-NC 4.0 for the weights (non-commercial use only; generated images are free to use, per the "
+            "Zero123++ README); the Zero123++ code is Apache-2.0"
+        ),
+        commercial_use=False,
+        approx_size_gb=3.8,  # fp16 parameter count of UNet, VAE, text and vision encoders (spec §4.1)
+        source="SUDO-AI-3D/zero123plus (v1.1, diffusers layout)",
     ),
 )
 

@@ -33,7 +33,7 @@ from .loading import (
 )
 from .mv_cameras import FRONT_AZIMUTH, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
-from .sd_parts import clip_pixel_values, posterior_draw, reference_image
+from .sd_parts import clip_pixel_values, posterior_draw, reference_image, text_embedding
 
 #: views denoised together per object (both models were trained on 4 views)
 VIEWS_PER_OBJECT = 4
@@ -153,9 +153,7 @@ class MultiViewTeacher(Teacher):
     def encode_text(self, text: str) -> Tensor:
         """Text tokens ``[1, 77, D]``: the last hidden state (after the final layer norm) of the text
         encoder for the prompt padded with the pad token to the encoder's length (spec §2.5)."""
-        length = int(self.text_encoder.config.max_position_embeddings)
-        ids = self.tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return self.text_encoder(ids.input_ids.to(self.device)).last_hidden_state
+        return text_embedding(self.tokenizer, self.text_encoder, text)
 
     @torch.no_grad()
     def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
