@@ -57,7 +57,8 @@ def image() -> torch.Tensor:
 def _diffusers_scheduler(**changes):
     from diffusers import EulerAncestralDiscreteScheduler
 
-    return EulerAncestralDiscreteScheduler.from_config({**ZERO123PLUS_SCHEDULER, "timestep_spacing": "trailing", **changes})
+    config = {**ZERO123PLUS_SCHEDULER, "timestep_spacing": "trailing", **changes}
+    return EulerAncestralDiscreteScheduler.from_config(config)
 
 
 # loading -----------------------------------------------------------------------------------------------
@@ -266,7 +267,8 @@ def test_reference_processor_attends_to_recorded_keys_and_values():
         assert bank.tokens == {} and bank.mode == "off"
         # by hand: queries from x, keys and values from [x ; ref], per head
         both = torch.cat([x, ref], dim=1)
-        q, k, v = (f(t).view(2, -1, 2, 8).transpose(1, 2) for f, t in ((attn.to_q, x), (attn.to_k, both), (attn.to_v, both)))
+        heads = lambda t: t.view(2, -1, 2, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(attn.to_q(x)), heads(attn.to_k(both)), heads(attn.to_v(both))
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
         expected = attn.to_out[0]((weights @ v).transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(read, expected, rtol=1e-5, atol=1e-6)
@@ -278,7 +280,8 @@ def test_write_pass_records_every_self_attention_input(tiny_dir):
     unet = build_model(tiny_dir, "unet", device="cpu", dtype=torch.float32)
     inputs: dict[str, torch.Tensor] = {}
     names = [n for n, m in unet.named_modules() if n.endswith(".attn1")]
-    hooks = [unet.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n in names]
+    record = lambda n: lambda module, args: inputs.__setitem__(n, args[0])  # noqa: E731
+    hooks = [unet.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
     bank = install_reference_attention(unet)
     sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with torch.no_grad():
@@ -299,10 +302,14 @@ class _UNetCalls:
 
     def __init__(self, unet) -> None:
         self.calls: list[dict] = []
-        self.handles = [unet.register_forward_pre_hook(self.before, with_kwargs=True), unet.register_forward_hook(self.after)]
+        self.handles = [
+            unet.register_forward_pre_hook(self.before, with_kwargs=True),
+            unet.register_forward_hook(self.after),
+        ]
 
     def before(self, module, args, kwargs):
-        self.calls.append({"sample": args[0].clone(), "t": args[1].clone(), "context": kwargs["encoder_hidden_states"].clone()})
+        context = kwargs["encoder_hidden_states"]
+        self.calls.append({"sample": args[0].clone(), "t": args[1].clone(), "context": context.clone()})
 
     def after(self, module, args, output):
         self.calls[-1]["output"] = output.sample.clone()
@@ -339,7 +346,8 @@ def test_each_step_runs_the_noised_condition_latent_then_the_sample(generator, i
     guided = uncond + 3.0 * (cond - uncond)
     g_step = torch.Generator().manual_seed(9)
     generator.condition(image, g_step, guided=True)
-    torch.randn(1, 4, 12, 8, generator=g_step), torch.randn(conditioning.reference.shape, generator=g_step)
+    torch.randn(1, 4, 12, 8, generator=g_step)  # the starting noise
+    torch.randn(conditioning.reference.shape, generator=g_step)  # step 0's reference noise
     expected = schedule.step(guided, start, 0, g_step)
     torch.testing.assert_close(calls.calls[3]["sample"][:1], expected / math.sqrt(schedule.sigmas[1] ** 2 + 1))
 
@@ -389,7 +397,9 @@ def test_decode_undoes_the_v11_latent_and_image_scaling(generator):
 
 
 def test_generate_is_deterministic_with_a_seed(generator, image):
-    run = lambda seed: generator.generate(image, torch.Generator().manual_seed(seed), steps=3, view_size=VIEW)  # noqa: E731
+    def run(seed: int):
+        return generator.generate(image, torch.Generator().manual_seed(seed), steps=3, view_size=VIEW)
+
     first, again, other = run(1), run(1), run(2)
     assert first.grid.shape == (1, 3, 24, 16) and first.views.shape == (6, 3, VIEW, VIEW)
     assert first.latents.shape == (1, 4, 12, 8)
@@ -410,7 +420,8 @@ def test_grid_splits_row_major():
     grid = torch.zeros(1, 3, 3 * size, 2 * size)
     for k in range(6):
         row, col = divmod(k, 2)
-        grid[:, :, row * size : (row + 1) * size, col * size : (col + 1) * size] = k / 10 + torch.rand(3, size, size) / 20
+        cell = k / 10 + torch.rand(3, size, size) / 20
+        grid[:, :, row * size : (row + 1) * size, col * size : (col + 1) * size] = cell
     views = split_grid(grid)
     assert views.shape == (6, 3, size, size)
     assert [round(float(v.min()) * 10) for v in views] == [0, 1, 2, 3, 4, 5]

@@ -34,15 +34,12 @@ from ..errors import UserError
 from ..sir.cameras import Cameras
 from ..sir.scheduler import randn_like
 from ..teachers.base import guide
-from ..teachers.catalog import find_entry
+from ..teachers.catalog import open_model
 from ..teachers.loading import (
     build_model,
-    expect_components,
     load_image_processor,
     read_json,
     require,
-    resolve_dtype,
-    resolve_model_dir,
     schedule_alphas_cumprod,
 )
 from ..teachers.sd_parts import clip_pixel_values, posterior_draw, text_embedding
@@ -177,12 +174,15 @@ class Zero123PlusGenerator:
                 f"the VAE's latents have {latent}"
             )
         width = int(unet.config.cross_attention_dim)
-        for what, dim in (("text encoder", text_encoder.config.hidden_size), ("vision encoder", vision_encoder.config.projection_dim)):
+        dims = {"text encoder": text_encoder.config.hidden_size, "vision encoder": vision_encoder.config.projection_dim}
+        for what, dim in dims.items():
             if int(dim) != width:
                 raise UserError(f"the {what} gives {dim}-d embeddings, the UNet attends to {width}-d states")
         tokens = int(text_encoder.config.max_position_embeddings)
         if ramp.shape != (tokens,):
-            raise UserError(f"model_index.json has {ramp.numel()} ramping_coefficients, the text encoder {tokens} tokens")
+            raise UserError(
+                f"model_index.json has {ramp.numel()} ramping_coefficients, the text encoder {tokens} tokens"
+            )
         if prediction not in PREDICTIONS:
             raise UserError(f"unsupported prediction_type {prediction!r} (use {' or '.join(PREDICTIONS)})")
         self.unet, self.vae, self.vision_encoder = unet, vae, vision_encoder
@@ -205,12 +205,10 @@ class Zero123PlusGenerator:
         cache_dir: str | Path | None = None,
     ) -> "Zero123PlusGenerator":
         """Load a Zero123++ folder (or Hugging Face id; default the catalog's v1.1) in its diffusers layout."""
-        if model_id_or_path is None:
-            model_id_or_path = find_entry(CATALOG_NAME).repo_id
-        device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
-        expect_components(root, COMPONENTS)
+        root, device, torch_dtype = open_model(
+            model_id_or_path, CATALOG_NAME, COMPONENTS,
+            device=device, dtype=dtype, allow_download=allow_download, cache_dir=cache_dir,
+        )
         scheduler_path = root / "scheduler" / "scheduler_config.json"
         scheduler = read_json(scheduler_path)
         models = {

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
-from .loading import missing_files, require, resolve_model_dir
+from .loading import expect_components, missing_files, require, resolve_dtype, resolve_model_dir
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,23 @@ def cache_status(entry: CatalogEntry, cache_dir: str | Path | None = None) -> tu
 def download(entry: CatalogEntry, cache_dir: str | Path | None = None) -> Path:
     """Fetch (or find in the cache) the entry's configs and safetensors weights; returns the snapshot folder."""
     return resolve_model_dir(entry.repo_id, allow_download=True, cache_dir=cache_dir)
+
+
+def open_model(
+    model_id_or_path: str | Path | None,
+    name: str,
+    components: dict[str, str],
+    *,
+    device: torch.device | str,
+    dtype: str,
+    allow_download: bool,
+    cache_dir: str | Path | None,
+) -> tuple[Path, torch.device, torch.dtype]:
+    """The model folder (default: catalog entry ``name``'s weights) checked to hold ``components``, with the
+    device and the resolved torch dtype to build them with."""
+    if model_id_or_path is None:
+        model_id_or_path = find_entry(name).repo_id
+    device = torch.device(device)
+    root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
+    expect_components(root, components)
+    return root, device, resolve_dtype(dtype, device)

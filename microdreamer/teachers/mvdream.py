@@ -21,15 +21,12 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..sir.cameras import Cameras
 from .base import Branch, Condition, Teacher, guide
-from .catalog import find_entry
+from .catalog import open_model
 from .loading import (
     build_model,
-    expect_components,
     load_image_processor,
     noise_schedule,
     require,
-    resolve_dtype,
-    resolve_model_dir,
 )
 from .mv_cameras import FRONT_AZIMUTH, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
@@ -111,12 +108,10 @@ class MultiViewTeacher(Teacher):
         Without ``model_id_or_path`` the catalog weights are used. The UNet is built from its
         ``unet/config.json`` and loaded strictly from safetensors; no remote code runs.
         """
-        if model_id_or_path is None:
-            model_id_or_path = find_entry(cls.catalog_name).repo_id
-        device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
-        expect_components(root, cls.components)
+        root, device, torch_dtype = open_model(
+            model_id_or_path, cls.catalog_name, cls.components,
+            device=device, dtype=dtype, allow_download=allow_download, cache_dir=cache_dir,
+        )
         _, alphas_cumprod = noise_schedule(root)
         unet = MultiViewUNet.from_folder(root / "unet", dtype=torch_dtype, device=device).requires_grad_(False)
         tokenizer = require("transformers").CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
