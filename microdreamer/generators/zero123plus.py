@@ -96,8 +96,9 @@ def zero123plus_cameras(
 ) -> Cameras:
     """The six views' cameras in our orbit convention (spec §0.4: y up, negative elevation = above).
 
-    Azimuths are the condition view's plus 30, 90, …, 330 (both conventions turn the same way about the
-    up axis); v1.1 elevations are absolute, 30° above / 20° below, i.e. −30 / +20 here. Zero123++ v1.1
+    Azimuths are the condition view's plus 30, 90, …, 330, turning the same way about the up axis as ours
+    (InstantMesh places Zero123++'s views at azimuths from +x towards +y about z up, a proper rotation of our
+    axes); v1.1 elevations are absolute, 30° above / 20° below, i.e. −30 / +20 here. Zero123++ v1.1
     publishes neither distance nor field of view (spec §4.3): the defaults are v1.2's 30° and the radius
     InstantMesh pairs with it.
     """
@@ -288,7 +289,8 @@ class Zero123PlusGenerator:
         guidance_scale: float = DEFAULT_GUIDANCE,
         view_size: int = VIEW_SIZE,
     ) -> GeneratedViews:
-        """Six views of the object in ``image`` (``[1,3,H,W]`` in [0,1], square, on :data:`GRAY`)."""
+        """Six views of the object in ``image`` (``[1,3,H,W]`` in [0,1], square, on :data:`GRAY`; from an RGBA
+        picture e.g. ``io.images.to_reference(rgba, 512, background=(GRAY,) * 3)[0]``)."""
         if view_size <= 0 or view_size % self.vae_factor:
             raise UserError(f"the view size must be a positive multiple of {self.vae_factor}, got {view_size}")
         if not 1 <= steps <= self.alphas_cumprod.shape[0]:
