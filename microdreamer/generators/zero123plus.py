@@ -194,6 +194,7 @@ class Zero123PlusGenerator:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.reference_bank = install_reference_attention(unet)
+        # the only prompt is the empty one: encode it once and keep no text encoder
         self.empty_prompt = text_embedding(tokenizer, text_encoder, "")  # [1, 77, D]
 
     @classmethod
