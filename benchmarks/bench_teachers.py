@@ -5,7 +5,10 @@ One call is what the SIR refiner asks for at every guided sampling step: a class
 
 - ``zero123``: the Zero123 UNet (spec §1.2, 8 input channels, 1-token context), B = 6 views → batch 12;
 - ``mvdream``: the multi-view UNet (spec §2.2), 4 views with text context → batch 8;
-- ``imagedream``: with the image-prompt layers (spec §3.1), 4 + 1 reference frames → batch 10.
+- ``imagedream``: with the image-prompt layers (spec §3.1), 4 + 1 reference frames → batch 10;
+- ``zero123plus``: one guided step of the Zero123++ v1.1 generator (spec §4): the reference pass on the
+  condition latent (64², batch 2) then the sample pass on the 3×2 grid of six views (120×80 latents, batch 2)
+  whose self-attention also reads the reference tokens. Not an SIR teacher: its 28 steps make one grid.
 
 fp32 on the CPU, fp16 on CUDA (``--dtype`` overrides); on CUDA the peak allocated memory is printed too.
 The FLOPs of one call (torch's counter, on the meta device) give the throughput reached, to compare devices.
@@ -44,6 +47,15 @@ ZERO123_UNET = {
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
     "attention_head_dim": 8,
+}
+
+#: the Zero123++ v1.1 UNet: SD-2 (768-v) layout, linear projections, 1024-d context (spec §4.1)
+ZERO123PLUS_UNET = {
+    "sample_size": 96, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
 }
 
 Call = Callable[[], Tensor]
@@ -102,6 +114,30 @@ def zero123_call(device: torch.device, dtype: torch.dtype, views: int = 6) -> tu
     return (lambda: unet(x, t, encoder_hidden_states=context).sample), _params(unet)
 
 
+def zero123plus_call(device: torch.device, dtype: torch.dtype) -> tuple[Call, int]:
+    from diffusers import UNet2DConditionModel
+
+    from microdreamer.generators.reference_attention import install_reference_attention
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(ZERO123PLUS_UNET)
+    unet = randomize(unet, device, dtype)
+    bank = install_reference_attention(unet)
+    g = _generator(device)
+    reference = _randn(g, device, dtype, 2, 4, 64, 64)  # [negative ; condition] latents of the 512² input
+    sample = _randn(g, device, dtype, 2, 4, 120, 80)  # [uncond ; cond] grid of six 320² views
+    context = _randn(g, device, dtype, 2, 77, 1024)
+    t = torch.full((2,), 999.0, device=device)
+
+    def call() -> Tensor:
+        with bank.writing():
+            unet(reference, t, encoder_hidden_states=context)
+        with bank.reading():
+            return unet(sample, t, encoder_hidden_states=context).sample
+
+    return call, _params(unet)
+
+
 def multiview_call(device: torch.device, dtype: torch.dtype, image_prompt: bool) -> tuple[Call, int]:
     config = MultiViewUNetConfig.from_dict({**MVDREAM_UNET, **({"ip_dim": 16} if image_prompt else {})})
     with torch.device("meta"):
@@ -131,9 +167,10 @@ BUILDERS = {
     "zero123": lambda d, t: zero123_call(d, t),
     "mvdream": lambda d, t: multiview_call(d, t, image_prompt=False),
     "imagedream": lambda d, t: multiview_call(d, t, image_prompt=True),
+    "zero123plus": zero123plus_call,
 }
 #: batch of one guided call: (views rendered, frames through the UNet)
-BATCH = {"zero123": (6, 12), "mvdream": (4, 8), "imagedream": (4, 10)}
+BATCH = {"zero123": (6, 12), "mvdream": (4, 8), "imagedream": (4, 10), "zero123plus": (6, 4)}
 
 
 def _sync(device: torch.device) -> None:

@@ -32,7 +32,7 @@ ALLOW_PATTERNS = (
     "*/*.safetensors",
     "scheduler/*.json",
     "tokenizer/*",
-    "feature_extractor/*",
+    "feature_extractor*/*",  # feature_extractor/, or Zero123++'s feature_extractor_clip/ and _vae/
 )
 #: weight formats that can execute code when unpickled: never loaded
 REFUSED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -387,9 +387,26 @@ def noise_schedule(model_dir: Path) -> tuple[dict[str, Any], Tensor]:
     for ok, what in checks:
         if not ok:
             raise UserError(f"{path}: unsupported {what} (need a DDIM-compatible scaled_linear epsilon schedule)")
+    return config, schedule_alphas_cumprod(config, path)
+
+
+def schedule_alphas_cumprod(config: dict[str, Any], path: Path) -> Tensor:
+    """ᾱ_t, t = 0..T-1 (float64), of a scheduler config's ``linear`` or ``scaled_linear`` betas.
+
+    ``linear`` spaces beta itself evenly from beta_start to beta_end; ``scaled_linear`` spaces sqrt(beta)
+    and squares (spec §0.1). Other schedules, trained betas and a zero-terminal-SNR rescale are refused.
+    """
+    schedule = config.get("beta_schedule", "linear")
+    if schedule not in ("linear", "scaled_linear") or config.get("trained_betas"):
+        raise UserError(f"{path}: unsupported beta_schedule {schedule!r} (need linear or scaled_linear betas)")
+    if config.get("rescale_betas_zero_snr", False):
+        raise UserError(f"{path}: unsupported rescale_betas_zero_snr")
     steps = int(config.get("num_train_timesteps", 1000))
     beta_start, beta_end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
     if steps < 2 or not 0.0 < beta_start < beta_end < 1.0:
         raise UserError(f"{path}: bad schedule (num_train_timesteps {steps}, betas {beta_start}..{beta_end})")
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-    return config, torch.cumprod(1.0 - betas, dim=0)
+    if schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    else:
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)

@@ -22,21 +22,18 @@ from ..errors import UserError
 from ..sir.cameras import Cameras
 from ..wording import plural
 from .base import Branch, Condition, Teacher, guide
-from .catalog import find_entry
+from .catalog import open_model
 from .loading import (
     build_model,
-    expect_components,
     load_image_processor,
     model_files,
     noise_schedule,
     read_json,
     require,
-    resolve_dtype,
-    resolve_model_dir,
 )
 from .mv_cameras import FRONT_AZIMUTH, VIEWS_PER_OBJECT, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
-from .sd_parts import clip_pixel_values, posterior_draw, reference_image
+from .sd_parts import clip_pixel_values, posterior_draw, reference_image, text_embedding
 
 #: model_index.json classes of an MVDream pipeline folder (spec §2.1); ImageDream adds the image encoder (§3.1)
 MVDREAM_COMPONENTS = {
@@ -135,12 +132,10 @@ class MultiViewTeacher(Teacher):
         Without ``model_id_or_path`` the catalog weights are used. The UNet is built from its
         ``unet/config.json`` and loaded strictly from safetensors; no remote code runs.
         """
-        if model_id_or_path is None:
-            model_id_or_path = find_entry(cls.catalog_name).repo_id
-        device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
-        expect_components(root, cls.components)
+        root, device, torch_dtype = open_model(
+            model_id_or_path, cls.catalog_name, cls.components,
+            device=device, dtype=dtype, allow_download=allow_download, cache_dir=cache_dir,
+        )
         _, alphas_cumprod = noise_schedule(root)
         unet = MultiViewUNet.from_folder(root / "unet", dtype=torch_dtype, device=device).requires_grad_(False)
         tokenizer = load_tokenizer(root)
@@ -190,9 +185,7 @@ class MultiViewTeacher(Teacher):
     def encode_text(self, text: str) -> Tensor:
         """Text tokens ``[1, 77, D]``: the last hidden state (after the final layer norm) of the text
         encoder for the prompt padded with the pad token to the encoder's length (spec §2.5)."""
-        length = int(self.text_encoder.config.max_position_embeddings)
-        ids = self.tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return self.text_encoder(ids.input_ids.to(self.device)).last_hidden_state
+        return text_embedding(self.tokenizer, self.text_encoder, text)
 
     @torch.no_grad()
     def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:

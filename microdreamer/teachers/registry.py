@@ -78,7 +78,19 @@ TEACHERS: dict[str, TeacherEntry] = {
 }
 
 
+#: known models that are not SIR teachers, and why a run cannot use them as one
+NOT_TEACHERS: dict[str, str] = {
+    "zero123plus": (
+        "'zero123plus' (Zero123++ v1.1) is a fixed-view multi-view generator, not an SIR teacher: its six views "
+        "have fixed poses, so it cannot refine renders from SIR's cameras (it feeds the multi-view "
+        "reconstruction path, --method lgm)"
+    ),
+}
+
+
 def teacher_entry(name: str) -> TeacherEntry:
+    if name in NOT_TEACHERS:
+        raise UserError(NOT_TEACHERS[name])
     if name not in TEACHERS:
         raise UserError(f"unknown teacher '{name}' (available: {', '.join(TEACHERS)})")
     return TEACHERS[name]
