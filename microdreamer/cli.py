@@ -243,9 +243,15 @@ def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> N
     counts = ", ".join(f"{n} {s}" for s, n in manifest.counts().items() if n)
     console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
     if manifest.ignored:
-        names = ", ".join(Path(p).name for p in manifest.ignored[:5]) + (", …" if len(manifest.ignored) > 5 else "")
         console.print(f"ignored {len(manifest.ignored)} file(s) that are not images ({', '.join(IMAGE_SUFFIXES)}): "
-                      f"{escape(names)}")
+                      f"{_first_names(manifest.ignored)}")
+    if manifest.earlier_outputs:
+        console.print(f"left out {len(manifest.earlier_outputs)} earlier output(s), not inputs: "
+                      f"{_first_names(manifest.earlier_outputs)}")
+
+
+def _first_names(paths: list[str], count: int = 5) -> str:
+    return escape(", ".join(Path(p).name for p in paths[:count]) + (", …" if len(paths) > count else ""))
 
 
 # options shared by the generation commands --------------------------------------------------------
@@ -652,7 +658,7 @@ def preprocess_(
     task = PreprocessTask(options, out, overwrite)
     run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest,
               manifest_default=None if out is None else out / MANIFEST_NAME, skip_existing=skip_existing,
-              json_out=json_out, quiet=quiet, ignored=ignored_files(images))
+              json_out=json_out, quiet=quiet, ignored=ignored_files(images, exclude=is_preprocessed_output))
 
 
 @app.command("render")

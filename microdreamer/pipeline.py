@@ -24,11 +24,11 @@ import torch
 from . import __version__
 from .batch import Job, JobResult, StepCallback
 from .config import RunConfig, read_config_file
-from .errors import UserError
+from .errors import UserError, about_input
 from .export import STAGES, MeshExportReport, StageCallback, export_mesh, mesh_output_paths
 from .io.atomic import atomic_path
-from .io.images import image_grid, load_image, save_image, to_reference
-from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
+from .io.images import image_grid, save_image, to_reference
+from .preprocess import MODES, has_alpha, load_input, new_rembg_session, preprocess, preprocessed_path
 from .representations.gaussians import Gaussians
 from .sir.cameras import CameraSampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
@@ -128,20 +128,18 @@ class ImagePreparer:
         self._session: Any = None
 
     def __call__(self, path: Path) -> np.ndarray:
-        rgba = load_image(path)
         o = self.options
+        rgba = load_input(path, o.size)
         wants_rembg = o.remove_background == "rembg" or (
             o.remove_background == "auto" and not has_alpha(rgba) and importlib.util.find_spec("rembg") is not None
         )
         if wants_rembg and self._session is None:
             self._session = new_rembg_session()
-        try:
+        with about_input(path):
             return preprocess(
                 rgba, border_ratio=o.border_ratio, size=o.size, remove_background=o.remove_background,
                 rembg_session=self._session,
             )
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from None
 
 
 @dataclass

@@ -38,9 +38,13 @@ def test_folder_expansion_keeps_images_and_drops_derived_hidden_and_other_files(
     # a command may exclude more (preprocess skips every *_rgba.png)
     jobs = expand_inputs([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
     assert [j.stem for j in jobs] == ["a", "b", "my.cat.v2"]
-    # other files are named, not dropped silently; hidden files and what the commands write are left out
-    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt"]
-    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt"]
+    # other files and earlier outputs are named, not dropped silently; hidden files and the non-image files
+    # the commands write are left out
+    earlier = ["a_rgba.png", "a_views.png", "b_albedo.png"]
+    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt", *earlier]
+    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt", *earlier]
+    excluded = ignored_files([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
+    assert [p.name for p in excluded] == ["c.heic", "notes.txt", *earlier, "lone_rgba.png"]
     assert ignored_files([tmp_path / "notes.txt", tmp_path / "a.PNG", tmp_path / "missing"]) == []  # named files are inputs
 
 
