@@ -16,7 +16,7 @@ from microdreamer.batch import (
     ignored_files,
     is_single_input,
 )
-from microdreamer.errors import UserError
+from microdreamer.errors import InputError, UserError
 
 
 def _touch(path: Path, text: str = "x") -> Path:
@@ -214,3 +214,19 @@ def test_outputs_may_not_replace_the_manifest(tmp_path: Path):
     (entry,) = result.entries
     assert entry.status == "failed" and "batch manifest" in entry.error
     assert json.loads((tmp_path / "manifest.out").read_text())["entries"][0]["status"] == "failed"
+
+
+def test_an_input_error_is_recorded_without_the_path_its_entry_names(tmp_path: Path):
+    a, b = _touch(tmp_path / "a.png"), _touch(tmp_path / "b.png")
+    other = tmp_path / "other.png"
+
+    class Task(FakeTask):
+        def prepare(self, job: Job) -> str:
+            raise InputError(job.source if job.stem == "a" else other, "the file is empty")
+
+    jobs = [Job("a", str(a), a), Job("b", str(b), b)]
+    result = BatchRunner("fake", tmp_path / "out").run(jobs, Task(tmp_path / "out"))
+    assert [e.error for e in result.entries] == ["the file is empty", f"{other}: the file is empty"]
+    with pytest.raises(InputError) as error:  # a single input's error is printed alone: it keeps the path
+        BatchRunner("fake", tmp_path / "out", single=True).run(jobs[:1], Task(tmp_path / "out"))
+    assert str(error.value) == f"{a}: the file is empty"
