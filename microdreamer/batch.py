@@ -147,7 +147,8 @@ def ignored_files(specs: Sequence[str | Path], *, exclude: Callable[[Path], bool
     ignored: list[Path] = []
     for spec in specs:
         members = _members(spec) or []
-        others = [f for f in _visible_files(members) if not _is_image(f) and f.suffix.lower() not in OUTPUT_SUFFIXES]
+        visible = _visible_files(members)
+        others = [f for f in visible if not _is_image(f) and f.suffix.lower() not in OUTPUT_SUFFIXES]
         for f in others + _split_images(members, exclude)[1]:
             if f not in ignored:
                 ignored.append(f)

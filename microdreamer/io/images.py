@@ -40,8 +40,9 @@ def load_image(path: str | os.PathLike[str], *, max_side: int | None = None) -> 
     of an animated file only the first frame is used. With ``max_side`` the image is decoded reduced by a
     power of two, its longer side at most ``max_side`` (and more than half of it): a JPEG at 1/2, 1/4 or
     1/8 scale by libjpeg itself (Pillow's draft mode), other formats by averaging pixel blocks right after
-    decoding; a 64-megapixel JPEG is thus never held at full size. Every way the file can fail to be a readable image (missing, a folder, empty, not an
-    image, truncated, corrupt, above :data:`MAX_PIXELS`) raises :class:`InputError`.
+    decoding; a 64-megapixel JPEG is thus never held at full size. Every way the file can fail to be a
+    readable image (missing, a folder, empty, not an image, truncated, corrupt, above :data:`MAX_PIXELS`)
+    raises :class:`InputError`.
     """
     path = Path(path)
     if not path.exists():
