@@ -487,7 +487,7 @@ def preprocess_images(
     single = is_single_input(specs) if stop_on_error is None else stop_on_error
     manifest_path = Path(manifest) if manifest is not None else (None if single or out is None else out / "manifest.json")
     runner = BatchRunner("preprocess", out or Path("."), manifest=manifest_path, skip_existing=skip_existing,
-                         single=single, observer=observer, ignored=ignored_files(specs))
+                         single=single, observer=observer, ignored=ignored_files(specs, exclude=is_preprocessed_output))
     return runner.run(jobs, PreprocessTask(options or PreprocessOptions(), out, overwrite))
 
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from .errors import UserError
+from .errors import InputError, UserError
 from .io.atomic import atomic_path
 
 #: file name endings a folder or glob contributes as images (case-insensitive)
@@ -82,10 +82,17 @@ def _derived(files: list[Path]) -> set[Path]:
     return derived
 
 
-def _images(files: list[Path], exclude: Callable[[Path], bool] | None) -> list[Path]:
-    images = [f for f in _visible_files(files) if f.suffix.lower() in IMAGE_SUFFIXES]
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _split_images(files: list[Path], exclude: Callable[[Path], bool] | None) -> tuple[list[Path], list[Path]]:
+    """The visible image files among ``files``: (inputs, earlier outputs), the latter derived from another
+    input beside them or rejected by ``exclude``."""
+    images = [f for f in _visible_files(files) if _is_image(f)]
     derived = _derived(images)
-    return [f for f in images if f not in derived and not (exclude is not None and exclude(f))]
+    earlier = [f for f in images if f in derived or (exclude is not None and exclude(f))]
+    return [f for f in images if f not in earlier], earlier
 
 
 def expand_inputs(
@@ -108,7 +115,7 @@ def expand_inputs(
         path = Path(text).expanduser()
         members = _members(text)
         if members is not None:
-            files = _images(members, exclude)
+            files, _ = _split_images(members, exclude)
             if not files and path.is_dir():
                 jobs.append(Job(path.name or text, text, None, f"folder {text} holds no images (png, jpg, webp)"))
             elif not files:
@@ -133,14 +140,18 @@ def expand_inputs(
     return jobs
 
 
-def ignored_files(specs: Sequence[str | Path]) -> list[Path]:
-    """Visible files in the folders and glob matches of ``specs`` that :func:`expand_inputs` does not take
-    as images (``notes.txt``, ``photo.heic``), so that a command can say what it left out; the file types
-    the commands themselves write (:data:`OUTPUT_SUFFIXES`) are not listed."""
+def ignored_files(specs: Sequence[str | Path], *, exclude: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Visible files in the folders and glob matches of ``specs`` that :func:`expand_inputs` (with the same
+    ``exclude``) does not take as inputs, so that a command can say what it left out: files that are not
+    images (``notes.txt``, ``photo.heic``) and images that are earlier outputs (``cat_rgba.png``). The
+    other file types the commands write (:data:`OUTPUT_SUFFIXES`) are not listed."""
     ignored: list[Path] = []
     for spec in specs:
-        for f in _visible_files(_members(spec) or []):
-            if f.suffix.lower() not in IMAGE_SUFFIXES + OUTPUT_SUFFIXES and f not in ignored:
+        members = _members(spec) or []
+        visible = _visible_files(members)
+        others = [f for f in visible if not _is_image(f) and f.suffix.lower() not in OUTPUT_SUFFIXES]
+        for f in others + _split_images(members, exclude)[1]:
+            if f not in ignored:
                 ignored.append(f)
     return ignored
 
@@ -188,6 +199,7 @@ class Manifest:
     interrupted: bool = False
     entries: list[ManifestEntry] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files in input folders/globs that are not images
+    earlier_outputs: list[str] = field(default_factory=list)  # images there that earlier runs wrote
 
     def counts(self) -> dict[str, int]:
         return {s: sum(e.status == s for e in self.entries) for s in STATUSES}
@@ -252,7 +264,10 @@ class BatchObserver:
     def job_finished(self, index: int, entry: ManifestEntry) -> None: ...
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException, job: Job) -> str:
+    """The error as the manifest records it beside ``job``'s input: one line, without the input's path."""
+    if isinstance(error, InputError) and error.path == job.source:
+        error = UserError(error.reason)
     text = " ".join(str(error).split())
     return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 
@@ -264,7 +279,8 @@ class BatchRunner:
     (one named input) its error propagates unchanged. Loading the pipeline failing aborts the batch: the
     error propagates once the manifest is written. ``KeyboardInterrupt`` marks the running job
     ``interrupted``, writes the manifest and propagates. The manifest (when ``manifest`` is a path) is
-    rewritten after every job.
+    rewritten after every job. ``ignored`` (from :func:`ignored_files`) lands in the manifest as ``ignored``
+    (not images) and ``earlier_outputs`` (images).
     """
 
     def __init__(
@@ -279,7 +295,8 @@ class BatchRunner:
         ignored: Sequence[Path] = (),
     ) -> None:
         self.command = command
-        self.ignored = [str(p) for p in ignored]
+        self.ignored = [str(p) for p in ignored if not _is_image(Path(p))]
+        self.earlier_outputs = [str(p) for p in ignored if _is_image(Path(p))]
         self.out_dir = Path(out_dir)
         self.manifest_path = manifest
         self.skip_existing = skip_existing
@@ -287,7 +304,10 @@ class BatchRunner:
         self.observer = observer or BatchObserver()
 
     def run(self, jobs: Sequence[Job], task: BatchTask[PipelineT, PreparedT]) -> Manifest:
-        manifest = Manifest(self.command, str(self.out_dir), _now(), ignored=list(self.ignored))
+        manifest = Manifest(
+            self.command, str(self.out_dir), _now(), ignored=list(self.ignored),
+            earlier_outputs=list(self.earlier_outputs),
+        )
         manifest.entries = [ManifestEntry(job.input, job.stem) for job in jobs]
         earlier = Manifest.finished_entries(self.manifest_path) if self.skip_existing else {}
         self.observer.batch_started(len(jobs))
@@ -302,12 +322,12 @@ class BatchRunner:
                     entry.status = "interrupted"
                     raise
                 except _LoadFailed as failure:
-                    entry.status, entry.error = "failed", _one_line(failure.error)
+                    entry.status, entry.error = "failed", _one_line(failure.error, job)
                     raise failure.error from None
                 except Exception as error:
                     if self.single:
                         raise
-                    entry.status, entry.error = "failed", _one_line(error)
+                    entry.status, entry.error = "failed", _one_line(error, job)
                 finally:
                     entry.seconds = round(time.perf_counter() - start, 3)
                     self._save(manifest)

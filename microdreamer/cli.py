@@ -237,9 +237,15 @@ def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> N
     counts = ", ".join(f"{n} {s}" for s, n in manifest.counts().items() if n)
     console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
     if manifest.ignored:
-        names = ", ".join(Path(p).name for p in manifest.ignored[:5]) + (", …" if len(manifest.ignored) > 5 else "")
         console.print(f"ignored {plural(len(manifest.ignored), 'file')} without an image suffix "
-                      f"({', '.join(IMAGE_SUFFIXES)}): {escape(names)}")
+                      f"({', '.join(IMAGE_SUFFIXES)}): {_first_names(manifest.ignored)}")
+    if manifest.earlier_outputs:
+        console.print(f"left out {plural(len(manifest.earlier_outputs), 'earlier output')}, not inputs: "
+                      f"{_first_names(manifest.earlier_outputs)}")
+
+
+def _first_names(paths: list[str], count: int = 5) -> str:
+    return escape(", ".join(Path(p).name for p in paths[:count]) + (", …" if len(paths) > count else ""))
 
 
 # options shared by the generation commands --------------------------------------------------------

@@ -24,12 +24,12 @@ import torch
 from . import __version__
 from .batch import Job, JobResult, StepCallback
 from .config import RunConfig, read_config_file
-from .errors import UserError
+from .errors import UserError, about_input
 from .export import STAGES, MeshExportReport, StageCallback, TexturedMesh, export_mesh, make_mesh, mesh_output_paths
 from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
 from .io.provenance import FileRef, record_path
-from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
+from .preprocess import MODES, has_alpha, load_input, new_rembg_session, preprocess, preprocessed_path
 from .representations.gaussians import Gaussians
 from .sir.cameras import CameraSampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
@@ -130,11 +130,9 @@ class ImagePreparer:
         self._session: Any = None
 
     def __call__(self, path: Path) -> np.ndarray:
-        rgba = load_image(path)
-        try:
+        rgba = load_input(path, self.options.size)
+        with about_input(path):
             return self.prepare(rgba)
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from None
 
     def prepare(self, rgba: np.ndarray) -> np.ndarray:
         """A decoded ``[H,W,4]`` uint8 image → the preprocessed reference view."""

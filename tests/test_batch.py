@@ -16,7 +16,7 @@ from microdreamer.batch import (
     ignored_files,
     is_single_input,
 )
-from microdreamer.errors import UserError
+from microdreamer.errors import InputError, UserError
 
 
 def _touch(path: Path, text: str = "x") -> Path:
@@ -38,9 +38,13 @@ def test_folder_expansion_keeps_images_and_drops_derived_hidden_and_other_files(
     # a command may exclude more (preprocess skips every *_rgba.png)
     jobs = expand_inputs([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
     assert [j.stem for j in jobs] == ["a", "b", "my.cat.v2"]
-    # other files are named, not dropped silently; hidden files and what the commands write are left out
-    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt"]
-    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt"]
+    # other files and earlier outputs are named, not dropped silently; hidden files and the non-image files
+    # the commands write are left out
+    earlier = ["a_rgba.png", "a_views.png", "b_albedo.png"]
+    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt", *earlier]
+    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt", *earlier]
+    excluded = ignored_files([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
+    assert [p.name for p in excluded] == ["c.heic", "notes.txt", *earlier, "lone_rgba.png"]
     assert ignored_files([tmp_path / "notes.txt", tmp_path / "a.PNG", tmp_path / "missing"]) == []  # named files are inputs
 
 
@@ -230,3 +234,19 @@ def test_outputs_may_not_replace_the_manifest(tmp_path: Path):
     (entry,) = result.entries
     assert entry.status == "failed" and "batch manifest" in entry.error
     assert json.loads((tmp_path / "manifest.out").read_text())["entries"][0]["status"] == "failed"
+
+
+def test_an_input_error_is_recorded_without_the_path_its_entry_names(tmp_path: Path):
+    a, b = _touch(tmp_path / "a.png"), _touch(tmp_path / "b.png")
+    other = tmp_path / "other.png"
+
+    class Task(FakeTask):
+        def prepare(self, job: Job) -> str:
+            raise InputError(job.source if job.stem == "a" else other, "the file is empty")
+
+    jobs = [Job("a", str(a), a), Job("b", str(b), b)]
+    result = BatchRunner("fake", tmp_path / "out").run(jobs, Task(tmp_path / "out"))
+    assert [e.error for e in result.entries] == ["the file is empty", f"{other}: the file is empty"]
+    with pytest.raises(InputError) as error:  # a single input's error is printed alone: it keeps the path
+        BatchRunner("fake", tmp_path / "out", single=True).run(jobs[:1], Task(tmp_path / "out"))
+    assert str(error.value) == f"{a}: the file is empty"
