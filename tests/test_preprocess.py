@@ -284,4 +284,4 @@ def test_preprocess_messages_name_the_input_once_and_list_earlier_outputs(tmp_pa
 
     assert main(["preprocess", str(photos), "--no-rembg", "-o", str(out), "--skip-existing"]) == 1
     summary = " ".join(capsys.readouterr().err.split())
-    assert "left out 2 earlier output(s), not inputs: cat_rgba.png, lone_rgba.png" in summary
+    assert "left out 2 earlier outputs, not inputs: cat_rgba.png, lone_rgba.png" in summary
