@@ -17,6 +17,9 @@ from .gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
 from .gaussians_torch import project_gaussians, rasterize_torch
 from .types import RenderOutput
 
+#: the rasterizer backends (``auto`` picks one of them: :func:`resolve_backend`)
+BACKENDS = ("torch", "cpu", "gsplat")
+
 
 def available_backends() -> dict[str, bool]:
     """Which backends can run here (``"cpu"`` builds the C++ kernel on first call)."""
