@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .batch import (
-    MANIFEST_NAME, BatchObserver, BatchRunner, Executor, Job, Manifest, expand_inputs, ignored_files, is_single_input,
+    BatchObserver, BatchRunner, Executor, Job, Manifest, batch_manifest_path, expand_inputs, ignored_files,
+    is_single_input,
 )
 from .config import RunConfig, read_config_file, resolve
 from .errors import UserError
@@ -453,13 +454,6 @@ class Pipeline:
         if self.config.teacher.name == "reference":
             return [Job(front_view_stem(self.config), f"front view of {self.config.teacher.model}")]
         raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
-
-
-def batch_manifest_path(manifest: Path | None, out: Path | None, single: bool, shard: Shard | None) -> Path | None:
-    """Where a batch's manifest goes: ``manifest``, else ``OUT/manifest.json`` for a batch (none for a single
-    input, or without ``out``); a shard's named after its shard (``manifest.shard-I-of-N.json``)."""
-    path = manifest if manifest is not None or single or out is None else out / MANIFEST_NAME
-    return path if path is None or shard is None else shard.manifest_path(path)
 
 
 def _as_shard(shard: Shard | str | None) -> Shard | None:

@@ -73,6 +73,13 @@ def _visible_files(paths: list[Path]) -> list[Path]:
     return [f for f in paths if f.is_file() and not f.name.startswith(".")]
 
 
+def batch_manifest_path(manifest: Path | None, out: Path | None, single: bool, shard: Shard | None = None) -> Path | None:
+    """Where a batch's manifest goes: ``manifest``, else ``OUT/manifest.json`` for a batch (none for a single
+    input, or without ``out``); a shard's is named after the shard (``manifest.shard-I-of-N.json``)."""
+    path = manifest if manifest is not None or single or out is None else out / MANIFEST_NAME
+    return path if path is None or shard is None else shard.manifest_path(path)
+
+
 def is_single_input(specs: Sequence[str | Path]) -> bool:
     """At most one input spec, and not a folder or a glob: a plain run, where errors end the command."""
     return len(specs) <= 1 and (not specs or _members(specs[0]) is None)
