@@ -231,7 +231,7 @@ class Manifest:
     interrupted: bool = False
     entries: list[ManifestEntry] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files in input folders/globs that are not images
-    shard: dict[str, Any] | None = None  # a shard's manifest: see microdreamer.executors.shard.ShardRecord
+    shard: dict[str, Any] | None = None  # a shard's manifest: which shard, of what (executors.shard.Shard.select)
 
     def counts(self) -> dict[str, int]:
         return {s: sum(e.status == s for e in self.entries) for s in STATUSES}
@@ -400,7 +400,7 @@ class BatchRunner:
         executor: Executor | None = None,
         shard: Shard | None = None,
     ) -> None:
-        from .executors.local import LocalExecutor
+        from .executors.local import LocalExecutor  # the executors build on this module
 
         self.command = command
         self.ignored = [str(p) for p in ignored]

@@ -559,7 +559,7 @@ class ImageTask:
 
     @property
     def device(self) -> torch.device:
-        return self._device or resolve_device(self.cfg.device)
+        return self._device if self._device is not None else resolve_device(self.cfg.device)
 
     @property
     def device_name(self) -> str:

@@ -7,7 +7,9 @@ import filecmp
 import hashlib
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from microdreamer.api import preprocess_images
 from microdreamer.batch import Job, expand_inputs
 from microdreamer.cli import main
 from microdreamer.errors import UserError
-from microdreamer.executors import LocalExecutor, Shard, make_executor
+from microdreamer.executors import Shard, make_executor
 from microdreamer.executors.shard import merge_manifests, shard_of
 from microdreamer.io.atomic import partial_path
 from microdreamer.pipeline import ImageTask, PreprocessOptions
@@ -145,7 +147,7 @@ def _dies_once(pipe: Pipeline, out: Path, flag: Path) -> DiesOnce:
     return task
 
 
-def test_a_killed_worker_has_its_input_retried_on_a_fresh_one_within_the_bound(tmp_path, ray_session, pipe, photos,
+def test_a_killed_worker_has_its_input_retried_on_another_within_the_bound(tmp_path, ray_session, pipe, photos,
                                                                                local_run):
     from microdreamer.batch import BatchRunner
     from microdreamer.executors.ray import RayExecutor
@@ -174,6 +176,18 @@ def test_a_killed_worker_has_its_input_retried_on_a_fresh_one_within_the_bound(t
     assert [e.status for e in manifest.entries] == ["done", "failed"]
     assert manifest.entries[1].error.startswith("its worker died in each of 1 attempt (last: worker ray-1")
     assert [a["outcome"] for a in manifest.entries[1].attempts] == ["crashed"]
+
+
+def test_workers_the_cluster_cannot_hold_are_one_line_before_any_starts(tmp_path, ray_session, photos):
+    for options, message in [
+        (dict(workers=3), "--workers 3: the Ray cluster (2 CPUs, 0 GPUs) has room for 2 workers of 1 CPU and 0 GPU each"),
+        (dict(gpus_per_worker=1), "--gpus-per-worker 1: the Ray cluster has 0 GPUs"),
+        (dict(cpus_per_worker=4), "--cpus-per-worker 4: the Ray cluster has 2 CPUs"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            preprocess_images([photos], tmp_path, executor=make_executor("ray", **options))
+        assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no probe file left, no output
+        assert {e["status"] for e in json.loads((tmp_path / "manifest.json").read_text())["entries"]} == {"pending"}
 
 
 def test_a_worker_that_cannot_see_the_output_folder_says_which(tmp_path):
@@ -247,3 +261,21 @@ def test_an_inputs_shard_is_a_hash_of_its_stem_and_adding_inputs_moves_no_other(
         assert [more[p] for p in record["positions"]] == taken
     # a shard never depends on the order or the spelling of the other inputs
     assert Shard(1, 4).select(list(reversed(jobs)))[0] == list(reversed(Shard(1, 4).select(jobs)[0]))
+
+
+def test_the_command_starts_ray_for_the_batch_and_matches_a_local_run(tmp_path, photos):
+    """A fresh process: ``--executor ray`` starts Ray on this machine (this package reaching the workers through
+    its runtime environment), runs the batch and stops Ray; the files equal a local run's."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, "-m", "microdreamer", "preprocess", str(photos), "--no-rembg", "--size", "32", "--quiet"]
+    ray_run = subprocess.run(args + ["--out", str(tmp_path / "ray"), "--executor", "ray", "--workers", "1"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert ray_run.returncode == 1, ray_run.stderr  # the broken PNG failed, as it fails locally
+    assert "failed: " in ray_run.stderr and "broken.png" in ray_run.stderr
+    assert main(["preprocess", str(photos), "--no-rembg", "--size", "32", "--quiet", "--out", str(tmp_path / "local")]) == 1
+    for index in range(4):
+        name = f"cow{index}_rgba.png"
+        assert filecmp.cmp(tmp_path / "ray" / name, tmp_path / "local" / name, shallow=False), name
+    entries = json.loads((tmp_path / "ray" / "manifest.json").read_text())["entries"]
+    assert {a["worker"] for e in entries for a in e["attempts"]} == {"ray-1"}

@@ -44,6 +44,7 @@ from ..wording import plural
 #: the package the workers import, shipped to them through Ray's runtime environment
 PACKAGE = Path(__file__).resolve().parent.parent
 INSTALL = "pip install 'microdreamer[ray]' (or pip install 'ray[default]>=2.9,<3')"
+LOGS = "; the workers' logs are in /tmp/ray/session_latest/logs on their machines"
 
 
 def import_ray() -> Any:
@@ -237,14 +238,22 @@ class _Dispatch:
             raise UserError(f"--gpus-per-worker {gpus:g}: the Ray cluster has {plural(int(have_gpus), 'GPU')}")
         if o.cpus_per_worker > have_cpus:
             raise UserError(f"--cpus-per-worker {o.cpus_per_worker:g}: the Ray cluster has {have_cpus:g} CPUs")
-        fit = int(have_gpus // gpus) if gpus else int(have_cpus // o.cpus_per_worker)
-        return gpus, max(1, o.workers or fit)
+        fit = int(have_cpus // o.cpus_per_worker)
+        if gpus:
+            fit = min(fit, int(have_gpus // gpus))
+        if o.workers is not None and o.workers > fit:
+            raise UserError(f"--workers {o.workers}: the Ray cluster ({have_cpus:g} CPUs, {plural(int(have_gpus), 'GPU')}) "
+                            f"has room for {plural(fit, 'worker')} of {o.cpus_per_worker:g} CPU and {gpus:g} GPU each")
+        return gpus, o.workers or fit
 
     def run(self, todo: list[int]) -> None:
         queue = deque(todo)
         try:
             workers = [self._spawn() for _ in range(min(self.count, len(todo)))]
-            self._prepare_nodes(workers, todo)
+            try:
+                self._prepare_nodes(workers, todo)
+            except self.ray.exceptions.RayActorError as error:
+                raise RuntimeError(f"a Ray worker did not start: {type(error).__name__}{LOGS}") from None
             for worker in workers:
                 self._load(worker)
             while queue or any(call.kind == "run" for call in self.calls.values()):
@@ -362,7 +371,7 @@ class _Dispatch:
             self.load_deaths += 1
             if self.load_deaths >= self.options.max_attempts:
                 raise RuntimeError(f"Ray workers died while loading the pipeline {plural(self.load_deaths, 'time')} "
-                                   f"(last: {reason})")
+                                   f"(last: {reason}){LOGS}")
         if queue:
             self._load(self._spawn())
 
