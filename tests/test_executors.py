@@ -194,10 +194,10 @@ def test_a_worker_that_cannot_see_the_output_folder_says_which(tmp_path):
     from microdreamer.executors.ray import _Worker
 
     worker = _Worker(ImageTask(Pipeline.from_preset(teacher="reference", model=str(SPOT)).config, None, tmp_path), 1)
-    (tmp_path / ".probe").write_text("token")
-    assert worker.probe({str(tmp_path): (".probe", "token")}) is None
-    assert worker.probe({str(tmp_path): (".probe", "other")}) == (str(tmp_path), "is another folder than the driver's")
-    assert worker.probe({str(tmp_path / "x"): (".probe", "token")})[1].startswith("does not hold the probe file")
+    (tmp_path / ".probe").touch()
+    assert worker.probe([str(tmp_path / ".probe")]) is None
+    assert worker.probe([str(tmp_path / ".probe"), str(tmp_path / "x" / ".probe")]) == (
+        f"{tmp_path / 'x'} does not hold the probe file .probe the driver wrote there")
 
 
 def test_executor_options_are_checked_in_one_line(tmp_path, capsys, monkeypatch):

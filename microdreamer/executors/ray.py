@@ -135,9 +135,9 @@ class _Outcome:
         raise (UserError if self.user_error else RuntimeError)(self.error)
 
 
-def _call(function: Any, *args: Any) -> _Outcome:
+def _call(function: Any) -> _Outcome:
     try:
-        return _Outcome(function(*args))
+        return _Outcome(function())
     except Exception as error:
         return _Outcome(None, one_line(error), isinstance(error, UserError))
 
@@ -158,20 +158,16 @@ class _Worker:
 
         return ray.get_runtime_context().get_node_id(), socket.gethostname(), os.getpid()
 
-    def probe(self, probes: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
-        """(folder, what is wrong) for the first output folder where the driver's probe file (name, content)
-        cannot be read back or a file cannot be written; None when all are fine."""
-        for folder, (name, token) in probes.items():
+    def probe(self, probes: list[str]) -> str | None:
+        """What is wrong with the first of the probe files the driver wrote into the output folders that this
+        worker cannot see, or whose folder it cannot write in; None when all are fine."""
+        for probe in map(Path, probes):
+            if not probe.is_file():
+                return f"{probe.parent} does not hold the probe file {probe.name} the driver wrote there"
             try:
-                seen = (Path(folder) / name).read_text()
-            except OSError:
-                return folder, "does not hold the probe file the driver wrote there"
-            if seen != token:
-                return folder, "is another folder than the driver's"
-            try:
-                check_output_dir(Path(folder), "output folder")
+                check_output_dir(probe.parent, "the output folder")
             except UserError as error:
-                return folder, str(error)
+                return str(error)
         return None
 
     def fetch(self) -> _Outcome:
@@ -288,22 +284,21 @@ class _Dispatch:
         for worker, place in zip(workers, self.ray.get([w.actor.where.remote() for w in workers])):
             worker.node, worker.host, worker.pid = place
         per_node = list({w.node: w for w in workers}.values())
-        folders = sorted({str(p.parent) for i in todo for p in self.task.outputs(self.jobs[i])})
-        token = uuid.uuid4().hex
-        probes = {folder: (f".microdreamer-probe-{token}", token) for folder in folders}
+        folders = sorted({p.parent for i in todo for p in self.task.outputs(self.jobs[i])})
+        probes = [folder / f".microdreamer-probe-{uuid.uuid4().hex}" for folder in folders]
         try:
-            for folder, (name, text) in probes.items():
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                (Path(folder) / name).write_text(text)
-            for worker, problem in zip(per_node, self.ray.get([w.actor.probe.remote(probes) for w in per_node])):
+            for probe in probes:
+                probe.parent.mkdir(parents=True, exist_ok=True)
+                probe.touch()
+            for worker, problem in zip(per_node, self.ray.get([w.actor.probe.remote(list(map(str, probes)))
+                                                                for w in per_node])):
                 if problem is not None:
-                    raise UserError(
-                        f"the output folder {problem[0]} is not on storage every Ray worker reaches: on {worker.host} "
-                        f"it {problem[1]}; give --out a folder on a file system every machine mounts (or --executor local)"
-                    )
+                    raise UserError(f"the output folder is not on storage every Ray worker reaches: on {worker.host}, "
+                                    f"{problem}; give --out a folder on a file system every machine mounts "
+                                    "(or --executor local)")
         finally:
-            for folder, (name, _) in probes.items():
-                (Path(folder) / name).unlink(missing_ok=True)
+            for probe in probes:
+                probe.unlink(missing_ok=True)
         for outcome in self.ray.get([w.actor.fetch.remote() for w in per_node]):
             if outcome.error is not None:
                 outcome.raise_error()
