@@ -28,9 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batch import BatchObserver, BatchRunner, Job, Manifest, expand_inputs, ignored_files, is_single_input
+from .batch import (
+    BatchObserver, BatchRunner, Executor, Job, Manifest, batch_manifest_path, expand_inputs, ignored_files,
+    is_single_input,
+)
 from .config import RunConfig, read_config_file, resolve
 from .errors import UserError
+from .executors import Shard, make_executor
 from .io.atomic import check_output_dir, check_output_file
 from .evaluate import (
     HELD_OUT_VIEWS, EvalReport, MeshEvalReport, evaluate_gaussians, evaluate_mesh, held_out_scores, is_gaussian_ply,
@@ -386,48 +390,54 @@ class Pipeline:
         observer: BatchObserver | None = None,
         on_progress: ProgressCallback | None = None,
         command: str | None = None,
+        executor: Executor | str | None = None,
+        shard: Shard | str | None = None,
     ) -> Manifest:
-        """Many inputs with the teacher loaded once; returns the manifest (also written to ``manifest``,
-        default ``OUT/manifest.json`` for a batch).
+        """Many inputs with the teacher loaded once (per worker); returns the manifest (also written to
+        ``manifest``, default ``OUT/manifest.json`` for a batch).
 
         ``inputs`` are images, folders and globs (a text teacher: prompts); none means the input image of
         the run ``config_file`` reports, else the reference teacher's front view. ``mesh`` adds the textured
         mesh of each. A bad input fails its entry and the batch goes on, unless ``stop_on_error`` (default:
         a single plain input), where its error is raised. ``skip_existing`` skips finished inputs and
         resumes an image's mesh stage. ``command`` names the batch in the manifest and messages (default:
-        the command line's name for it).
+        the command line's name for it). ``executor`` runs the jobs (``"local"``, the default, ``"ray"``, or
+        an executor such as :class:`~microdreamer.executors.ray.RayExecutor`); ``shard`` (``"I/N"``) runs
+        only that shard of the inputs, recorded in ``manifest.shard-I-of-N.json``
+        (:mod:`microdreamer.executors.shard`).
         """
         out = Path(out_dir)
         manifest = None if manifest is None else Path(manifest)
         check_run_outputs(out, manifest)
-        device = self.device
+        runs_on = make_executor(executor)
+        shard = _as_shard(shard)
         text = self.inputs == "text"
         command = command or _command(text, mesh)
+        # the tasks get no device: each resolves the config's where it runs (a Ray worker's own GPU)
         if text:
             if prompt is not None:
                 raise UserError("a text teacher takes its prompts as the inputs")
             jobs = prompt_jobs([str(p) for p in inputs])
-            single = len(jobs) == 1 if stop_on_error is None else stop_on_error
+            single = _single(len(jobs) == 1, stop_on_error, shard)
             if single and jobs[0].problem is not None:
                 raise UserError(jobs[0].problem)
             task_class = PromptMeshTask if mesh else PromptTask
-            task = task_class(self.config, device, out, video=video, overwrite=overwrite,
+            task = task_class(self.config, None, out, video=video, overwrite=overwrite,
                               skip_existing=skip_existing, allow_download=self.allow_download)
             ignored: list[Path] = []
         else:
             self.check_prompt(prompt)
             specs = [Path(p) for p in inputs]
             jobs = self._image_jobs(command, specs, config_file)
-            single = is_single_input(specs) if stop_on_error is None else stop_on_error
+            single = _single(is_single_input(specs), stop_on_error, shard)
             task_class = MeshTask if mesh else ImageTask
-            task = task_class(self.config, device, out, preprocess=preprocess, video=None if mesh else video,
+            task = task_class(self.config, None, out, preprocess=preprocess, video=None if mesh else video,
                               overwrite=overwrite, skip_existing=skip_existing, prompt=prompt,
                               allow_download=self.allow_download)
             ignored = ignored_files(specs)
-        manifest_path = manifest if manifest is not None else (None if single else out / "manifest.json")
         runner = BatchRunner(
-            command, out, manifest=manifest_path, skip_existing=skip_existing, single=single,
-            observer=observer or _Observer(on_progress), ignored=ignored,
+            command, out, manifest=batch_manifest_path(manifest, out, single, shard), skip_existing=skip_existing,
+            single=single, observer=observer or _Observer(on_progress), ignored=ignored, executor=runs_on, shard=shard,
         )
         return runner.run(jobs, task)
 
@@ -444,6 +454,16 @@ class Pipeline:
         if self.config.teacher.name == "reference":
             return [Job(front_view_stem(self.config), f"front view of {self.config.teacher.model}")]
         raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
+
+
+def _as_shard(shard: Shard | str | None) -> Shard | None:
+    return Shard.parse(shard) if isinstance(shard, str) else shard
+
+
+def _single(plain: bool, stop_on_error: bool | None, shard: Shard | None) -> bool:
+    """Whether errors end the run: ``stop_on_error``, by default for one plain input; never for a shard (a
+    part of a batch, which keeps a manifest)."""
+    return shard is None and (plain if stop_on_error is None else stop_on_error)
 
 
 def _command(text: bool, mesh: bool) -> str:
@@ -476,18 +496,23 @@ def preprocess_images(
     manifest: str | Path | None = None,
     stop_on_error: bool | None = None,
     observer: BatchObserver | None = None,
+    executor: Executor | str | None = None,
+    shard: Shard | str | None = None,
 ) -> Manifest:
     """Mask, recentre and rescale images → ``<stem>_rgba.png`` in ``out_dir`` (None: beside each input).
     Earlier outputs (``*_rgba.png``) in input folders are left out; the manifest defaults to
-    ``OUT/manifest.json`` for a batch with ``out_dir``."""
+    ``OUT/manifest.json`` for a batch with ``out_dir``. ``executor`` and ``shard`` as for
+    :meth:`Pipeline.run_batch`."""
     specs = [Path(p) for p in inputs]
     out = None if out_dir is None else Path(out_dir)
     jobs = expand_inputs(specs, exclude=is_preprocessed_output, unique_stems=out is not None)
     check_run_outputs(out, None if manifest is None else Path(manifest), [j.source for j in jobs if j.source is not None])
-    single = is_single_input(specs) if stop_on_error is None else stop_on_error
-    manifest_path = Path(manifest) if manifest is not None else (None if single or out is None else out / "manifest.json")
+    runs_on, shard = make_executor(executor), _as_shard(shard)
+    single = _single(is_single_input(specs), stop_on_error, shard)
+    manifest_path = batch_manifest_path(None if manifest is None else Path(manifest), out, single, shard)
     runner = BatchRunner("preprocess", out or Path("."), manifest=manifest_path, skip_existing=skip_existing,
-                         single=single, observer=observer, ignored=ignored_files(specs, exclude=is_preprocessed_output))
+                         single=single, observer=observer, ignored=ignored_files(specs, exclude=is_preprocessed_output),
+                         executor=runs_on, shard=shard)
     return runner.run(jobs, PreprocessTask(options or PreprocessOptions(), out, overwrite))
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -26,9 +27,11 @@ from rich.table import Table
 from .batch import (
     IMAGE_SUFFIXES,
     BatchObserver,
+    Executor,
     Job,
     Manifest,
     ManifestEntry,
+    batch_manifest_path,
     is_single_input,
 )
 from .config import ELEVATION_LIMIT, RESOLUTION, TURNTABLE_FPS, TURNTABLE_FRAMES, TURNTABLE_RESOLUTION
@@ -38,6 +41,7 @@ from .wording import plural, shorten
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .executors import Shard
     from .video import VideoOptions
 
 app = typer.Typer(
@@ -49,11 +53,12 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Teacher weights: which exist, which are cached, fetch one.", no_args_is_help=True)
 presets_app = typer.Typer(help="Run presets: list them, show one resolved.", no_args_is_help=True)
+manifest_app = typer.Typer(help="Batch manifests: join the manifests of a batch's shards.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(presets_app, name="presets")
+app.add_typer(manifest_app, name="manifest")
 
 SELFTEST_MIN_PSNR = 24.0
-MANIFEST_NAME = "manifest.json"
 _STATUS_STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
 _CHECK_STYLE = {"ok": "green", "missing": "dim", "warn": "yellow", "error": "red"}
 
@@ -221,11 +226,6 @@ def run_batch(
     return result
 
 
-def _manifest_path(manifest: Path | None, out: Path | None, single: bool) -> Path | None:
-    """``--manifest``, else ``OUT/manifest.json`` for a batch."""
-    return manifest if manifest is not None or single or out is None else out / MANIFEST_NAME
-
-
 def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> None:
     title = f"{manifest.command}: {plural(len(manifest.entries), 'input')}"
     table = Table("input", "status", "seconds", "result", title=title)
@@ -305,6 +305,33 @@ Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation i
 BorderRatio = Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")]
 Rembg = Annotated[Optional[bool], _flag("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
 SkipExisting = Annotated[bool, _flag(help="Skip inputs whose outputs all exist (resume a batch).")]
+# where a batch runs: shared by every batch command
+ExecutorName = Annotated[str, typer.Option("--executor", help="Where the inputs run: local (this process) or ray (workers of a Ray cluster, each with its own model; pip install 'microdreamer[ray]').")]
+RayAddress = Annotated[Optional[str], typer.Option("--address", help="With --executor ray: a running Ray cluster (HOST:6379 or ray://HOST:10001; default RAY_ADDRESS, else Ray on this machine). --out must be on storage all its machines reach.")]
+Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: how many workers (default: as many as the cluster's GPUs, or CPUs, hold).")]
+GpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: GPUs per worker; 0.5 packs two workers on a GPU (default 1 when the cluster has GPUs, else 0).")]
+CpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: CPUs per worker, also its torch threads (default 1).")]
+MaxAttempts = Annotated[Optional[int], typer.Option(help="With --executor ray: tries of an input whose worker dies under it (default 3).")]
+ShardSpec = Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (0 <= I < N; an input's shard is a hash of its name, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); its manifest is OUT/manifest.shard-I-of-N.json, joined by 'microdreamer manifest merge'.")]
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a batch runs: the executor, and the shard of the inputs (None: all)."""
+
+    executor: Executor
+    shard: "Shard | None"
+
+
+def _where(executor: str, address: str | None, workers: int | None, gpus_per_worker: float | None,
+           cpus_per_worker: float | None, max_attempts: int | None, shard: str | None) -> _Where:
+    from .executors import Shard, make_executor
+
+    return _Where(
+        make_executor(executor, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                      cpus_per_worker=cpus_per_worker, max_attempts=max_attempts),
+        None if shard is None else Shard.parse(shard),
+    )
 
 
 # image commands ------------------------------------------------------------------------------------
@@ -335,6 +362,7 @@ def _run_images(
     manifest: Path | None,
     json_out: bool,
     quiet: bool,
+    where: _Where,
     **flags: Any,
 ) -> None:
     """An image command through :meth:`Pipeline.run_batch`: everything is checked before the teacher loads."""
@@ -349,14 +377,15 @@ def _run_images(
     video_options = _video_options(video, video_format)
     check_run_outputs(out, manifest)
     _warn_cut_prompts(pipe.config, [prompt] if prompt else [], quiet)
-    single = is_single_input(specs)
+    single = is_single_input(specs) and where.shard is None
     run_batch(
         lambda observer: pipe.run_batch(
             specs, out, mesh=mesh, prompt=prompt, config_file=config, preprocess=options, video=video_options,
             overwrite=overwrite, skip_existing=skip_existing, manifest=manifest, stop_on_error=single,
-            observer=observer, command=command,
+            observer=observer, command=command, executor=where.executor, shard=where.shard,
         ),
-        single=single, manifest_path=_manifest_path(manifest, out, single), json_out=json_out, quiet=quiet,
+        single=single, manifest_path=batch_manifest_path(manifest, out, single, where.shard), json_out=json_out,
+        quiet=quiet,
     )
 
 
@@ -384,6 +413,13 @@ def image2gs(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -391,7 +427,8 @@ def image2gs(
     _run_images(
         "image2gs", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
         border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
-        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet, model=model, seed=seed,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
     )
 
@@ -437,6 +474,13 @@ def image2mesh(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -448,7 +492,8 @@ def image2mesh(
     _run_images(
         "image2mesh", images or [], out, mesh=True, teacher=teacher, preset=preset, config=config, prompt=prompt,
         border_ratio=border_ratio, rembg=rembg, video=False, video_format=None, overwrite=overwrite,
-        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet, model=model, seed=seed,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
         mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
         refine_steps=refine_steps, up=up, scale=scale,
@@ -538,6 +583,7 @@ def _run_prompts(
     manifest: Path | None,
     json_out: bool,
     quiet: bool,
+    where: _Where,
     **flags: Any,
 ) -> None:
     """One job per prompt through :meth:`Pipeline.run_batch`, the text-to-3D teacher loaded once; ``flags``
@@ -546,7 +592,8 @@ def _run_prompts(
     from .pipeline import prompt_jobs
 
     jobs = prompt_jobs(prompts)
-    if len(jobs) == 1 and jobs[0].problem is not None:
+    single = len(jobs) == 1 and where.shard is None
+    if single and jobs[0].problem is not None:
         raise UserError(jobs[0].problem)
     pipe = Pipeline(resolve_config(teacher or "mvdream", preset, config, **flags))
     if pipe.inputs != "text":
@@ -554,13 +601,13 @@ def _run_prompts(
     video_options = _video_options(video, video_format)
     check_run_outputs(out, manifest)
     _warn_cut_prompts(pipe.config, [job.input for job in jobs if job.problem is None], quiet)
-    single = len(jobs) == 1
     run_batch(
         lambda observer: pipe.run_batch(
             prompts, out, mesh=mesh, video=video_options, overwrite=overwrite, skip_existing=skip_existing,
-            manifest=manifest, stop_on_error=single, observer=observer,
+            manifest=manifest, stop_on_error=single, observer=observer, executor=where.executor, shard=where.shard,
         ),
-        single=single, manifest_path=_manifest_path(manifest, out, single), json_out=json_out, quiet=quiet,
+        single=single, manifest_path=batch_manifest_path(manifest, out, single, where.shard), json_out=json_out,
+        quiet=quiet,
     )
 
 
@@ -585,6 +632,13 @@ def text2gs(
     overwrite: Overwrite = False,
     skip_existing: SkipPrompts = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -592,7 +646,8 @@ def text2gs(
     _run_prompts(
         "text2gs", prompts, out, mesh=False, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
-        json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
+        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt,
     )
 
@@ -626,6 +681,13 @@ def text2mesh(
     overwrite: Overwrite = False,
     skip_existing: SkipPrompts = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -638,7 +700,8 @@ def text2mesh(
     _run_prompts(
         "text2mesh", prompts, out, mesh=True, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
-        json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
+        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt, mesh_format=mesh_format, faces=faces,
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
     )
@@ -654,6 +717,13 @@ def preprocess_(
     overwrite: Overwrite = False,
     skip_existing: Annotated[bool, _flag(help="Skip inputs whose output exists.")] = False,
     manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json with --out).")] = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: Annotated[bool, _flag("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -662,13 +732,15 @@ def preprocess_(
     from .pipeline import PreprocessOptions
 
     options = PreprocessOptions(border_ratio=border_ratio, remove_background=_removal(rembg) or "auto", size=size)
-    single = is_single_input(images)
+    where = _where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard)
+    single = is_single_input(images) and where.shard is None
     run_batch(
         lambda observer: preprocess_images(
             images, out, options=options, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
-            stop_on_error=single, observer=observer,
+            stop_on_error=single, observer=observer, executor=where.executor, shard=where.shard,
         ),
-        single=single, manifest_path=_manifest_path(manifest, out, single), json_out=json_out, quiet=quiet,
+        single=single, manifest_path=batch_manifest_path(manifest, out, single, where.shard), json_out=json_out,
+        quiet=quiet,
     )
 
 
@@ -788,6 +860,35 @@ def selftest(
         f"{plural(report.primitives, 'Gaussian')}"
     )
     if not ok:
+        raise typer.Exit(1)
+
+
+@manifest_app.command("merge")
+def manifest_merge(
+    shards: Annotated[list[Path], typer.Argument(help="Output folders holding the shards' manifests (manifest.shard-I-of-N.json), or those files.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The joined manifest (default: manifest.json beside the first shard's).")] = None,
+    overwrite: Annotated[bool, _flag(help="Replace an existing manifest.")] = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Join the manifests of a batch's shards (--shard I/N) into the manifest of the whole batch, its inputs in
+    the unsharded order. Every shard must be there once; exits 1 when any input failed, as the batch would."""
+    from .executors.shard import merge_manifests, merged_manifest_path, shard_manifests
+
+    paths = shard_manifests(shards)
+    merged = merge_manifests(paths)
+    target = out or merged_manifest_path(paths[0])
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --out")
+    check_output_file(target, "--out")
+    merged.write(target)
+    console = _console(quiet)
+    console.print(f"joined {plural(len(paths), 'shard manifest')} into {escape(str(target))}")
+    if not quiet:
+        _print_summary(console, merged, target)
+    if json_out:
+        _print_json(merged.to_dict())
+    if merged.failed:
         raise typer.Exit(1)
 
 

@@ -34,7 +34,7 @@ from .representations.gaussians import Gaussians
 from .sir.cameras import CameraSampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
-from .teachers.registry import teacher_entry
+from .teachers.registry import fetch_weights, teacher_entry
 from .video import VideoOptions, encode_video, render_frames, turntable_cameras
 from .wording import plural
 
@@ -128,6 +128,10 @@ class ImagePreparer:
     def __init__(self, options: PreprocessOptions) -> None:
         self.options = options
         self._session: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent to a remote worker) without the rembg session, which the worker opens anew."""
+        return {**self.__dict__, "_session": None}
 
     def __call__(self, path: Path) -> np.ndarray:
         rgba = load_input(path, self.options.size)
@@ -530,7 +534,7 @@ class ImageTask:
     def __init__(
         self,
         cfg: RunConfig,
-        device: torch.device,
+        device: torch.device | None,
         out_dir: Path,
         *,
         preprocess: PreprocessOptions | None = None,
@@ -542,7 +546,7 @@ class ImageTask:
     ) -> None:
         self.cfg = cfg
         self.prompt = prompt  # for image+text teachers, the same for every image
-        self.device = device
+        self._device = device  # None: cfg.device, resolved on the machine the task runs on
         self.out_dir = Path(out_dir)
         self.preprocess = preprocess or PreprocessOptions()
         self.video = video
@@ -550,6 +554,14 @@ class ImageTask:
         self.skip_existing = skip_existing
         self.allow_download = allow_download
         self.preparer = ImagePreparer(self.preprocess)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else resolve_device(self.cfg.device)
+
+    @property
+    def device_name(self) -> str:
+        return self.cfg.device if self._device is None else str(self._device)
 
     def _outputs(self, job: Job) -> RunOutputs:
         return RunOutputs.for_stem(
@@ -569,6 +581,9 @@ class ImageTask:
         if job.source is None:
             return PreparedInput(job.stem, prompt=self.prompt)
         return PreparedInput(job.stem, job.source, self.preparer(job.source) if rgba is None else rgba, self.prompt)
+
+    def fetch(self) -> None:
+        fetch_weights(self.cfg, self.allow_download)
 
     def load(self) -> ImageTo3D:
         return ImageTo3D(self.cfg, self.device, self.allow_download)
@@ -751,6 +766,8 @@ class PreprocessTask:
     """The batch task of ``microdreamer preprocess``: each input → ``<stem>_rgba.png`` in ``out_dir``
     (None: beside the input). The "pipeline" is nothing; the rembg session is loaded on first need."""
 
+    device_name = "cpu"
+
     def __init__(self, options: PreprocessOptions, out_dir: Path | None = None, overwrite: bool = False) -> None:
         self.out_dir = out_dir
         self.overwrite = overwrite
@@ -768,6 +785,9 @@ class PreprocessTask:
         if out.exists() and not self.overwrite:
             raise UserError(f"{out} already exists: pass --overwrite to replace it, or --skip-existing to keep it")
         return self.preparer(job.source)
+
+    def fetch(self) -> None:
+        """Nothing to fetch: rembg fetches its own model when a session first opens."""
 
     def load(self) -> None:
         return None

@@ -60,12 +60,17 @@ def atomic_path(path: Path, overwrite: bool = True) -> Iterator[Path]:
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    tmp = partial_path(path, os.getpid())
     try:
         yield tmp
         _publish(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partial_path(path: Path, pid: int) -> Path:
+    """The temporary path under which process ``pid`` writes ``path`` (what a killed writer leaves behind)."""
+    return path.with_name(f".{path.stem}.partial-{pid}{path.suffix}")
 
 
 def _is_temporary(path: Path) -> bool:

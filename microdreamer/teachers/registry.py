@@ -13,7 +13,8 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..wording import plural
 from .base import Teacher
-from .loading import local_model_dir
+from .catalog import find_entry
+from .loading import local_model_dir, resolve_model_dir
 from .mv_cameras import VIEWS_PER_OBJECT
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class TeacherEntry:
     inputs: str  # "image", "text" or "image+text"
     build: Callable[[RunConfig, torch.device, bool], Teacher]  # (config, device, allow_download)
     views_multiple: int = 1  # --views must be a multiple of this (views the teacher denoises together)
+    weights: str | None = None  # the catalog entry of its default weights; None: it needs none
 
 
 def _reference(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
@@ -70,10 +72,12 @@ TEACHERS: dict[str, TeacherEntry] = {
     e.name: e
     for e in (
         TeacherEntry("reference", "reference", "image", _reference),
-        TeacherEntry("stable-zero123", "stable-zero123", "image", _zero123("stable")),
-        TeacherEntry("zero123-xl", "zero123-xl", "image", _zero123("xl")),
-        TeacherEntry("mvdream", "mvdream", "text", _multiview("mvdream"), views_multiple=VIEWS_PER_OBJECT),
-        TeacherEntry("imagedream", "imagedream", "image+text", _multiview("imagedream"), views_multiple=VIEWS_PER_OBJECT),
+        TeacherEntry("stable-zero123", "stable-zero123", "image", _zero123("stable"), weights="stable-zero123"),
+        TeacherEntry("zero123-xl", "zero123-xl", "image", _zero123("xl"), weights="zero123-xl"),
+        TeacherEntry("mvdream", "mvdream", "text", _multiview("mvdream"), views_multiple=VIEWS_PER_OBJECT,
+                     weights="mvdream"),
+        TeacherEntry("imagedream", "imagedream", "image+text", _multiview("imagedream"),
+                     views_multiple=VIEWS_PER_OBJECT, weights="imagedream"),
     )
 }
 
@@ -116,6 +120,15 @@ def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
             f"{multiple}, got {views}"
         )
     return entry
+
+
+def fetch_weights(cfg: RunConfig, allow_download: bool = True) -> Path | None:
+    """The folder of ``cfg``'s teacher weights on this machine, downloaded into the cache first when they are
+    missing and ``allow_download``; None for a teacher without weights (the reference teacher)."""
+    entry = teacher_entry(cfg.teacher.name)
+    if entry.weights is None:
+        return None
+    return resolve_model_dir(cfg.teacher.model or find_entry(entry.weights).repo_id, allow_download=allow_download)
 
 
 def prompt_reader(cfg: RunConfig, allow_download: bool = True) -> PromptReader | None:
