@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -906,6 +909,14 @@ def doctor(
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Library warnings (a slow fallback in use) as one ``warning: …`` line on stderr, not Python's two."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and exit code 2; Ctrl-C is 130."""
     command = typer.main.get_command(app)
@@ -913,7 +924,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["--help"]
     try:
-        rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
+        with _one_line_warnings():
+            rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

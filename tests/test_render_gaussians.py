@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 
+from microdreamer import cli
 from microdreamer.errors import UserError
+from microdreamer.render import gaussians as gaussians_api
 from microdreamer.render.gaussians import available_backends, rasterize_gaussians, resolve_backend
 from microdreamer.render.gaussians_cpu import project_cpu, rasterize_cpu, unavailable_reason
-from microdreamer.render.gaussians_gsplat import rasterize_gsplat
+from microdreamer.render.gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
 from microdreamer.render.gaussians_torch import EPS2D, project_gaussians, rasterize_dense, rasterize_tiled
 from microdreamer.sir.cameras import Cameras
 from tolerances import EPS64, assert_within, calibrated_bound, rounding_bound
@@ -256,6 +260,31 @@ def test_backend_resolution_and_errors():
     params = scene(3)
     with pytest.raises(UserError):
         rasterize_gaussians(*params, CAMS, BG, backend="nope")
+
+
+def test_cuda_without_gsplat_says_once_that_the_slow_path_is_used(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gsplat" else find_spec(name, *a))
+    gsplat_unavailable_reason.cache_clear()
+    gaussians_api._warn_slow_cuda_path.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert resolve_backend("auto", "cuda") == "torch"
+            assert resolve_backend("auto", "cuda") == "torch"  # every render asks: still one warning
+            assert resolve_backend("auto", "cpu") in ("cpu", "torch")
+        assert [str(w.message) for w in seen] == [gaussians_api.SLOW_CUDA_PATH]
+        assert "plain-PyTorch" in str(seen[0].message) and 'pip install "microdreamer[cuda]"' in str(seen[0].message)
+        with pytest.raises(UserError, match=r"gsplat package is not installed \(pip install \"microdreamer\[cuda\]\"\)"):
+            resolve_backend("gsplat", "cuda")
+        # the command line prints it as one line
+        with cli._one_line_warnings():
+            warnings.warn(gaussians_api.SLOW_CUDA_PATH, RuntimeWarning)
+        assert capsys.readouterr().err == f"warning: {gaussians_api.SLOW_CUDA_PATH}\n"
+    finally:
+        gsplat_unavailable_reason.cache_clear()
+        gaussians_api._warn_slow_cuda_path.cache_clear()
 
 
 @pytest.mark.parametrize("per_axis_radii", [False, True])  # gsplat 1.4: [C,N]; 1.5: [C,N,2]

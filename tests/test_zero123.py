@@ -17,10 +17,10 @@ from microdreamer.errors import UserError
 from microdreamer.sir.cameras import Cameras
 from microdreamer.sir.refiner import init_sample, refine
 from microdreamer.teachers.base import Condition, guide
-from microdreamer.teachers.zero123 import Zero123Teacher, camera_embedding
 from microdreamer.teachers.sd_parts import clip_pixel_values
+from microdreamer.teachers.zero123 import Zero123Teacher, camera_embedding
 from tiny_models import CLIP_MEAN, CLIP_STD, TINY_CLIP_IMAGE, build_tiny_zero123, save_diffusers, tiny_unet
-from tolerances import assert_within, guidance_gain, network_bound, rounding_bound
+from tolerances import assert_within, guidance_gain, network_bound, printed, rounding_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,8 @@ class _UNetInputs:
 def test_camera_embedding_matches_the_spec_test_vector():
     stable = camera_embedding(torch.tensor([-30.0]), torch.tensor([90.0]), "stable")
     assert stable.dtype == torch.float64
-    assert torch.allclose(stable, torch.tensor([[-0.5235988, 1.0, 6.123234e-17, 1.5707963]], dtype=torch.float64))
+    spec = torch.tensor([[-0.5235988, 1.0, 6.123234e-17, 1.5707963]], dtype=torch.float64)
+    assert torch.allclose(stable, spec, atol=printed(7), rtol=0)
     xl = camera_embedding(torch.tensor([-30.0]), torch.tensor([90.0]), "xl")
     assert torch.allclose(xl, torch.tensor([[-0.5235988, 1.0, 0.0, 0.0]], dtype=torch.float64), atol=1e-12)
     # Stable Zero123's 4th entry is the reference view's polar angle; Zero123-XL's is Δradius = 0
@@ -84,8 +85,8 @@ def test_loads_in_fp32_on_cpu_with_the_checkpoint_schedule(tiny_dir):
     for module in (teacher.unet, teacher.vae, teacher.image_encoder, teacher.camera_projection):
         assert {p.dtype for p in module.parameters()} == {torch.float32}
     assert teacher.resolution == RES and teacher.latent_shape(3) == (3, 4, 8, 8)
-    assert teacher.alphas_cumprod[0].item() == pytest.approx(0.999150, abs=1e-6)
-    assert teacher.alphas_cumprod[951].item() == pytest.approx(0.008155, abs=1e-6)
+    assert teacher.alphas_cumprod[0].item() == pytest.approx(0.999150, abs=printed(6))
+    assert teacher.alphas_cumprod[951].item() == pytest.approx(0.008155, abs=printed(6))
     saved = load_file(str(tiny_dir / "clip_camera_projection" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(teacher.camera_projection.proj.weight, saved["proj.weight"])
     bf16 = Zero123Teacher.from_pretrained(tiny_dir, device="cpu", dtype="bf16")

@@ -107,3 +107,13 @@ def assert_within(actual: Tensor, expected: Tensor, bound: float, what: str = ""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     error = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
     assert error <= bound, f"{what}: max error {error:.3g} is {error / bound:.3g}× the bound {bound:.3g}"
+
+
+def printed(decimals: int) -> float:
+    """How far a value quoted to ``decimals`` decimals (a spec's table) can be from the exact one."""
+    return 0.5 * 10.0**-decimals
+
+
+#: relative error of diffusers' float32 ᾱ table: a product of up to 1000 factors 1 − β, β a float32
+#: linspace squared: 3 roundings per factor
+ALPHAS32_RTOL = rounding_bound(1.0, n=1000, ops=3)

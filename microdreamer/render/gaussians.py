@@ -7,6 +7,9 @@ torch and cpu backends share the projection in :mod:`.gaussians_torch`; semantic
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -18,6 +21,16 @@ from .gaussians_torch import project_gaussians, rasterize_torch
 from .types import RenderOutput
 
 BACKENDS = ("torch", "cpu", "gsplat")
+SLOW_CUDA_PATH = (
+    "gsplat is not installed: Gaussians are rasterized by the plain-PyTorch reference on CUDA, many times "
+    "slower; pip install \"microdreamer[cuda]\" (gsplat) to fix it"
+)
+
+
+@cache
+def _warn_slow_cuda_path() -> None:
+    """Say once per process that CUDA runs fall back to the torch rasterizer."""
+    warnings.warn(SLOW_CUDA_PATH, RuntimeWarning, stacklevel=3)
 
 
 def available_backends() -> dict[str, bool]:
@@ -28,13 +41,15 @@ def available_backends() -> dict[str, bool]:
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """The concrete backend for ``name`` on ``device``.
 
-    ``"auto"`` picks gsplat on CUDA when it imports, else the C++ kernel on CPU when it builds, else
-    torch. An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
+    ``"auto"`` picks gsplat on CUDA when it imports (else torch, with a warning once per process: see
+    :data:`SLOW_CUDA_PATH`), the C++ kernel on CPU when it builds, else torch. An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
     """
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda" and gsplat_unavailable_reason() is None:
-            return "gsplat"
+        if device.type == "cuda":
+            if gsplat_unavailable_reason() is None:
+                return "gsplat"
+            _warn_slow_cuda_path()
         if device.type == "cpu" and unavailable_reason() is None:
             return "cpu"
         return "torch"
