@@ -19,7 +19,7 @@ from microdreamer.render.gaussians_cpu import project_cpu, rasterize_cpu, unavai
 from microdreamer.render.gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
 from microdreamer.render.gaussians_torch import EPS2D, project_gaussians, rasterize_dense, rasterize_tiled
 from microdreamer.sir.cameras import Cameras
-from tolerances import EPS64, assert_within, calibrated_bound, rounding_bound
+from tolerances import assert_within, calibrated_bound, rounding_bound
 
 needs_cpu_kernel = pytest.mark.skipif(
     unavailable_reason() is not None, reason=f"C++ kernel unavailable: {unavailable_reason()}"

@@ -30,14 +30,12 @@ formula?) run in float64 where the code allows it, with the same bounds at ``u =
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
 EPS32 = torch.finfo(torch.float32).eps  # 2⁻²³, the float32 unit roundoff is EPS32 / 2
-EPS64 = torch.finfo(torch.float64).eps
 LAMBDA = 6.0  # confidence of the probabilistic bound: 2·exp(−λ²/2) ≈ 3·10⁻⁸ per compared element
 PATHS = 16  # another kernel path's error over the measured one: ≤ 9× seen (Winograd vs oneDNN convolutions)
 
@@ -84,11 +82,6 @@ def calibrated_bound(reference32: Tensor, reference64: Tensor) -> float:
     one rounding of the largest value, so that an exact reference does not give a zero bound)."""
     measured = (reference32.double() - reference64).abs().max().item()
     return PATHS * max(measured, rounding_bound(reference64.abs().max().item()))
-
-
-def float64_twin(module: nn.Module) -> nn.Module:
-    """A float64 copy of ``module`` for reference evaluations (the module itself is left as it is)."""
-    return copy.deepcopy(module).double()
 
 
 def to_float64(value):
