@@ -24,6 +24,8 @@ from microdreamer.teachers.mv_unet import (
 )
 from tolerances import EPS32, assert_within, network_bound, rounding_bound, to_float64
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks
+
 #: a camera pose from degrees in float32: radians, sin/cos, look-at cross products and three
 #: normalisations of 3-vectors, about 12 dependent roundings of unit-length values
 POSE_BOUND = rounding_bound(1.0, n=3, ops=12)
