@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1054,6 +1055,14 @@ def _check_flags_take_no_value(command: Any, argv: list[str]) -> None:
             raise UserError(f"{option} is a flag and takes no value: {how}, not '{option} {word}'")
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Library warnings (a slow fallback in use) as one ``warning: …`` line on stderr, not Python's two."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and exit code 2; Ctrl-C is 130."""
     command = typer.main.get_command(app)
@@ -1062,7 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--help"]
     try:
         _check_flags_take_no_value(command, argv)
-        rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
+        with _one_line_warnings():
+            rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

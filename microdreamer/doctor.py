@@ -22,12 +22,10 @@ from . import __version__
 from .wording import plural
 
 STATUSES = ("ok", "missing", "warn", "error")
-#: optional GPU backends: (import name, what it is used for)
+#: optional GPU backends the renderers use: (import name, what it is used for)
 GPU_BACKENDS = (
     ("gsplat", "CUDA Gaussian rasterizer"),
     ("nvdiffrast", "CUDA mesh rasterizer"),
-    ("nerfacc", "NeRF ray marching"),
-    ("tinycudann", "hash-grid encodings"),
 )
 #: our C++ (OpenMP) kernels, built on first use
 CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"))

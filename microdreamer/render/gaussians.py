@@ -7,6 +7,9 @@ torch and cpu backends share the projection in :mod:`.gaussians_torch`; semantic
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -19,6 +22,16 @@ from .types import RenderOutput
 
 #: the rasterizer backends (``auto`` picks one of them: :func:`resolve_backend`)
 BACKENDS = ("torch", "cpu", "gsplat")
+SLOW_CUDA_PATH = (
+    "gsplat is not installed: Gaussians are rasterized by the plain-PyTorch reference on CUDA, many times "
+    "slower; pip install \"microdreamer[cuda]\" (gsplat) to fix it"
+)
+
+
+@cache
+def _warn_slow_cuda_path() -> None:
+    """Say once per process that CUDA runs fall back to the torch rasterizer."""
+    warnings.warn(SLOW_CUDA_PATH, RuntimeWarning, stacklevel=3)
 
 
 def available_backends() -> dict[str, bool]:
@@ -29,9 +42,12 @@ def available_backends() -> dict[str, bool]:
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """The concrete backend for ``name`` on ``device``.
 
-    ``"auto"`` picks gsplat on CUDA when it imports, else the C++ kernel on CPU when it builds, else
-    torch. An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
+    ``"auto"`` picks gsplat on CUDA when it imports (else torch, with a warning once per process: see
+    :data:`SLOW_CUDA_PATH`), the C++ kernel on CPU when it builds, else torch. An unknown name, or a
+    backend that cannot run on ``device``, raises :class:`UserError`.
     """
+    if name == "auto" and torch.device(device).type == "cuda" and gsplat_unavailable_reason() is not None:
+        _warn_slow_cuda_path()
     return resolve_backend_choice("rasterizer", name, device, "gsplat", gsplat_unavailable_reason, unavailable_reason)
 
 
