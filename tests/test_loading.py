@@ -193,11 +193,7 @@ def test_noise_schedule_rejects_other_parameterisations(model_copy, change, mess
 
 def test_catalog_entries_and_licences():
     names = [e.name for e in catalog.CATALOG]
-<<<<<<< HEAD
-    assert names == ["stable-zero123", "zero123-xl", "mvdream", "imagedream", "lgm"]
-=======
-    assert names == ["stable-zero123", "zero123-xl", "mvdream", "imagedream", "zero123plus"]
->>>>>>> zero123plus
+    assert names == ["stable-zero123", "zero123-xl", "mvdream", "imagedream", "lgm", "zero123plus"]
     stable = catalog.find_entry("stable-zero123")
     assert stable.repo_id == "ashawkey/stable-zero123-diffusers"
     assert not stable.commercial_use and "Non-Commercial" in stable.license

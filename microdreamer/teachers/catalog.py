@@ -1,10 +1,5 @@
-<<<<<<< HEAD
-"""The known models (diffusion teachers, the LGM reconstructor): where their weights live, under which
-licence, and whether they are cached.
-=======
-"""The known diffusion models (SIR teachers, and the Zero123++ multi-view generator): where their weights live,
-under which licence, and whether they are cached.
->>>>>>> zero123plus
+"""The known models (SIR teachers, the Zero123++ multi-view generator, the LGM reconstructor): where their
+weights live, under which licence, and whether they are cached.
 
 Licences are those stated on the Hugging Face model pages of the weights; the converted diffusers
 ports inherit the terms of the original weights whatever their own card says. Where our sources do
@@ -19,11 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-<<<<<<< HEAD
-from .loading import DOWNLOAD_HELP, missing_files, require, resolve_model_dir
-=======
-from .loading import expect_components, missing_files, require, resolve_dtype, resolve_model_dir
->>>>>>> zero123plus
+from .loading import DOWNLOAD_HELP, expect_components, missing_files, require, resolve_dtype, resolve_model_dir
 
 
 @dataclass(frozen=True)
@@ -76,7 +67,6 @@ CATALOG: tuple[CatalogEntry, ...] = (
         approx_size_gb=4.0,
         source="Peng-Wang/ImageDream (sd-v2.1-base-4view-ipmv.pt)",
     ),
-<<<<<<< HEAD
     CatalogEntry(
         name="lgm",
         repo_id="ashawkey/LGM",
@@ -88,7 +78,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         approx_size_gb=0.83,  # 830,126,160 B (geco spec §2.7)
         source="3DTopia/LGM, big configuration fine-tuned with the rotation fix (model_fp16_fixrot.safetensors)",
         files=("model_fp16_fixrot.safetensors",),
-=======
+    ),
     CatalogEntry(  # a multi-view generator (microdreamer.generators), not an SIR teacher
         name="zero123plus",
         repo_id="sudo-ai/zero123plus-v1.1",
@@ -99,7 +89,6 @@ CATALOG: tuple[CatalogEntry, ...] = (
         commercial_use=False,
         approx_size_gb=3.8,  # fp16 parameter count of UNet, VAE, text and vision encoders (spec §4.1)
         source="SUDO-AI-3D/zero123plus (v1.1, diffusers layout)",
->>>>>>> zero123plus
     ),
 )
 
@@ -134,11 +123,8 @@ def hub_cache(cache_dir: str | Path | None = None) -> Path:
 
 def download(entry: CatalogEntry, cache_dir: str | Path | None = None) -> Path:
     """Fetch (or find in the cache) the entry's configs and safetensors weights; returns the snapshot folder."""
-<<<<<<< HEAD
     return resolve_model_dir(entry.repo_id, allow_download=True, cache_dir=cache_dir, files=entry.files,
                              advice=DOWNLOAD_HELP)
-=======
-    return resolve_model_dir(entry.repo_id, allow_download=True, cache_dir=cache_dir)
 
 
 def open_model(
@@ -159,4 +145,3 @@ def open_model(
     root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
     expect_components(root, components)
     return root, device, resolve_dtype(dtype, device)
->>>>>>> zero123plus
