@@ -820,6 +820,8 @@ def models_list(
     for r in rows:
         console.print(f"[bold]{r['name']}[/]: {escape(r['license'])}")
     console.print("The reference teacher needs no weights: it renders a mesh you pass with --model.")
+    console.print("Generators and students distilled from Zero123++ by `microdreamer distill` inherit its weights' "
+                  "licence: CC-BY-NC 4.0, non-commercial use only (NOTICE.txt in each run folder).")
 
 
 @models_app.command("download")
@@ -1089,5 +1091,7 @@ def distill_stage1(
             console.print(f"validation at step {event['step']}: PSNR {event['psnr']:.2f} dB against the teacher "
                           f"({escape(event['sheet'])})")
 
-    outcome = run_stage1(config, out, resume=resume, on_event=show)
-    console.print(f"[green]done[/]: step {outcome.step} in {escape(str(outcome.run_dir))}")
+        elif kind == "finished":
+            console.print(f"[green]done[/]: step {event['step']} in {escape(str(out))}")
+
+    run_stage1(config, out, resume=resume, on_event=show)

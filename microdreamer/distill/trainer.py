@@ -289,7 +289,7 @@ def run_stage1(
 ) -> Stage1Outcome:
     """Train (or continue) a Stage I run in ``run_dir`` up to ``config.steps``. Bad settings and a bad data
     folder are refused before any model is loaded. ``on_event`` receives, on rank 0, every record written to
-    the log (and a ``loaded`` event); ``model`` replaces loading ``config.model``."""
+    the log, and ``loaded`` and ``finished`` events; ``model`` replaces loading ``config.model``."""
     config.validate()
     run_dir = Path(run_dir).expanduser()
     check_output_dir(run_dir)
@@ -372,4 +372,6 @@ def _run(
             reached = step
         if validator is not None and config.validate_every and step % config.validate_every == 0:
             write(validator.run(step, run_dir))
-    return Stage1Outcome(run_dir, reached if reached else start, start)
+    if world.main:
+        emit({"event": "finished", "step": reached})
+    return Stage1Outcome(run_dir, reached, start)
