@@ -145,7 +145,7 @@ def main() -> None:
     if "forward_backward_s" in result:
         print(f"  forward + backward:      {result['forward_backward_s']:8.2f} s, "
               f"{result['activations_gib']:.2f} GiB of saved activations (float32)")
-        estimate = STEP_UNITS["forward"] * result["forward_s"] + STEP_UNITS["forward_backward"] * result["forward_backward_s"]
+        estimate = sum(STEP_UNITS[unit] * result[f"{unit}_s"] for unit in STEP_UNITS)
         result["step_estimate_s"] = estimate
         print(f"  one Stage I step (3 forward + 3 forward/backward units, batch 1): ~{estimate:.1f} s")
         result["step_memory_gib"] = step_memory(result["unet_params"], result["activations_gib"])

@@ -98,7 +98,8 @@ class LPIPS(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected two RGB batches [B,3,H,W] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            shapes = f"{tuple(x.shape)} and {tuple(y.shape)}"
+            raise ValueError(f"expected two RGB batches [B,3,H,W] of one shape, got {shapes}")
         total = x.new_zeros(x.shape[0])
         for i, (a, b) in enumerate(zip(self.features(x), self.features(y))):
             total = total + getattr(self, f"lin{i}")((a - b).square()).mean(dim=(1, 2, 3))

@@ -126,7 +126,8 @@ def test_the_clean_condition_changes_the_output_and_is_deterministic(model, data
     generator = OneStepGenerator(Denoiser.copy_of(model, trainable=False))
     z = torch.randn(1, 4, 12, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        runs = [generator(z, condition_batch(model, [data.image(i)], [torch.Generator().manual_seed(5)])) for i in (0, 0, 1)]
+        runs = [generator(z, condition_batch(model, [data.image(i)], [torch.Generator().manual_seed(5)]))
+                for i in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1])
     assert (runs[0] - runs[2]).abs().max() > 1e-3
 
@@ -137,7 +138,8 @@ def test_batched_conditioning_equals_the_generators_own(model, data):
     batched = condition_batch(model, [data.image(2)], [torch.Generator().manual_seed(4)])
     torch.testing.assert_close(batched.context, single.context, rtol=0, atol=0)
     torch.testing.assert_close(batched.reference, single.reference, rtol=4 * EPS32, atol=4 * EPS32)
-    pair = condition_batch(model, [data.image(1), data.image(2)], [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)])
+    seeded = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    pair = condition_batch(model, [data.image(1), data.image(2)], seeded)
     assert pair.context.shape[0] == 4 and pair.reference.shape[0] == 4  # [uncond × 2 ; cond × 2]
     torch.testing.assert_close(pair.reference[3], single.reference[1], rtol=1e-5, atol=1e-5)  # batched VAE: rounding
     torch.testing.assert_close(pair.context[0], pair.context[1])  # both unconditional halves: the empty prompt

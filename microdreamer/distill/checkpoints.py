@@ -144,7 +144,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     return tensors, groups
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict], names: list[str]) -> None:
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict], names: list[str]
+) -> None:
     """Restore what :func:`optimizer_tensors` saved into an optimiser over the same named parameters."""
     index = {name: i for i, name in enumerate(names)}
     saved_names = [n for g in groups for n in g["params"]]

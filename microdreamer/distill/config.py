@@ -61,8 +61,9 @@ class DistillConfig:
             raise UserError(f"the timestep range must satisfy 0 <= t-min < t-max <= 1, got {self.t_min}..{self.t_max}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise UserError(f"Adam's betas must lie in [0, 1), got {tuple(self.betas)}")
-        for option, value in {"--guidance-teacher": self.guidance_teacher, "--guidance-generator": self.guidance_generator,
-                              "--guidance-student": self.guidance_student}.items():
+        guidance = {"--guidance-teacher": self.guidance_teacher, "--guidance-generator": self.guidance_generator,
+                    "--guidance-student": self.guidance_student}
+        for option, value in guidance.items():
             if value < 1.0:
                 raise UserError(f"{option} must be at least 1 (1: no guidance), got {value}")
         if self.weighting not in WEIGHTINGS:

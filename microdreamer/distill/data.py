@@ -86,7 +86,8 @@ def collect_inputs(specs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+            files = sorted(f for f in path.rglob("*")
+                           if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
             found = [f for f in files if f.suffix.lower() in suffixes]
             if not found:
                 raise UserError(f"folder {path} holds no images or meshes ({', '.join(s[1:] for s in suffixes)})")
@@ -226,7 +227,8 @@ def load_conditions(folder: str | Path) -> ConditionSet:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} cannot be read as JSON ({exc}); prepare the folder again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{path} is not a manifest of condition images; prepare the folder with `microdreamer distill prepare`")
+        raise UserError(f"{path} is not a manifest of condition images; "
+                        "prepare the folder with `microdreamer distill prepare`")
     if manifest.get("version") != VERSION:
         raise UserError(f"{path} has version {manifest.get('version')!r}, this microdreamer reads version {VERSION}")
     items = manifest.get("items")
@@ -237,13 +239,16 @@ def load_conditions(folder: str | Path) -> ConditionSet:
     files = [r["file"] for r in items]
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
-        raise UserError(f"--data {root}: {plural(len(missing), 'listed file')} missing ({', '.join(missing[:3])}); prepare the folder again")
+        raise UserError(f"--data {root}: {plural(len(missing), 'listed file')} missing ({', '.join(missing[:3])}); "
+                        "prepare the folder again")
     for name in files:
         try:
             with Image.open(root / name) as image:
                 width, height = image.size
         except (OSError, Image.DecompressionBombError) as exc:
-            raise UserError(f"--data {root}: {name} is not a readable image ({exc}); prepare the folder again") from None
+            raise UserError(f"--data {root}: {name} is not a readable image ({exc}); "
+                            "prepare the folder again") from None
         if width != height:
-            raise UserError(f"--data {root}: {name} is {width}×{height}, condition images are square; prepare the folder again")
+            raise UserError(f"--data {root}: {name} is {width}×{height}, condition images are square; "
+                            "prepare the folder again")
     return ConditionSet(root, files, int(manifest.get("size", 0)))

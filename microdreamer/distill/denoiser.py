@@ -23,7 +23,9 @@ from .diffusion import alphas_at, noised, predicted_noise
 
 
 @torch.no_grad()
-def condition_batch(model: Zero123PlusGenerator, images: list[Tensor], generators: list[torch.Generator]) -> Conditioning:
+def condition_batch(
+    model: Zero123PlusGenerator, images: list[Tensor], generators: list[torch.Generator]
+) -> Conditioning:
     """The guided conditioning ``[uncond × B ; cond × B]`` of B condition images (each ``[1,3,H,W]`` in [0,1]
     on gray), as :meth:`Zero123PlusGenerator.condition` makes it for one: sample i draws its VAE latent and
     then its negative latent from ``generators[i]``, so B = 1 gives exactly that method's result."""

@@ -33,7 +33,8 @@ class OneStepGenerator(Denoiser):
     def __init__(self, denoiser: Denoiser, timestep: int = DEFAULT_TIMESTEP, guidance: float = 4.0) -> None:
         super().__init__(denoiser.unet, denoiser.alphas_cumprod, denoiser.prediction)
         if not 0 <= timestep < self.alphas_cumprod.shape[0]:
-            raise ValueError(f"the generator's timestep must lie in 0..{self.alphas_cumprod.shape[0] - 1}, got {timestep}")
+            last = self.alphas_cumprod.shape[0] - 1
+            raise ValueError(f"the generator's timestep must lie in 0..{last}, got {timestep}")
         self.timestep, self.guidance = timestep, guidance
 
     def forward(self, noise: Tensor, conditioning: Conditioning) -> Tensor:
