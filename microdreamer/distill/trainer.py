@@ -257,7 +257,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Keep the log records up to ``step`` (those after it are made again by the resumed run)."""
+    """Keep the log records up to ``step`` (those after it are made again by the resumed run; −1 keeps none)."""
     if not path.exists():
         return
     kept = []
@@ -335,7 +335,7 @@ def _run(
         _write_json(run_dir / RUN_CONFIG, record)
         with atomic_path(run_dir / NOTICE) as tmp:
             tmp.write_text(LICENCE_NOTICE)
-        _trim_log(log, start)
+        _trim_log(log, start if checkpoint is not None else -1)  # from scratch: an earlier log is replaced
         emit({"event": "loaded", "step": start, "steps": config.steps, "processes": world.size})
     validator = None
     if world.main and config.validate_every and config.validation_images:
