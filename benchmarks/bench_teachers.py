@@ -117,7 +117,7 @@ def zero123_call(device: torch.device, dtype: torch.dtype, views: int = 6) -> tu
 def zero123plus_call(device: torch.device, dtype: torch.dtype) -> tuple[Call, int]:
     from diffusers import UNet2DConditionModel
 
-    from microdreamer.generators.reference_attention import install_reference_attention
+    from microdreamer.generators.reference_attention import install_reference_attention, reference_call
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(ZERO123PLUS_UNET)
@@ -129,13 +129,7 @@ def zero123plus_call(device: torch.device, dtype: torch.dtype) -> tuple[Call, in
     context = _randn(g, device, dtype, 2, 77, 1024)
     t = torch.full((2,), 999.0, device=device)
 
-    def call() -> Tensor:
-        with bank.writing():
-            unet(reference, t, encoder_hidden_states=context)
-        with bank.reading():
-            return unet(sample, t, encoder_hidden_states=context).sample
-
-    return call, _params(unet)
+    return (lambda: reference_call(unet, bank, sample, t, context, reference, t)), _params(unet)
 
 
 def multiview_call(device: torch.device, dtype: torch.dtype, image_prompt: bool) -> tuple[Call, int]:

@@ -928,6 +928,8 @@ def models_list(
     for r in rows:
         console.print(f"[bold]{r['name']}[/]: {escape(r['license'])}")
     console.print("The reference teacher needs no weights: it renders a mesh you pass with --model.")
+    console.print("Generators and students distilled from Zero123++ by `microdreamer distill` inherit its weights' "
+                  "licence: CC-BY-NC 4.0, non-commercial use only (NOTICE.txt in each run folder).")
 
 
 @models_app.command("download")
@@ -1090,3 +1092,123 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     sys.exit(main())
+
+
+# distillation (GECO) -------------------------------------------------------------------------------
+
+distill_app = typer.Typer(
+    help="GECO distillation: condition images, then Stage I (Zero123++ → a one-step generator by VSD).",
+    no_args_is_help=True,
+)
+app.add_typer(distill_app, name="distill")
+
+_Opt = typer.Option
+
+
+@distill_app.command("prepare")
+def distill_prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Meshes (.obj, .glb, .gltf), images, or folders of them (searched recursively).", show_default=False)],
+    out: Annotated[Path, _Opt("--out", "-o", help="Output folder: condition images and manifest.json.")],
+    size: Annotated[int, _Opt(help="Side of the square condition images (at least 320).")] = 320,
+    views: Annotated[int, _Opt(help="Condition images per mesh, at azimuths evenly spaced from 0.")] = 1,
+    border_ratio: Annotated[float, _Opt(help="Empty border around the recentred object.")] = 0.2,
+    rembg: Rembg = None,
+    device: Annotated[str, _Opt(help="Device of the mesh renderer: cpu, cuda.")] = "cpu",
+    overwrite: Annotated[bool, _flag(help="Replace the condition images of an earlier prepare in OUT.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print the manifest's summary as JSON on stdout.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Condition images as GECO trains on them: elevation 0, gray 127 background, square; and OUT/manifest.json."""
+    from .distill.data import MANIFEST, PrepareOptions, prepare_conditions
+
+    options = PrepareOptions(size=size, views=views, border_ratio=border_ratio,
+                             remove_background=_removal(rembg) or "auto", overwrite=overwrite, device=device)
+    console = _console(quiet)
+
+    def show(index: int, total: int, path: Path, error: str | None) -> None:
+        state = f"[red]failed[/] {escape(error)}" if error else "[green]done[/]"
+        console.print(f"[{index + 1}/{total}] {escape(path.name)}: {state}")
+
+    report = prepare_conditions(inputs, out, options, on_input=show)
+    summary = {"out": str(report.out), "manifest": str(report.out / MANIFEST), "images": len(report.items),
+               "failed": report.failed, "ignored": report.ignored}
+    if json_out:
+        _print_json(summary)
+    if report.ignored:
+        console.print(f"ignored {plural(len(report.ignored), 'file')} that are neither images nor meshes")
+    console.print(f"wrote {plural(len(report.items), 'condition image')} and {MANIFEST} in {escape(str(report.out))}"
+                  + (f"; [red]{plural(len(report.failed), 'input')} failed[/]" if report.failed else ""))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _distill_settings(**options: Any) -> dict[str, Any]:
+    """The options the user gave (None: not given), as DistillConfig settings."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
+
+
+@distill_app.command("stage1")
+def distill_stage1(
+    out: Annotated[Path, _Opt("--out", "-o", help="Run folder: settings, log, checkpoints, validation sheets.")],
+    data: Annotated[Optional[Path], _Opt(help="Condition images made by `microdreamer distill prepare`.")] = None,
+    model: Annotated[Optional[str], _Opt(help="Zero123++ v1.1 folder or Hugging Face id (default: sudo-ai/zero123plus-v1.1).")] = None,
+    resume: Annotated[bool, _flag(help="Continue the run in OUT from its newest complete checkpoint, exactly.")] = False,
+    steps: Annotated[Optional[int], _Opt(help="Train up to this step (GECO: 5000).")] = None,
+    batch_size: Annotated[Optional[int], _Opt(help="Condition images per process and step (default 1).")] = None,
+    seed: Seed = None,
+    lr_generator: Annotated[Optional[float], _Opt(help="Adam learning rate of the generator (GECO: 1e-6).")] = None,
+    lr_student: Annotated[Optional[float], _Opt(help="Adam learning rate of the student (GECO: 1e-6).")] = None,
+    t_min: Annotated[Optional[float], _Opt(help="Lowest timestep fraction (GECO: 0.02).")] = None,
+    t_max: Annotated[Optional[float], _Opt(help="Highest timestep fraction (GECO: 0.98).")] = None,
+    generator_timestep: Annotated[Optional[int], _Opt(help="Timestep t* at which the one-step generator runs (default 999).")] = None,
+    guidance_teacher: Annotated[Optional[float], _Opt(help="Teacher guidance scale (GECO: 4).")] = None,
+    guidance_generator: Annotated[Optional[float], _Opt(help="Generator guidance scale (GECO: 4).")] = None,
+    guidance_student: Annotated[Optional[float], _Opt(help="Student guidance scale (GECO: 1).")] = None,
+    weighting: Annotated[Optional[str], _Opt(help="VSD weighting w(t): dmd (default), sds, constant.")] = None,
+    view_size: Annotated[Optional[int], _Opt(help="Pixels per generated view (default 320).")] = None,
+    precision: Annotated[Optional[str], _Opt(help="auto (bf16 autocast on CUDA, else fp32), fp32, bf16.")] = None,
+    device: Device = None,
+    checkpoint_every: Annotated[Optional[int], _Opt(help="Steps between checkpoints (default 500; the last step always).")] = None,
+    keep_checkpoints: Annotated[Optional[int], _Opt(help="Newest complete checkpoints kept (default 1).")] = None,
+    validate_every: Annotated[Optional[int], _Opt(help="Steps between validations (default 500; 0: never).")] = None,
+    validation_images: Annotated[Optional[int], _Opt(help="Condition images validated (the first ones; default 4).")] = None,
+    validation_steps: Annotated[Optional[int], _Opt(help="Sampling steps of the teacher's reference grids (default 75).")] = None,
+    offline: Annotated[bool, _flag(help="Never download the model.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage I: distil Zero123++ v1.1 into a one-step multi-view generator (VSD, GECO §3.1). Under
+    `torchrun --nproc_per_node N` the global batch is split over N processes. The weights are non-commercial."""
+    from .distill.trainer import run_stage1, stage1_config
+
+    settings = _distill_settings(
+        data=data, model=model, steps=steps, batch_size=batch_size, seed=seed, lr_generator=lr_generator,
+        lr_student=lr_student, t_min=t_min, t_max=t_max, generator_timestep=generator_timestep,
+        guidance_teacher=guidance_teacher, guidance_generator=guidance_generator, guidance_student=guidance_student,
+        weighting=weighting, view_size=view_size, precision=precision, device=device,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, validate_every=validate_every,
+        validation_images=validation_images, validation_steps=validation_steps,
+        allow_download=False if offline else None,
+    )
+    config = stage1_config(out, settings, resume)
+    console = _console(quiet)
+    every = max(1, config.steps // 100)
+
+    def show(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "loaded":
+            start = f"resuming at step {event['step']}" if event["step"] else "starting"
+            console.print(f"{start} of {config.steps} ({plural(event['processes'], 'process', 'processes')}); "
+                          f"the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)")
+        elif kind == "step" and (event["step"] % every == 0 or event["step"] == config.steps):
+            console.print(f"step {event['step']}/{config.steps}: generator {event['generator_loss']:.4g}, "
+                          f"student {event['student_loss']:.4g} ({event['seconds']:.2f} s)")
+        elif kind == "checkpoint":
+            console.print(f"[green]checkpoint[/] {escape(event['path'])}")
+        elif kind == "validation":
+            console.print(f"validation at step {event['step']}: PSNR {event['psnr']:.2f} dB against the teacher "
+                          f"({escape(event['sheet'])})")
+
+        elif kind == "finished":
+            console.print(f"[green]done[/]: step {event['step']} in {escape(str(out))}")
+
+    run_stage1(config, out, resume=resume, on_event=show)

@@ -78,6 +78,31 @@ class ReferenceAttnProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+def reference_bank(unet: nn.Module) -> ReferenceBank:
+    """The bank that drives ``unet``'s reference attention (e.g. of a deep copy of an installed UNet)."""
+    banks = {id(p.bank): p.bank for p in unet.attn_processors.values() if isinstance(p, ReferenceAttnProcessor)}
+    if len(banks) != 1:
+        raise ValueError(f"{type(unet).__name__} has {len(banks)} reference banks installed, expected one")
+    return next(iter(banks.values()))
+
+
+def reference_call(
+    unet: nn.Module,
+    bank: ReferenceBank,
+    sample: Tensor,
+    timestep: Tensor,
+    context: Tensor,
+    reference: Tensor,
+    reference_timestep: Tensor,
+) -> Tensor:
+    """One conditioned UNet call: the write pass on ``reference`` at ``reference_timestep``, then the read
+    pass on ``sample`` at ``timestep``; returns the read pass's output. Both passes share ``context``."""
+    with bank.writing():
+        unet(reference, reference_timestep, encoder_hidden_states=context)
+    with bank.reading():
+        return unet(sample, timestep, encoder_hidden_states=context).sample
+
+
 def install_reference_attention(unet: nn.Module) -> ReferenceBank:
     """Wrap the processor of every transformer-block self-attention (``…attn1``) of ``unet`` and return the
     bank that drives them (mode ``off``: the UNet behaves as before)."""

@@ -44,7 +44,7 @@ from ..teachers.loading import (
 )
 from ..teachers.sd_parts import clip_pixel_values, posterior_draw, text_embedding
 from .euler_ancestral import PREDICTIONS, EulerAncestral
-from .reference_attention import install_reference_attention
+from .reference_attention import install_reference_attention, reference_call
 
 CATALOG_NAME = "zero123plus"
 #: model_index.json classes of the Zero123++ v1.1 folder (spec §4.1)
@@ -271,10 +271,9 @@ class Zero123PlusGenerator:
         reference = schedule.scale_input(schedule.add_noise(conditioning.reference, noise, i), i)
         sample = schedule.scale_input(latents.float().expand(halves, -1, -1, -1), i)
         context = conditioning.context.to(self.dtype)
-        with self.reference_bank.writing():
-            self.unet(reference.to(self.dtype), t, encoder_hidden_states=context)
-        with self.reference_bank.reading():
-            output = self.unet(sample.to(self.dtype), t, encoder_hidden_states=context).sample.float()
+        output = reference_call(
+            self.unet, self.reference_bank, sample.to(self.dtype), t, context, reference.to(self.dtype), t
+        ).float()
         if halves == 2:
             uncond, cond = output.chunk(2)
             return guide(uncond, cond, guidance_scale)
