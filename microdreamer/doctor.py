@@ -26,9 +26,10 @@ STATUSES = ("ok", "missing", "warn", "error")
 GPU_BACKENDS = (
     ("gsplat", "CUDA Gaussian rasterizer"),
     ("nvdiffrast", "CUDA mesh rasterizer"),
+    ("tinycudann", "CUDA hash-grid encoding (NeRF fields)"),
 )
 #: our C++ (OpenMP) kernels, built on first use
-CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"))
+CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"), ("hashgrid", "hash-grid encoding"))
 _GIB = 1024**3
 
 

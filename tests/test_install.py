@@ -58,7 +58,7 @@ def test_ci_runs_the_readme_test_command_which_installs_with_the_constraints():
     ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == [command]
     script = (ROOT / command.removeprefix("./")).read_text()
-    assert 'pip install -q -e ".[dev]" -c constraints.txt' in script
+    assert 'pip install -q -e ".[dev,ray]" -c constraints.txt' in script
     assert script.rstrip().endswith('exec python -m pytest -q "$@"')  # pytest's exit code, 5 (no tests) included
 
 
