@@ -689,6 +689,7 @@ def eval_(
     radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.")] = 2.0,
     res: Annotated[int, typer.Option(help="Render resolution.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    shading: Annotated[Optional[str], typer.Option(help="Render the reference lit or albedo (default: as the run's report beside the result says, else lit).")] = None,
 ) -> None:
     """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
     distance, F-score at 0.01 and 0.05 and normal consistency. The reference is fitted into the unit
@@ -697,17 +698,23 @@ def eval_(
     from .evaluate import MeshEvalReport, evaluate_gaussians, evaluate_mesh, is_gaussian_ply
     from .io.atomic import atomic_path
     from .pipeline import resolve_device
+    from .render.mesh import shading_light
 
     if not result.is_file():
         raise UserError(f"result not found: {result}")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
+    if shading is not None:
+        shading_light(shading)  # one line for an unknown mode
     evaluate = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
-    report = evaluate(result, reference, resolve_device(device), radius=radius, resolution=res)
-    table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", title=f"{result.name} vs {reference.name}")
+    report = evaluate(result, reference, resolve_device(device), radius=radius, resolution=res, shading=shading)
+    table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", "albedo PSNR",
+                  title=f"{result.name} vs {reference.name} ({report.shading})")
     for v in report.views:
-        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}")
-    table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", style="bold")
+        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}",
+                      f"{v.albedo_psnr:.2f}")
+    table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}",
+                  f"{report.mean_albedo_psnr:.2f}", style="bold")
     Console().print(table)
     if isinstance(report, MeshEvalReport):
         s = report.surface
@@ -748,11 +755,12 @@ def selftest(
                 None, folder, overwrite=True,
                 on_iteration=lambda log, total: view.step(log.iteration + 1, total, describe_iteration(log)),
             )
-        scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev)
+        scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev, shading=cfg.teacher.shading)
     ok = scores.mean_psnr >= min_psnr
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
     console.print(
-        f"{verdict} selftest: mean held-out PSNR {scores.mean_psnr:.2f} dB (threshold {min_psnr:.1f}), "
+        f"{verdict} selftest ({scores.shading} teacher): mean held-out PSNR {scores.mean_psnr:.2f} dB "
+        f"(threshold {min_psnr:.1f}), "
         f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {dev}, {report.primitives} Gaussians"
     )
     if not ok:

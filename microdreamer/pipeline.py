@@ -201,6 +201,8 @@ class RunReport:
     outputs: dict[str, str] = field(default_factory=dict)
     prompt: str | None = None
     peak_memory: dict[str, float] = field(default_factory=dict)  # see peak_memory()
+    cleanup: dict[str, int] = field(default_factory=dict)  # Gaussians removed after training, by step
+    teacher_mode: str | None = None  # the reference teacher's shading and imperfection level
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -382,6 +384,8 @@ class ImageTo3D:
                 outputs={name: str(path) for name, path in outputs.named().items()},
                 prompt=prepared.prompt,
                 peak_memory=peak_memory(self.device),
+                cleanup=gaussians.cleanup,
+                teacher_mode=getattr(self.teacher, "mode", None),
             )
             tmp["report"].write_text(report.to_json())
         return report

@@ -25,8 +25,10 @@ def _reference(cfg: RunConfig, device: torch.device, allow_download: bool) -> Te
 
     if not cfg.teacher.model:
         raise UserError("the reference teacher needs a mesh: pass --model MESH (.obj, .glb or .gltf)")
+    t = cfg.teacher
     return ReferenceTeacher(
-        cfg.teacher.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background
+        t.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background, shading=t.shading,
+        imperfection=t.imperfection, full_at=cfg.schedule.t_start,
     )
 
 
