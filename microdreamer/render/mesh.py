@@ -149,24 +149,31 @@ def rasterize_mesh(
 
 def corner_normals(mesh: TexturedMesh) -> Tensor:
     """Unit normals ``[F,3,3]`` at each face's corners, cached on the mesh: the area-weighted mean of the
-    normals of the faces around the corner's position (vertices split at UV seams are joined again), or
-    the face's own normal where that mean differs from it by more than :data:`CREASE_DEGREES` (hard edges,
-    faces of opposite orientation)."""
+    normals of the faces around the corner's position (vertices split at UV seams are joined again) that
+    differ from the face's own by at most :data:`CREASE_DEGREES`, so hard edges stay hard and faces of
+    opposite orientation (two-sided sheets) do not cancel."""
     key = (mesh.vertices.data_ptr(), mesh.vertices._version, mesh.faces.data_ptr(), mesh.faces._version,
            tuple(mesh.faces.shape))
     if mesh.cache.get("normals_key") != key:
         with torch.no_grad():
             tri = mesh.vertices[mesh.faces].double()  # [F,3,3]
             area_normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+            unit = F.normalize(area_normal, dim=-1)
             _, position = torch.unique(mesh.vertices, dim=0, return_inverse=True)
-            corner = position[mesh.faces]  # [F,3] joined vertex of each corner
-            summed = torch.zeros(int(position.max()) + 1 if len(position) else 0, 3, dtype=tri.dtype,
-                                 device=tri.device)
-            summed.index_add_(0, corner.reshape(-1), area_normal.repeat_interleave(3, 0))
-            smooth = F.normalize(summed[corner], dim=-1)
-            flat = F.normalize(area_normal, dim=-1)[:, None].expand_as(smooth)
-            agree = (smooth * flat).sum(-1, keepdim=True) >= math.cos(math.radians(CREASE_DEGREES))
-            normals = torch.where(agree, smooth, flat).float()
+            at = position[mesh.faces].reshape(-1)  # joined vertex of each corner [3F]
+            face = torch.arange(len(mesh.faces), device=at.device).repeat_interleave(3)
+            # every (corner, face around the corner's position) pair, from the corners sorted by position
+            order = torch.argsort(at, stable=True)
+            count = torch.bincount(at)
+            first = torch.cumsum(count, 0) - count  # where each position's corners start in ``order``
+            fan = count[at]
+            corner = torch.arange(len(at), device=at.device).repeat_interleave(fan)
+            within = torch.arange(len(corner), device=at.device) - (torch.cumsum(fan, 0) - fan).repeat_interleave(fan)
+            other = face[order[first[at[corner]] + within]]
+            cos = (unit[face[corner]] * unit[other]).sum(-1, keepdim=True)
+            weight = torch.where(cos >= math.cos(math.radians(CREASE_DEGREES)), area_normal[other], 0.0)
+            summed = torch.zeros(len(at), 3, dtype=tri.dtype, device=tri.device).index_add_(0, corner, weight)
+            normals = F.normalize(summed, dim=-1).reshape(-1, 3, 3).float()
         mesh.cache.update(normals_key=key, normals=normals)
     return mesh.cache["normals"]
 
