@@ -118,7 +118,7 @@ def rasterize_mesh(
     antialiased coverage and ``depth`` the coverage-weighted depth (RenderOutput's convention; with
     s = 1 alpha is 0/1). ``extras`` holds ``face_id [B,sH,sW]`` (−1 background), ``bary [B,sH,sW,2]``
     (weights of each face's first two vertices) and ``normal [B,sH,sW,3]`` (world-space unit normals
-    turned towards the camera, zero on the background; see :func:`pixel_normals`) on the sample grid.
+    turned towards the camera, zero on the background; see :func:`_normals`) on the sample grid.
     """
     if supersample < 1:
         raise ValueError("supersample must be >= 1")
@@ -133,8 +133,9 @@ def rasterize_mesh(
         verts, mesh.faces, width, height, fx, fy, width / 2, height / 2, cams.near, cams.far
     )
     covered = face_id >= 0
-    colour = _shade(mesh, texture, verts.detach(), face_id, bary, fx, fy, width / 2, height / 2)
-    normal = pixel_normals(mesh, face_id, bary, cams.centers())
+    samples = _Samples.of(face_id, bary)
+    colour = samples.scatter(_shade(mesh, texture, verts.detach(), samples, fx, fy, width / 2, height / 2))
+    normal = samples.scatter(_normals(mesh, samples, cams.centers()))
     if light is not None:
         colour = colour * light.factor(normal)
     alpha = covered.unsqueeze(-1).to(colour.dtype)
@@ -178,41 +179,51 @@ def corner_normals(mesh: TexturedMesh) -> Tensor:
     return mesh.cache["normals"]
 
 
-def pixel_normals(mesh: TexturedMesh, face_id: Tensor, bary: Tensor, centers: Tensor) -> Tensor:
-    """World-space unit normals ``[B,H,W,3]`` of the surface seen at each pixel (zero where nothing is):
-    :func:`corner_normals` interpolated with the barycentrics, turned to the side of the face that the
-    camera at ``centers [B,3]`` sees (both sides of a face are drawn, so an open surface seen from behind
-    is lit on its back)."""
-    b, h, w = face_id.shape
-    pixel = (face_id >= 0).reshape(-1).nonzero()[:, 0]
-    view = torch.div(pixel, h * w, rounding_mode="floor")
-    fid = face_id.reshape(-1)[pixel]
-    bary = bary.reshape(-1, 2)[pixel]
-    weights = torch.cat([bary, 1 - bary.sum(-1, keepdim=True)], -1)[..., None]  # [N,3,1]
-    normal = F.normalize((corner_normals(mesh)[fid] * weights).sum(-2), dim=-1)
-    tri = mesh.vertices[mesh.faces[fid]]  # [N,3,3]
+@dataclass
+class _Samples:
+    """The covered samples of a render as one flat list: flat index into ``[B·H·W]``, view, face and the
+    barycentric weights ``[N,3,1]`` of the face's corners."""
+
+    shape: tuple[int, int, int]  # B, H, W
+    pixel: Tensor
+    view: Tensor
+    face: Tensor
+    weights: Tensor
+
+    @classmethod
+    def of(cls, face_id: Tensor, bary: Tensor) -> "_Samples":
+        b, h, w = face_id.shape
+        pixel = (face_id >= 0).reshape(-1).nonzero()[:, 0]
+        bary = bary.reshape(-1, 2)[pixel]
+        weights = torch.cat([bary, 1 - bary.sum(-1, keepdim=True)], -1)[..., None]
+        view = torch.div(pixel, h * w, rounding_mode="floor")
+        return cls((b, h, w), pixel, view, face_id.reshape(-1)[pixel], weights)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-sample ``values [N,C]`` → ``[B,H,W,C]``, zero where nothing was hit."""
+        full = torch.zeros(math.prod(self.shape), values.shape[-1], dtype=values.dtype, device=values.device)
+        return full.index_copy(0, self.pixel, values).reshape(*self.shape, -1)
+
+
+def _normals(mesh: TexturedMesh, samples: _Samples, centers: Tensor) -> Tensor:
+    """World-space unit normals ``[N,3]`` of the surface at each sample: :func:`corner_normals` interpolated
+    with the barycentrics, turned to the side of the face that the camera at ``centers [B,3]`` sees (both
+    sides of a face are drawn, so an open surface seen from behind is lit on its back)."""
+    normal = F.normalize((corner_normals(mesh)[samples.face] * samples.weights).sum(-2), dim=-1)
+    tri = mesh.vertices[mesh.faces[samples.face]]  # [N,3,3]
     facing = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    towards = ((centers.to(tri)[view] - tri[:, 0]) * facing).sum(-1, keepdim=True)
-    normal = torch.where(towards < 0, -normal, normal)
-    full = torch.zeros(b * h * w, 3, dtype=normal.dtype, device=normal.device)
-    return full.index_copy(0, pixel, normal).reshape(b, h, w, 3)
+    towards = ((centers.to(tri)[samples.view] - tri[:, 0]) * facing).sum(-1, keepdim=True)
+    return torch.where(towards < 0, -normal, normal)
 
 
 def _shade(
-    mesh: TexturedMesh, texture: Tensor | None, verts: Tensor, face_id: Tensor, bary: Tensor,
+    mesh: TexturedMesh, texture: Tensor | None, verts: Tensor, samples: _Samples,
     fx: float, fy: float, cx: float, cy: float,
 ) -> Tensor:
-    """Albedo ``[B,H,W,3]`` (zero off the mesh): base colour × texture(uv) × vertex colour, where present.
-
-    Only covered pixels are shaded; they are processed as one flat list.
-    """
-    b, h, w = face_id.shape
-    pixel = (face_id >= 0).reshape(-1).nonzero()[:, 0]  # flat indices of covered pixels
-    view = torch.div(pixel, h * w, rounding_mode="floor")
-    fid = face_id.reshape(-1)[pixel]
+    """Albedo ``[N,3]`` of the covered samples: base colour × texture(uv) × vertex colour, where present."""
+    _, h, w = samples.shape
+    pixel, view, fid, weights = samples.pixel, samples.view, samples.face, samples.weights
     corners = mesh.faces[fid]  # [N,3]
-    bary = bary.reshape(-1, 2)[pixel]
-    weights = torch.cat([bary, 1 - bary.sum(-1, keepdim=True)], -1)[..., None]  # [N,3,1]
     colour = mesh.base_color.expand(len(pixel), 3)
     texture = mesh.texture if texture is None else texture
     if texture is not None and mesh.uvs is not None:
@@ -225,8 +236,7 @@ def _shade(
         colour = colour * sample_texture(texture, uv, footprint, wrap, _pyramid(mesh, texture))
     if mesh.vertex_colors is not None:
         colour = colour * (mesh.vertex_colors[corners] * weights).sum(-2)
-    full = torch.zeros(b * h * w, 3, dtype=colour.dtype, device=colour.device)
-    return full.index_copy(0, pixel, colour).reshape(b, h, w, 3)
+    return colour
 
 
 def _uv_footprint(
