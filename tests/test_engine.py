@@ -42,7 +42,24 @@ class ConstantTeacher(Teacher):
         return (batch, 3, RES, RES)
 
 
-class RecordingRepresentation(Representation):
+class Inert(Representation):
+    """Nothing to finalize, save or mesh."""
+
+    def finalize(self):
+        pass
+
+    def save(self, path):
+        pass
+
+    def density(self, points):
+        return torch.zeros(len(points))
+
+    @property
+    def num_primitives(self):
+        return 1
+
+
+class RecordingRepresentation(Inert):
     """One learnable colour per view; records the step counter values it is handed."""
 
     def __init__(self):
@@ -58,19 +75,6 @@ class RecordingRepresentation(Representation):
     def step(self, step, output):
         self.steps.append(step)
         self.colour.grad = None
-
-    def finalize(self):
-        pass
-
-    def save(self, path):
-        pass
-
-    def density(self, points):
-        return torch.zeros(len(points))
-
-    @property
-    def num_primitives(self):
-        return 1
 
 
 def _run(preset: str) -> list[int]:
@@ -97,7 +101,7 @@ def test_imagedream_skips_the_densification_at_step_100_like_the_reference():
     assert fires == [200, 300]  # spec §6.6: its step 100 is an iteration increment
 
 
-class FreeImages(Representation):
+class FreeImages(Inert):
     """Every view's rgb and alpha are free leaves; records the cameras it renders and the loss's gradients."""
 
     def __init__(self, views: int, generator: torch.Generator):
@@ -115,19 +119,6 @@ class FreeImages(Representation):
         none = torch.zeros_like(self.alpha)  # no term used the alpha
         self.grads.append((self.rgb.grad.clone(), none if self.alpha.grad is None else self.alpha.grad.clone()))
         self.rgb.grad = self.alpha.grad = None
-
-    def finalize(self):
-        pass
-
-    def save(self, path):
-        pass
-
-    def density(self, points):
-        return torch.zeros(len(points))
-
-    @property
-    def num_primitives(self):
-        return 1
 
 
 @pytest.mark.parametrize("weights", [(0.3, 0.01), (0.0, 0.01), (0.3, 0.0)])
