@@ -15,8 +15,9 @@ gives the same samples and exactly zero distance.
 
 **Topology** (:func:`topology`): connected parts, boundary loops and genus from the Euler characteristic,
 per part ``g = (2 − χ − b) / 2`` with χ = V − E + F and b boundary loops, summed over the parts (vertices
-at the same position are one vertex, so UV seams do not open the surface). The genus is that of a
-manifold surface: where edges are shared by more than two faces (counted apart) it means little.
+at the same position are one vertex, so UV seams do not open the surface; faces on the same three vertices
+count modulo 2, so a flat two-face flap, which decimation can leave, is no surface). The genus is that of
+a manifold surface: where edges are shared by more than two faces (counted apart) it means little.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Topology:
     boundary_loops: int  # 0 for closed surfaces
     genus: float  # summed over the parts; a half means a non-manifold or non-orientable part
     nonmanifold_edges: int = 0  # edges of more than two faces
+    repeated_faces: int = 0  # faces dropped as pairs on the same three vertices
 
     @property
     def closed(self) -> bool:
@@ -104,6 +106,10 @@ def topology(vertices: np.ndarray, faces: np.ndarray) -> Topology:
     _, joined = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
     tri = joined.reshape(-1)[np.asarray(faces)]
     tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 0] != tri[:, 2])]
+    _, first, copies = np.unique(np.sort(tri, axis=1), axis=0, return_index=True, return_counts=True)
+    odd = np.sort(first[copies % 2 == 1])
+    repeated = len(tri) - len(odd)
+    tri = tri[odd]
     n = int(joined.max()) + 1
     edges = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), axis=1)
     edges, uses = np.unique(edges, axis=0, return_counts=True)
@@ -125,4 +131,4 @@ def topology(vertices: np.ndarray, faces: np.ndarray) -> Topology:
     np.add.at(loops, pairs[0], 1)
     chi = v - e + f
     genus = (2 - chi - loops) / 2
-    return Topology(len(kept), int(loops[kept].sum()), float(genus[kept].sum()), int((uses > 2).sum()))
+    return Topology(len(kept), int(loops[kept].sum()), float(genus[kept].sum()), int((uses > 2).sum()), repeated)

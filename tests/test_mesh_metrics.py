@@ -84,6 +84,15 @@ def test_topology_counts_parts_holes_and_boundaries():
     split = sphere.vertices[sphere.faces].reshape(-1, 3)
     assert topology(split, np.arange(len(split)).reshape(-1, 3)) == Topology(1, 0, 0.0)
     assert topology(tube.vertices, open_tube).closed is False and topology(sphere.vertices, sphere.faces).closed
+    # a flat flap (two faces on the same vertices) hinged on an edge is no surface; one face there makes
+    # the edge non-manifold and opens a boundary
+    a, b = torus.faces[0, :2]
+    tip = len(torus.vertices)
+    vertices = np.concatenate([torus.vertices, [[0.0, 2.0, 0.0]]])
+    flap = np.concatenate([torus.faces, [[a, b, tip], [b, a, tip]]])
+    assert topology(vertices, flap) == Topology(1, 0, 1.0, nonmanifold_edges=0, repeated_faces=2)
+    fin = topology(vertices, np.concatenate([torus.faces, [[a, b, tip]]]))
+    assert (fin.nonmanifold_edges, fin.boundary_loops, fin.repeated_faces) == (1, 1, 0)
 
 
 def test_topology_of_the_shared_assets_with_a_known_genus():
