@@ -207,12 +207,14 @@ class GaussianResult:
         return render_frames(lambda cam: self.gaussians.render(cam.to(r.device), background).rgb, cams)
 
     def evaluate(self, reference: str | Path, resolution: int = 256) -> EvalReport:
-        """PSNR/SSIM on the 16 held-out views against a reference mesh (as ``microdreamer eval``)."""
+        """PSNR/SSIM on the 16 held-out views against a reference mesh (as ``microdreamer eval``), rendered
+        with the run's teacher shading; albedo PSNR apart."""
         r = self.reconstruction
+        shading = r.cfg.teacher.shading  # scored as its teacher saw it (lit or albedo)
         truth = load_mesh(Path(reference))
         views = held_out_scores(self.gaussians.render, truth, r.device, r.cfg.cameras.radius, resolution,
-                                tuple(r.cfg.background))
-        return EvalReport(self.stem, str(reference), views)
+                                tuple(r.cfg.background), shading)
+        return EvalReport(self.stem, str(reference), views, shading)
 
 
 class MeshResult:
@@ -561,14 +563,16 @@ def evaluate(
     device: str = "auto",
     radius: float = 2.0,
     resolution: int = 256,
+    shading: str | None = None,
 ) -> EvalReport:
     """``microdreamer eval``: a 3DGS ``.ply`` is scored on the 16 held-out views; a mesh also by its surface
-    (a :class:`~microdreamer.evaluate.MeshEvalReport`)."""
+    (a :class:`~microdreamer.evaluate.MeshEvalReport`). The reference is rendered ``shading`` (lit or
+    albedo; default: the mode the run's report names, else lit), albedo PSNR reported apart."""
     result, reference = Path(result), Path(reference)
     if not result.is_file():
         raise UserError(f"result not found: {result}")
     score = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
-    return score(result, reference, resolve_device(device), radius=radius, resolution=resolution)
+    return score(result, reference, resolve_device(device), radius=radius, resolution=resolution, shading=shading)
 
 
 def render_video(
@@ -619,5 +623,6 @@ def selftest(
         report = result.save(Path(out_dir) if out_dir is not None else Path(tmp), overwrite=True)
         if on_progress is not None:
             on_progress(Progress("score", 0, 1, f"scoring {HELD_OUT_VIEWS} held-out views"))
-        scores = evaluate_gaussians(Path(report.outputs["ply"]), SELFTEST_MESH, pipe.device)
+        scores = evaluate_gaussians(Path(report.outputs["ply"]), SELFTEST_MESH, pipe.device,
+                                    shading=pipe.config.teacher.shading)
     return SelftestOutcome(report, scores, pipe.device)

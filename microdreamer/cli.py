@@ -789,6 +789,7 @@ def eval_(
     radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.", callback=_POSITIVE)] = 2.0,
     res: Annotated[int, typer.Option(help="Render resolution.", callback=_within(*RESOLUTION))] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    shading: Annotated[Optional[str], typer.Option(help="Render the reference lit or albedo (default: as the run's report beside the result says, else lit).")] = None,
 ) -> None:
     """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
     distance, F-score at 0.01 and 0.05 and normal consistency. The reference is fitted into the unit
@@ -797,6 +798,7 @@ def eval_(
     from .api import evaluate
     from .evaluate import MeshEvalReport
     from .io.atomic import atomic_path
+    from .render.mesh import shading_light
 
     if not result.is_file():
         raise UserError(f"result not found: {result}")
@@ -804,11 +806,16 @@ def eval_(
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
     if json_out is not None:
         check_output_file(json_out, "--json")
-    report = evaluate(result, reference, device=device, radius=radius, resolution=res)
-    table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", title=f"{result.name} vs {reference.name}")
+    if shading is not None:
+        shading_light(shading)  # one line for an unknown mode
+    report = evaluate(result, reference, device=device, radius=radius, resolution=res, shading=shading)
+    table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", "albedo PSNR",
+                  title=f"{result.name} vs {reference.name} ({report.shading})")
     for v in report.views:
-        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}")
-    table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", style="bold")
+        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}",
+                      f"{v.albedo_psnr:.2f}")
+    table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}",
+                  f"{report.mean_albedo_psnr:.2f}", style="bold")
     console = _console(stderr=False)
     console.print(table)
     if isinstance(report, MeshEvalReport):
@@ -856,7 +863,8 @@ def selftest(
     ok = scores.mean_psnr >= min_psnr
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
     console.print(
-        f"{verdict} selftest: mean held-out PSNR {scores.mean_psnr:.2f} dB (threshold {min_psnr:.1f}), "
+        f"{verdict} selftest ({scores.shading} teacher): mean held-out PSNR {scores.mean_psnr:.2f} dB "
+        f"(threshold {min_psnr:.1f}), "
         f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {outcome.device}, "
         f"{plural(report.primitives, 'Gaussian')}"
     )

@@ -32,6 +32,10 @@ class TeacherConfig:
     name: str = "stable-zero123"
     model: str | None = None  # Hugging Face id, local folder, or (reference teacher) a mesh file
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 elsewhere) | fp16 | bf16 | fp32
+    # the reference teacher's targets: lit (key light fixed to the object + ambient) | albedo (surface colours)
+    shading: str = "lit"
+    # the reference teacher's seeded defects growing with t2: none | moderate (teachers/imperfection.py)
+    imperfection: str = "none"
 
 
 @dataclass
@@ -95,6 +99,7 @@ class GaussianConfig:
     densify_grad_threshold: float = 0.01
     final_prune_opacity: float = 0.01
     final_prune_scale: float = 0.1
+    white_filter: bool = True  # after the final prune, remove visible white floaters (paper §V, spec §6.6)
     backend: str = "auto"  # auto | torch | cpu | gsplat
 
 
@@ -171,11 +176,24 @@ class RunConfig:
              f"--seed must be a whole number in 0..{MAX_SEED} (2**64 - 1), got {self.seed}"),
             (all(0.0 <= b <= 1.0 for b in self.background) and len(self.background) == 3,
              "background must be three numbers in [0, 1]"),
+            *self._teacher_checks(),
             *self._mesh_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad configuration: {message}")
+
+    def _teacher_checks(self) -> list[tuple[bool, str]]:
+        from .render.mesh import SHADINGS
+        from .teachers.imperfection import LEVELS
+
+        t = self.teacher
+        return [
+            (t.shading in SHADINGS, f"teacher.shading must be {' or '.join(SHADINGS)}, got {t.shading!r}"),
+            (t.imperfection in LEVELS, f"teacher.imperfection must be {' or '.join(LEVELS)}, got {t.imperfection!r}"),
+            (t.name == "reference" or t.imperfection == "none",
+             f"teacher.imperfection applies to the reference teacher only, not '{t.name}'"),
+        ]
 
     def _mesh_checks(self) -> list[tuple[bool, str]]:
         from .sir.scheduler import ddim_timesteps

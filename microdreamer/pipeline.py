@@ -208,6 +208,8 @@ class RunReport:
     outputs: dict[str, str] = field(default_factory=dict)
     prompt: str | None = None
     peak_memory: dict[str, float] = field(default_factory=dict)  # see peak_memory()
+    cleanup: dict[str, int] = field(default_factory=dict)  # Gaussians removed after training, by step
+    teacher_mode: str | None = None  # the reference teacher's shading and imperfection level
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -286,6 +288,7 @@ class Reconstruction:
     evaluations: dict[str, int]
     optimisation_steps: int
     iterations: list[dict[str, Any]]
+    teacher_mode: str | None = None  # what the teacher's targets were (the reference teacher: lit/albedo, imperfection)
 
     def outputs(self, out_dir: Path) -> RunOutputs:
         return RunOutputs.for_stem(
@@ -327,6 +330,8 @@ class Reconstruction:
                 outputs={name: str(path) for name, path in outputs.named().items()},
                 prompt=prepared.prompt,
                 peak_memory=peak_memory(self.device),
+                cleanup=self.gaussians.cleanup,
+                teacher_mode=self.teacher_mode,
             )
             tmp["report"].write_text(report.to_json())
         return report
@@ -441,7 +446,7 @@ class ImageTo3D:
         return Reconstruction(
             self.cfg, self.device, prepared, preprocess or PreprocessOptions(), gaussians, views.cpu(), frames, video,
             timings, {k: after[k] - before[k] for k in after}, result.optimisation_steps,
-            [log.__dict__ for log in result.iterations],
+            [log.__dict__ for log in result.iterations], getattr(self.teacher, "mode", None),
         )
 
     def export_mesh(

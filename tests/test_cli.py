@@ -234,6 +234,8 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     seconds = [it["seconds"] for it in data["iterations"]]
     assert len(seconds) == 3 and min(seconds) > 0 and sum(seconds) <= data["timings"]["sir"]
     assert set(data["peak_memory"]) == {"process_rss_gib"} and 0.1 < data["peak_memory"]["process_rss_gib"] < 24
+    assert data["teacher_mode"] == "lit, imperfection none" and data["config"]["teacher"]["shading"] == "lit"
+    assert set(data["cleanup"]) == {"final_prune", "white_filter"} and min(data["cleanup"].values()) >= 0
     assert trimesh.load(ply, process=False) is not None  # a standard PLY other tools open
 
     # never overwrite silently; the existing file is untouched
@@ -251,6 +253,36 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     assert main(["eval", str(ply), "--reference", str(SPOT), "--json", str(scores), "--res", "64"]) == 0
     result = json.loads(scores.read_text())
     assert len(result["views"]) == 16 and 5.0 < result["mean_psnr"] < 60.0
+    assert result["shading"] == "lit"  # as the run's report says
+    albedo = tmp_path / "albedo.json"
+    assert main(["eval", str(ply), "--reference", str(SPOT), "--json", str(albedo), "--res", "64",
+                 "--shading", "albedo"]) == 0
+    apart = json.loads(albedo.read_text())
+    assert apart["shading"] == "albedo" and apart["mean_psnr"] == pytest.approx(result["mean_albedo_psnr"])
+    assert apart["mean_psnr"] != pytest.approx(result["mean_psnr"])
+    assert main(["eval", str(ply), "--reference", str(SPOT), "--shading", "flat"]) == 2
+    assert "unknown shading 'flat'" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_selftest_clears_its_threshold_on_the_bundled_cow_and_fails_below_a_higher_one(tmp_path: Path, capsys):
+    """One real selftest (the reference preset on Spot, lit teacher): asked for 99 dB it fails with exit 1, and
+    the PSNR it printed, which the saved Gaussians score again through eval, clears the shipped threshold."""
+    import re
+
+    import torch
+
+    from microdreamer.cli import SELFTEST_MIN_PSNR
+    from microdreamer.evaluate import evaluate_gaussians
+
+    assert main(["selftest", "--device", "cpu", "--min-psnr", "99", "--out", str(tmp_path)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    line = re.search(r"FAIL selftest \(lit teacher\): mean held-out PSNR ([\d.]+) dB \(threshold 99.0\)", err)
+    assert line is not None, err
+    printed = float(line.group(1))
+    assert printed >= SELFTEST_MIN_PSNR
+    again = evaluate_gaussians(tmp_path / "spot.ply", SPOT, torch.device("cpu"))
+    assert again.shading == "lit" and again.mean_psnr == pytest.approx(printed, abs=0.005)
 
 
 # batch, preprocessing, presets, models ------------------------------------------------------------

@@ -240,11 +240,11 @@ def test_training_step_accumulates_and_densifies():
 
 def test_finalize_prunes():
     rows = [{"opacity": 0.008}, {"opacity": 0.012}, {"scale": (0.01, 0.105, 0.01)}, {"scale": (0.095,) * 3}]
-    g = Gaussians(_cfg(), "cpu", _gen(), init=_hand_made(rows))
+    g = Gaussians(_cfg(white_filter=False), "cpu", _gen(), init=_hand_made(rows))  # the filter: test_white_filter
     _adam_warm(g, _gen(1))  # moves each raw value by about its lr: the margins above allow for it
     before = g.params["means"].detach().clone()
     g.finalize()
-    assert g.num_primitives == 2
+    assert g.num_primitives == 2 and g.cleanup == {"final_prune": 2}
     torch.testing.assert_close(g.params["means"], before[[1, 3]])
     for grp in g.optimizer.param_groups:
         assert g.optimizer.state[grp["params"][0]]["exp_avg"].shape[0] == 2

@@ -35,8 +35,10 @@ def _reference(cfg: RunConfig, device: torch.device, allow_download: bool) -> Te
     from .reference import ReferenceTeacher
 
     check_teacher_config(cfg)
+    t = cfg.teacher
     return ReferenceTeacher(
-        cfg.teacher.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background
+        t.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background, shading=t.shading,
+        imperfection=t.imperfection, full_at=cfg.schedule.t_start,
     )
 
 
