@@ -78,6 +78,9 @@ def sandbox(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _photo(work / "photo.png")
     _photo(work / "cat.png", 30.0)
     _photo(work / "photos" / "cow.png", 60.0)
+    (work / "objaverse_lvis").mkdir()
+    for name in ("spot.obj", "spot.mtl", "spot_texture.png"):  # a mesh folder, as `distill prepare` takes
+        (work / "objaverse_lvis" / name).write_bytes((SPOT.parent / name).read_bytes())
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     return work, env
@@ -93,7 +96,12 @@ def check_command(command: str, work: Path, env: dict[str, str]) -> None:
     """Run or verify one README command (see the module docstring)."""
     args = shlex.split(command)
     ci = ci_text()
-    if args[0] == "microdreamer":
+    if args[0] == "torchrun" and "-m" in args:  # a multi-GPU launch of a microdreamer command
+        args = ["microdreamer", *args[args.index("-m") + 2:]]
+        assert args[1:3] == ["distill", "stage1"], f"README launches {command!r} with torchrun"
+    if args[:3] == ["microdreamer", "distill", "stage1"]:
+        _check_parses(args[1:])  # GPU-hours of training: its options must parse, it cannot run here
+    elif args[0] == "microdreamer":
         _run([str(Path(sys.executable).with_name("microdreamer")), *args[1:]], work, env)
     elif args[:3] == ["python3", "-m", "venv"] or args[0] in (".", "source"):
         assert command.replace("source ", ". ") in ci, f"README set-up step {command!r} is not what CI does"
@@ -107,6 +115,20 @@ def check_command(command: str, work: Path, env: dict[str, str]) -> None:
         _run([sys.executable, str(ROOT / args[1]), *args[2:]], work, env)
     else:
         pytest.fail(f"README command {command!r}: nothing in tests/test_readme.py knows how to check it")
+
+
+def _check_parses(args: list[str]) -> None:
+    """The command line's parser accepts ``args`` (option names, types, ranges), without running it."""
+    import typer
+
+    from microdreamer.cli import app
+
+    command, rest, context = typer.main.get_command(app), list(args), None
+    while getattr(command, "commands", None):  # the sub-commands down to the one the arguments name
+        name = rest.pop(0)
+        context = command.make_context(name, [], parent=context, resilient_parsing=True)
+        command = command.commands[name]
+    command.make_context(command.name, rest, parent=context)  # raises a usage error if they do not parse
 
 
 def _check_install(args: list[str], ci: str) -> None:
