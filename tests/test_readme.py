@@ -149,13 +149,14 @@ def _check_install(args: list[str], ci: str) -> None:
 
 #: runs a script up to its argument parsing, which must accept the arguments, and stops there
 _PARSE_ONLY = """
-import argparse, runpy, sys
+import argparse, os, runpy, sys
 parse = argparse.ArgumentParser.parse_args
 def parse_and_stop(self, *args, **kwargs):
     parse(self, *args, **kwargs)
     raise SystemExit(0)
 argparse.ArgumentParser.parse_args = parse_and_stop
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python SCRIPT` puts the script's folder first
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
