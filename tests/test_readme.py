@@ -168,6 +168,7 @@ def _check_benchmark(args: list[str], work: Path, env: dict[str, str]) -> None:
     _run([sys.executable, "-c", _PARSE_ONLY, str(script), *args[2:]], work, env)
 
 
+@pytest.mark.slow
 def test_every_command_block_of_the_readme_holds(sandbox):
     work, env = sandbox
     found = blocks(README.read_text())
