@@ -638,7 +638,7 @@ def test_selftest_prints_its_progress_when_piped(capsys, monkeypatch, micro_conf
         r"selftest: the Spot cow from its front view with the reference teacher on cpu \(.*\)",
         r"spot: loading the teacher", r"spot: teacher loaded in \d+\.\d s", ITERATION,
         r"spot: scoring 16 held-out views",
-        r"PASS selftest: mean held-out PSNR \d+\.\d\d dB \(threshold 0\.0\), SSIM \d\.\d+, \d+\.\d s SIR on cpu, "
+        r"PASS selftest \(lit teacher\): mean held-out PSNR \d+\.\d\d dB \(threshold 0\.0\), SSIM \d\.\d+, \d+\.\d s SIR on cpu, "
         r"\d+ Gaussians?",
     ])
     assert len(lines) == 7 and lines[-1].startswith("PASS")
