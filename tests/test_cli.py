@@ -642,3 +642,15 @@ def test_selftest_prints_its_progress_when_piped(capsys, monkeypatch, micro_conf
         r"\d+ Gaussians?",
     ])
     assert len(lines) == 7 and lines[-1].startswith("PASS")
+
+
+def test_text2gs_with_the_default_model_offline_is_one_line(tmp_path: Path, capsys, monkeypatch):
+    """The prompt check before loading looks the default model up too (it once named an unimported helper)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["text2gs", "a corgi", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "mvdream" in error

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..sir.cameras import Cameras
 from ..wording import plural
 from .base import Branch, Condition, Teacher, guide
-from .catalog import open_model
+from .catalog import find_entry, open_model
 from .loading import (
     build_model,
     load_image_processor,
