@@ -5,7 +5,10 @@ One call is what the SIR refiner asks for at every guided sampling step: a class
 
 - ``zero123``: the Zero123 UNet (spec §1.2, 8 input channels, 1-token context), B = 6 views → batch 12;
 - ``mvdream``: the multi-view UNet (spec §2.2), 4 views with text context → batch 8;
-- ``imagedream``: with the image-prompt layers (spec §3.1), 4 + 1 reference frames → batch 10.
+- ``imagedream``: with the image-prompt layers (spec §3.1), 4 + 1 reference frames → batch 10;
+- ``zero123plus``: one guided step of the Zero123++ v1.1 generator (spec §4): the reference pass on the
+  condition latent (64², batch 2) then the sample pass on the 3×2 grid of six views (120×80 latents, batch 2)
+  whose self-attention also reads the reference tokens. Not an SIR teacher: its 28 steps make one grid.
 
 fp32 on the CPU, fp16 on CUDA (``--dtype`` overrides); on CUDA the peak allocated memory is printed too.
 The FLOPs of one call (torch's counter, on the meta device) give the throughput reached, to compare devices.
@@ -44,6 +47,15 @@ ZERO123_UNET = {
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
     "attention_head_dim": 8,
+}
+
+#: the Zero123++ v1.1 UNet: SD-2 (768-v) layout, linear projections, 1024-d context (spec §4.1)
+ZERO123PLUS_UNET = {
+    "sample_size": 96, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True,
 }
 
 Call = Callable[[], Tensor]
@@ -102,6 +114,24 @@ def zero123_call(device: torch.device, dtype: torch.dtype, views: int = 6) -> tu
     return (lambda: unet(x, t, encoder_hidden_states=context).sample), _params(unet)
 
 
+def zero123plus_call(device: torch.device, dtype: torch.dtype) -> tuple[Call, int]:
+    from diffusers import UNet2DConditionModel
+
+    from microdreamer.generators.reference_attention import install_reference_attention, reference_call
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(ZERO123PLUS_UNET)
+    unet = randomize(unet, device, dtype)
+    bank = install_reference_attention(unet)
+    g = _generator(device)
+    reference = _randn(g, device, dtype, 2, 4, 64, 64)  # [negative ; condition] latents of the 512² input
+    sample = _randn(g, device, dtype, 2, 4, 120, 80)  # [uncond ; cond] grid of six 320² views
+    context = _randn(g, device, dtype, 2, 77, 1024)
+    t = torch.full((2,), 999.0, device=device)
+
+    return (lambda: reference_call(unet, bank, sample, t, context, reference, t)), _params(unet)
+
+
 def multiview_call(device: torch.device, dtype: torch.dtype, image_prompt: bool) -> tuple[Call, int]:
     config = MultiViewUNetConfig.from_dict({**MVDREAM_UNET, **({"ip_dim": 16} if image_prompt else {})})
     with torch.device("meta"):
@@ -131,9 +161,10 @@ BUILDERS = {
     "zero123": lambda d, t: zero123_call(d, t),
     "mvdream": lambda d, t: multiview_call(d, t, image_prompt=False),
     "imagedream": lambda d, t: multiview_call(d, t, image_prompt=True),
+    "zero123plus": zero123plus_call,
 }
 #: batch of one guided call: (views rendered, frames through the UNet)
-BATCH = {"zero123": (6, 12), "mvdream": (4, 8), "imagedream": (4, 10)}
+BATCH = {"zero123": (6, 12), "mvdream": (4, 8), "imagedream": (4, 10), "zero123plus": (6, 4)}
 
 
 def _sync(device: torch.device) -> None:
@@ -180,23 +211,34 @@ def bench(name: str, device: torch.device, dtype: torch.dtype, repeats: int, war
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(parser: argparse.ArgumentParser, cpu_repeats: int) -> None:
+    """--device, --dtype, --repeats, --warmup and --json, as every network benchmark takes them."""
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16, fp32")
-    parser.add_argument("--only", nargs="*", default=list(BUILDERS), choices=list(BUILDERS))
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: 10 on CUDA, 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed calls (default: 10 on CUDA, {cpu_repeats} on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 on CUDA, 0 on CPU)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+
+def run_settings(args: argparse.Namespace, cpu_repeats: int) -> tuple[torch.device, torch.dtype, int, int]:
+    """Device, dtype, repeats and warmup from :func:`add_run_options`' options; prints the device line."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.type == "cuda"
-    repeats = args.repeats if args.repeats is not None else (10 if cuda else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if cuda else cpu_repeats)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
     info = f"{torch.cuda.get_device_name(device)}" if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# device {device} ({info}), torch {torch.__version__}")
+    return device, dtype, repeats, warmup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=list(BUILDERS), choices=list(BUILDERS))
+    add_run_options(parser, cpu_repeats=1)
+    args = parser.parse_args()
+    device, dtype, repeats, warmup = run_settings(args, cpu_repeats=1)
     rows = []
     for name in args.only:
         row = bench(name, device, dtype, repeats, warmup)

@@ -2,24 +2,31 @@
 
 A command is (list of inputs) × (one pipeline, loaded once) × (a per-input run function). The inputs
 become :class:`Job` objects (:func:`expand_inputs` turns files, folders and globs into jobs); the command
-supplies a :class:`BatchTask`; :class:`BatchRunner` runs every job, keeps going after a bad input, skips
-finished ones with ``skip_existing`` and records everything in a manifest JSON that is rewritten after
-each job, so an interrupted or crashed batch still says what finished.
+supplies a :class:`BatchTask`; :class:`BatchRunner` keeps the books and hands the jobs to an executor
+(:mod:`microdreamer.executors`: this process, or workers on a Ray cluster), optionally only one shard of
+them. A batch keeps going after a bad input, skips finished ones with ``skip_existing`` and records
+everything in a manifest JSON that is rewritten after each job, so an interrupted or crashed batch still
+says what finished; a job skipped because it finished earlier keeps what the earlier manifest recorded of
+it (seed, config, timings, evaluations, peak memory).
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import time
+import os
+import socket
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from .errors import UserError
+from .errors import InputError, UserError
 from .io.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from .executors.shard import Shard
 
 #: file name endings a folder or glob contributes as images (case-insensitive)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -27,6 +34,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DERIVED_SUFFIXES = ("_rgba", "_views", "_turntable", "_albedo")
 #: file types the commands write beside images (reports, splats, meshes, turntables): never inputs, never reported
 OUTPUT_SUFFIXES = (".json", ".ply", ".safetensors", ".glb", ".obj", ".mtl", ".mp4", ".gif")
+#: a batch's manifest in its output folder, unless named otherwise
+MANIFEST_NAME = "manifest.json"
 #: entry states; ``pending`` entries were never reached (the batch was interrupted or aborted first)
 STATUSES = ("done", "failed", "skipped", "interrupted", "pending")
 
@@ -64,6 +73,13 @@ def _visible_files(paths: list[Path]) -> list[Path]:
     return [f for f in paths if f.is_file() and not f.name.startswith(".")]
 
 
+def batch_manifest_path(manifest: Path | None, out: Path | None, single: bool, shard: Shard | None = None) -> Path | None:
+    """Where a batch's manifest goes: ``manifest``, else ``OUT/manifest.json`` for a batch (none for a single
+    input, or without ``out``); a shard's is named after the shard (``manifest.shard-I-of-N.json``)."""
+    path = manifest if manifest is not None or single or out is None else out / MANIFEST_NAME
+    return path if path is None or shard is None else shard.manifest_path(path)
+
+
 def is_single_input(specs: Sequence[str | Path]) -> bool:
     """At most one input spec, and not a folder or a glob: a plain run, where errors end the command."""
     return len(specs) <= 1 and (not specs or _members(specs[0]) is None)
@@ -81,10 +97,17 @@ def _derived(files: list[Path]) -> set[Path]:
     return derived
 
 
-def _images(files: list[Path], exclude: Callable[[Path], bool] | None) -> list[Path]:
-    images = [f for f in _visible_files(files) if f.suffix.lower() in IMAGE_SUFFIXES]
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _split_images(files: list[Path], exclude: Callable[[Path], bool] | None) -> tuple[list[Path], list[Path]]:
+    """The visible image files among ``files``: (inputs, earlier outputs), the latter derived from another
+    input beside them or rejected by ``exclude``."""
+    images = [f for f in _visible_files(files) if _is_image(f)]
     derived = _derived(images)
-    return [f for f in images if f not in derived and not (exclude is not None and exclude(f))]
+    earlier = [f for f in images if f in derived or (exclude is not None and exclude(f))]
+    return [f for f in images if f not in earlier], earlier
 
 
 def expand_inputs(
@@ -107,7 +130,7 @@ def expand_inputs(
         path = Path(text).expanduser()
         members = _members(text)
         if members is not None:
-            files = _images(members, exclude)
+            files, _ = _split_images(members, exclude)
             if not files and path.is_dir():
                 jobs.append(Job(path.name or text, text, None, f"folder {text} holds no images (png, jpg, webp)"))
             elif not files:
@@ -132,14 +155,18 @@ def expand_inputs(
     return jobs
 
 
-def ignored_files(specs: Sequence[str | Path]) -> list[Path]:
-    """Visible files in the folders and glob matches of ``specs`` that :func:`expand_inputs` does not take
-    as images (``notes.txt``, ``photo.heic``), so that a command can say what it left out; the file types
-    the commands themselves write (:data:`OUTPUT_SUFFIXES`) are not listed."""
+def ignored_files(specs: Sequence[str | Path], *, exclude: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Visible files in the folders and glob matches of ``specs`` that :func:`expand_inputs` (with the same
+    ``exclude``) does not take as inputs, so that a command can say what it left out: files that are not
+    images (``notes.txt``, ``photo.heic``) and images that are earlier outputs (``cat_rgba.png``). The
+    other file types the commands write (:data:`OUTPUT_SUFFIXES`) are not listed."""
     ignored: list[Path] = []
     for spec in specs:
-        for f in _visible_files(_members(spec) or []):
-            if f.suffix.lower() not in IMAGE_SUFFIXES + OUTPUT_SUFFIXES and f not in ignored:
+        members = _members(spec) or []
+        visible = _visible_files(members)
+        others = [f for f in visible if not _is_image(f) and f.suffix.lower() not in OUTPUT_SUFFIXES]
+        for f in others + _split_images(members, exclude)[1]:
+            if f not in ignored:
                 ignored.append(f)
     return ignored
 
@@ -158,6 +185,23 @@ class JobResult:
 
 
 @dataclass
+class Attempt:
+    """One try of a job by one worker, as the manifest records it."""
+
+    worker: str  # "local" (this process), or the Ray worker ("ray-2")
+    host: str
+    pid: int
+    outcome: str  # done | failed (the input's own error) | crashed (the worker died under it)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def here(cls, worker: str, outcome: str, error: str | None = None, seconds: float = 0.0) -> "Attempt":
+        """An attempt made by this process."""
+        return cls(worker, socket.gethostname(), os.getpid(), outcome, error, round(seconds, 3))
+
+
+@dataclass
 class ManifestEntry:
     input: str
     stem: str
@@ -171,6 +215,22 @@ class ManifestEntry:
     error: str | None = None
     note: str = ""
     seconds: float = 0.0
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # each an :class:`Attempt`; none when not run
+
+    def tried(self, attempt: Attempt) -> None:
+        self.attempts.append(asdict(attempt))
+
+    def record(self, result: JobResult) -> None:
+        """A finished run's report."""
+        self.status = "done"
+        self.outputs, self.seed, self.config = result.outputs, result.seed, result.config
+        self.timings, self.evaluations, self.note = result.timings, result.evaluations, result.note
+        self.peak_memory = result.peak_memory
+
+    def keep_record_of(self, earlier: "ManifestEntry") -> None:
+        """Take what ``earlier`` (the same job, finished by an earlier run) recorded of the run that made it."""
+        self.seed, self.config, self.timings = earlier.seed, earlier.config, earlier.timings
+        self.evaluations, self.peak_memory = earlier.evaluations, earlier.peak_memory
 
 
 @dataclass
@@ -182,6 +242,8 @@ class Manifest:
     interrupted: bool = False
     entries: list[ManifestEntry] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files in input folders/globs that are not images
+    earlier_outputs: list[str] = field(default_factory=list)  # images there that earlier runs wrote
+    shard: dict[str, Any] | None = None  # a shard's manifest: which shard, of what (executors.shard.Shard.select)
 
     def counts(self) -> dict[str, int]:
         return {s: sum(e.status == s for e in self.entries) for s in STATUSES}
@@ -199,6 +261,34 @@ class Manifest:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """A manifest read back from its JSON (fields this version does not know are left out)."""
+        names = {f.name for f in fields(ManifestEntry)}
+        entries = [ManifestEntry(**{k: v for k, v in row.items() if k in names}) for row in data["entries"]]
+        top = {f.name for f in fields(cls)} - {"entries"}
+        return cls(**{k: v for k, v in data.items() if k in top}, entries=entries)
+
+    @classmethod
+    def read(cls, path: Path) -> "Manifest":
+        """The manifest at ``path``; a :class:`UserError` when it cannot be read as one."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except OSError as error:
+            raise UserError(f"cannot read the manifest {path} ({error.strerror or error})") from None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{path} is not a batch manifest (unreadable JSON, or no entries)") from None
+
+    @staticmethod
+    def finished_entries(path: Path | None) -> dict[str, ManifestEntry]:
+        """The entries of jobs a manifest at ``path`` records as finished (done, or skipped with outputs that
+        an earlier run made), by stem; none when there is no readable manifest there."""
+        try:
+            entries = Manifest.read(path).entries if path is not None else []
+        except UserError:
+            return {}
+        return {e.stem: e for e in entries if e.status in ("done", "skipped")}
+
 
 PipelineT = TypeVar("PipelineT")
 PreparedT = TypeVar("PreparedT")
@@ -213,8 +303,13 @@ class BatchTask(Protocol, Generic[PipelineT, PreparedT]):
     def prepare(self, job: Job) -> PreparedT:
         """Per-input work that needs no model (load, preprocess); errors fail this input only."""
 
+    def fetch(self) -> None:
+        """Make what :meth:`load` reads available on this machine (a teacher's weights into the download
+        cache). A remote executor calls it once per machine before its workers load; locally ``load``
+        fetches what it needs itself."""
+
     def load(self) -> PipelineT:
-        """The pipeline, called once, right before the first job that needs it."""
+        """The pipeline, called once per worker, before the first job that needs it."""
 
     def run(self, pipeline: PipelineT, job: Job, prepared: PreparedT, progress: StepCallback) -> JobResult:
         """Run one input and write its outputs (atomically)."""
@@ -234,19 +329,79 @@ class BatchObserver:
     def job_finished(self, index: int, entry: ManifestEntry) -> None: ...
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException, job: Job | None = None) -> str:
+    """An error as the manifest records it beside ``job``'s input: one line, a :class:`UserError`'s message
+    (without the input's own path) or another error with its type."""
+    if job is not None and isinstance(error, InputError) and error.path == job.source:
+        error = UserError(error.reason)
     text = " ".join(str(error).split())
     return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
 
 
+class BatchState:
+    """The books of a running batch, which an executor keeps as its jobs finish: the manifest (rewritten
+    after each change), what an earlier manifest recorded of finished jobs, and the observer."""
+
+    def __init__(
+        self, manifest: Manifest, path: Path | None, *, skip_existing: bool, single: bool, observer: BatchObserver
+    ) -> None:
+        self.manifest = manifest
+        self.path = path
+        self.skip_existing = skip_existing
+        self.single = single
+        self.observer = observer
+        self.earlier = Manifest.finished_entries(path) if skip_existing else {}
+
+    @property
+    def entries(self) -> list[ManifestEntry]:
+        return self.manifest.entries
+
+    def needs_run(self, job: Job, entry: ManifestEntry, task: BatchTask[Any, Any]) -> bool:
+        """Whether ``job`` must run: False when ``skip_existing`` finds all its outputs (``entry`` is then
+        marked skipped); a :class:`UserError` when it cannot run at all (its input is missing, or its
+        outputs would replace the manifest)."""
+        if job.problem is not None:
+            raise UserError(job.problem)
+        outputs = task.outputs(job)
+        if self.path is not None and self.path.resolve() in {p.resolve() for p in outputs}:
+            raise UserError(f"{job.input}: its outputs would replace the batch manifest {self.path}")
+        if not (self.skip_existing and outputs and all(p.exists() for p in outputs)):
+            return True
+        entry.status = "skipped"
+        entry.outputs = {p.name: str(p) for p in outputs}
+        entry.note = "outputs exist"
+        if job.stem in self.earlier:
+            entry.keep_record_of(self.earlier[job.stem])
+        return False
+
+    def failed(self, entry: ManifestEntry, error: BaseException | str, job: Job | None = None) -> None:
+        entry.status, entry.error = "failed", error if isinstance(error, str) else one_line(error, job)
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.manifest.write(self.path)
+
+
+class Executor(Protocol):
+    """Runs a batch's jobs (:mod:`microdreamer.executors`)."""
+
+    def execute(self, jobs: Sequence[Job], task: BatchTask[Any, Any], state: BatchState) -> None:
+        """Run every job (``state.entries[i]`` is ``jobs[i]``'s) and record each in ``state`` as it ends.
+        A failing input fails its entry (with ``state.single`` its error propagates); a failing load
+        propagates once the manifest says so; ``KeyboardInterrupt`` marks the running jobs ``interrupted``
+        and propagates."""
+
+
 class BatchRunner:
-    """Runs a :class:`BatchTask` over jobs.
+    """Runs a :class:`BatchTask` over jobs with an executor (default: in this process).
 
     In a batch (``single=False``) a failing input is recorded and the batch goes on; with ``single=True``
     (one named input) its error propagates unchanged. Loading the pipeline failing aborts the batch: the
     error propagates once the manifest is written. ``KeyboardInterrupt`` marks the running job
     ``interrupted``, writes the manifest and propagates. The manifest (when ``manifest`` is a path) is
-    rewritten after every job.
+    rewritten after every job. ``ignored`` (from :func:`ignored_files`) lands in the manifest as ``ignored``
+    (not images) and ``earlier_outputs`` (images). With a ``shard`` only that shard's jobs run (and are in
+    the manifest).
     """
 
     def __init__(
@@ -259,87 +414,42 @@ class BatchRunner:
         single: bool = False,
         observer: BatchObserver | None = None,
         ignored: Sequence[Path] = (),
+        executor: Executor | None = None,
+        shard: Shard | None = None,
     ) -> None:
+        from .executors.local import LocalExecutor  # the executors build on this module
+
         self.command = command
-        self.ignored = [str(p) for p in ignored]
+        self.ignored = [str(p) for p in ignored if not _is_image(Path(p))]
+        self.earlier_outputs = [str(p) for p in ignored if _is_image(Path(p))]
         self.out_dir = Path(out_dir)
         self.manifest_path = manifest
         self.skip_existing = skip_existing
         self.single = single
         self.observer = observer or BatchObserver()
+        self.executor = executor or LocalExecutor()
+        self.shard = shard
 
     def run(self, jobs: Sequence[Job], task: BatchTask[PipelineT, PreparedT]) -> Manifest:
-        manifest = Manifest(self.command, str(self.out_dir), _now(), ignored=list(self.ignored))
+        manifest = Manifest(
+            self.command, str(self.out_dir), _now(), ignored=list(self.ignored),
+            earlier_outputs=list(self.earlier_outputs),
+        )
+        if self.shard is not None:
+            jobs, manifest.shard = self.shard.select(jobs)
         manifest.entries = [ManifestEntry(job.input, job.stem) for job in jobs]
+        state = BatchState(manifest, self.manifest_path, skip_existing=self.skip_existing, single=self.single,
+                           observer=self.observer)
         self.observer.batch_started(len(jobs))
-        loaded: list[PipelineT] = []
         try:
-            for index, (job, entry) in enumerate(zip(jobs, manifest.entries)):
-                self.observer.job_started(index, job)
-                start = time.perf_counter()
-                try:
-                    self._run_job(job, entry, task, loaded)
-                except KeyboardInterrupt:
-                    entry.status = "interrupted"
-                    raise
-                except _LoadFailed as failure:
-                    entry.status, entry.error = "failed", _one_line(failure.error)
-                    raise failure.error from None
-                except Exception as error:
-                    if self.single:
-                        raise
-                    entry.status, entry.error = "failed", _one_line(error)
-                finally:
-                    entry.seconds = round(time.perf_counter() - start, 3)
-                    self._save(manifest)
-                self.observer.job_finished(index, entry)
+            self.executor.execute(jobs, task, state)
         except KeyboardInterrupt:
             manifest.interrupted = True
             raise
         finally:
             manifest.finished = _now()
-            self._save(manifest)
+            state.save()
         return manifest
-
-    def _run_job(self, job: Job, entry: ManifestEntry, task: BatchTask[PipelineT, PreparedT], loaded: list[PipelineT]) -> None:
-        if job.problem is not None:
-            raise UserError(job.problem)
-        outputs = task.outputs(job)
-        if self.manifest_path is not None and self.manifest_path.resolve() in {p.resolve() for p in outputs}:
-            raise UserError(f"{job.input}: its outputs would replace the batch manifest {self.manifest_path}")
-        if self.skip_existing and outputs and all(p.exists() for p in outputs):
-            entry.status = "skipped"
-            entry.outputs = {p.name: str(p) for p in outputs}
-            entry.note = "outputs exist"
-            return
-        prepared = task.prepare(job)
-        if not loaded:
-            self.observer.loading(True)
-            try:
-                loaded.append(task.load())
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:
-                raise _LoadFailed(error) from None
-            finally:
-                self.observer.loading(False)
-        result = task.run(loaded[0], job, prepared, self.observer.step)
-        entry.status = "done"
-        entry.outputs, entry.seed, entry.config = result.outputs, result.seed, result.config
-        entry.timings, entry.evaluations, entry.note = result.timings, result.evaluations, result.note
-        entry.peak_memory = result.peak_memory
-
-    def _save(self, manifest: Manifest) -> None:
-        if self.manifest_path is not None:
-            manifest.write(self.manifest_path)
-
-
-class _LoadFailed(Exception):
-    """Loading the pipeline failed: every input would fail the same way, so the batch stops."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def _now() -> str:

@@ -7,7 +7,13 @@ Progress and messages go to stderr; stdout carries only results (tables of the l
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -22,20 +28,21 @@ from rich.table import Table
 from .batch import (
     IMAGE_SUFFIXES,
     BatchObserver,
-    BatchRunner,
+    Executor,
     Job,
     Manifest,
     ManifestEntry,
-    expand_inputs,
-    ignored_files,
+    batch_manifest_path,
     is_single_input,
 )
+from .config import ELEVATION_LIMIT, RESOLUTION, TURNTABLE_FPS, TURNTABLE_FRAMES, TURNTABLE_RESOLUTION
 from .errors import UserError
+from .io.atomic import check_output_dir, check_output_file
+from .wording import plural, shorten
 
 if TYPE_CHECKING:
-    from .batch import BatchTask
     from .config import RunConfig
-    from .pipeline import PromptTask
+    from .executors import Shard
     from .video import VideoOptions
 
 app = typer.Typer(
@@ -47,73 +54,45 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Teacher weights: which exist, which are cached, fetch one.", no_args_is_help=True)
 presets_app = typer.Typer(help="Run presets: list them, show one resolved.", no_args_is_help=True)
+manifest_app = typer.Typer(help="Batch manifests: join the manifests of a batch's shards.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(presets_app, name="presets")
+app.add_typer(manifest_app, name="manifest")
 
 SELFTEST_MIN_PSNR = 24.0
-MANIFEST_NAME = "manifest.json"
 _STATUS_STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
 _CHECK_STYLE = {"ok": "green", "missing": "dim", "warn": "yellow", "error": "red"}
 
 
-def _console(quiet: bool = False) -> Console:
-    return Console(stderr=True, quiet=quiet)
+def _console(quiet: bool = False, stderr: bool = True) -> Console:
+    """stderr (messages, progress) or stdout (tables). Off a terminal (a log, a pipe) nothing is wrapped
+    and tables are as wide as their cells."""
+    console = Console(stderr=stderr, quiet=quiet)
+    if not console.is_terminal:
+        console.soft_wrap, console.width = True, 1000
+    return console
+
+
+@contextmanager
+def _status(console: Console, text: str) -> Iterator[None]:
+    """A spinner with ``text`` on a terminal; elsewhere ``text`` once, as a line."""
+    if console.is_terminal:
+        with console.status(text):
+            yield
+    else:
+        console.print(text, markup=False, highlight=False)
+        yield
 
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+#: how the messages of :func:`check_output_dir` name an output folder the user did not give
+_BESIDE = "--out (default: beside {})"
+
+
 # configuration -------------------------------------------------------------------------------------
-
-
-def _overrides(**flags: Any) -> dict[str, Any]:
-    """Command-line flags → nested config overrides (only the flags the user gave)."""
-    table = {
-        "teacher": ("teacher", "name"),
-        "model": ("teacher", "model"),
-        "iters": ("schedule", "iterations"),
-        "steps": ("schedule", "steps"),
-        "views": ("cameras", "views"),
-        "res": ("cameras", "resolution"),
-        "elevation": ("cameras", "elevation"),
-        "backend": ("gaussians", "backend"),
-        "negative_prompt": ("guidance", "negative_prompt"),
-        "mesh_format": ("mesh", "format"),
-        "faces": ("mesh", "faces"),
-        "texture_size": ("mesh", "texture"),
-        "grid": ("mesh", "resolution"),
-        "threshold": ("mesh", "threshold"),
-        "refine_steps": ("mesh", "refine_steps"),
-        "up": ("mesh", "up"),
-        "scale": ("mesh", "scale"),
-        "seed": ("seed",),
-        "device": ("device",),
-    }
-    out: dict[str, Any] = {}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        *parents, leaf = table[flag]
-        node = out
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return out
-
-
-def _resolve_config(teacher: str | None, preset: str | None, config: Path | None, **flags: Any) -> "RunConfig":
-    """Preset < ``--config`` < flags. The preset is ``--preset``, else the one a saved config names (when
-    the teacher is not changed by ``--teacher``), else the teacher's own."""
-    from .config import read_config_file, resolve
-    from .teachers.registry import teacher_entry
-
-    saved = read_config_file(config) if config is not None else {}
-    saved_teacher = saved.get("teacher", {}).get("name") if isinstance(saved.get("teacher"), dict) else None
-    entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
-    same_teacher = teacher is None or teacher == saved_teacher
-    chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
-    return resolve(chosen or entry.preset, config, _overrides(teacher=teacher, **flags))
 
 
 def _removal(rembg: bool | None) -> str | None:
@@ -135,18 +114,25 @@ def _video_options(video: bool, video_format: str | None) -> "VideoOptions | Non
 
 
 class _ProgressView(BatchObserver):
-    """Rich progress bars on stderr: one for the batch (several inputs), one for the current run."""
+    """Progress on stderr. On a terminal, rich bars: one for the batch (several inputs), one for the
+    current run. Elsewhere (a log, CI, a scheduler) plain lines: each input, the teacher load, each SIR
+    iteration and mesh stage."""
 
     def __init__(self, console: Console, batch: bool) -> None:
         self.console = console
         self.batch = batch
+        self.lines = not console.is_terminal
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, transient=True, disable=console.quiet or not console.is_terminal,
+            console=console, transient=True, disable=console.quiet or self.lines,
         )
         self.batch_task: Any = None
         self.run_task: Any = None
+        self.total = 0
+        self.label = ""
+        self.loading_since = 0.0
+        self.loaded_in: float | None = None
 
     def __enter__(self) -> "_ProgressView":
         self.progress.start()
@@ -155,71 +141,79 @@ class _ProgressView(BatchObserver):
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
+    def _line(self, text: str) -> None:
+        if self.lines:
+            self.console.print(text, markup=False, highlight=False)
+
     def batch_started(self, total: int) -> None:
+        self.total = total
         if self.batch:
             self.batch_task = self.progress.add_task("batch", total=total, info="")
 
     def job_started(self, index: int, job: Job) -> None:
+        self.label = shorten(job.stem, 40)
         if self.run_task is not None:
             self.progress.remove_task(self.run_task)
-        self.run_task = self.progress.add_task(escape(job.stem), total=None, info="")
+        self.run_task = self.progress.add_task(escape(self.label), total=None, info="")
         if self.batch_task is not None:
-            self.progress.update(self.batch_task, info=escape(job.input))
+            self.progress.update(self.batch_task, info=escape(shorten(job.input)))
+            self._line(f"[{index + 1}/{self.total}] {shorten(job.input)}")
 
     def loading(self, active: bool) -> None:
         self.progress.update(self.run_task, info="loading the teacher…" if active else "")
+        if active:
+            self.loading_since = time.perf_counter()
+            self._line(f"{self.label}: loading the teacher")
+        else:
+            self.loaded_in = time.perf_counter() - self.loading_since  # said with the first step: it loaded
 
     def step(self, done: int, total: int, info: str) -> None:
         self.progress.update(self.run_task, completed=done, total=total, info=escape(info))
+        if self.loaded_in is not None:
+            self._line(f"{self.label}: teacher loaded in {self.loaded_in:.1f} s")
+            self.loaded_in = None
+        if info:
+            self._line(f"{self.label} [{done}/{total}] {info}")
+
+    def say(self, info: str) -> None:
+        """What the current run is doing now, outside its steps (``spot: scoring 16 held-out views``)."""
+        self.progress.update(self.run_task, info=escape(info))
+        self._line(f"{self.label}: {info}")
 
     def job_finished(self, index: int, entry: ManifestEntry) -> None:
         if self.batch_task is not None:
             self.progress.advance(self.batch_task)
-            style = _STATUS_STYLE[entry.status]
-            detail = entry.error if entry.status == "failed" else entry.note
-            self.console.print(f"[{style}]{entry.status}[/] {escape(entry.input)}: {escape(detail or '')}")
+            self.console.print(_entry_line(entry))
+
+
+def _entry_line(entry: ManifestEntry) -> str:
+    """``done photo.png: 5000 Gaussians, …`` (rich markup) for the log of a batch or a single run."""
+    detail = entry.error if entry.status == "failed" else entry.note
+    return f"[{_STATUS_STYLE[entry.status]}]{entry.status}[/] {escape(shorten(entry.input))}: {escape(detail or '')}"
 
 
 def run_batch(
-    command: str,
-    specs: list[Path],
-    jobs: list[Job],
-    task: "BatchTask",
-    out_dir: Path,
+    run: Callable[[BatchObserver], Manifest],
     *,
-    manifest: Path | None,
-    manifest_default: Path | None,
-    skip_existing: bool,
+    single: bool,
+    manifest_path: Path | None,
     json_out: bool,
     quiet: bool,
-    single: bool | None = None,
-    ignored: list[Path] | None = None,
 ) -> Manifest:
-    """Run ``task`` over ``jobs`` with progress, a manifest, a summary and the exit code.
-
-    One plain input (:func:`is_single_input`) behaves like a single command: its error ends the command
-    (exit 2). Otherwise the batch goes on after failures, writes the manifest (``manifest``, else
-    ``manifest_default``) and exits 1 when any input failed. Ctrl-C exits 130 once the manifest is written.
-    ``ignored`` files (non-images in input folders) are named in the summary and the manifest. For the image
-    commands of other engineers: build jobs with :func:`expand_inputs` and a task like ``ImageTask``.
-    """
-    single = is_single_input(specs) if single is None else single
-    manifest_path = manifest if manifest is not None or single else manifest_default
+    """Run a batch (``run``, an API call given the progress observer) with progress, a summary and the exit
+    code. A single plain input behaves like a single command: its error ends the command (exit 2).
+    Otherwise the batch goes on after failures, writes the manifest and exits 1 when any input failed.
+    Ctrl-C exits 130 once the manifest is written."""
     console = _console(quiet)
     with _ProgressView(console, batch=not single) as view:
-        runner = BatchRunner(
-            command, out_dir, manifest=manifest_path, skip_existing=skip_existing, single=single, observer=view,
-            ignored=ignored or (),
-        )
         try:
-            result = runner.run(jobs, task)
+            result = run(view)
         except KeyboardInterrupt:
             where = f"; {manifest_path} records what finished" if manifest_path is not None else ""
             print(f"interrupted: no partial outputs were left behind{where}", file=sys.stderr)
             raise typer.Exit(130) from None
     if single:
-        entry = result.entries[0]
-        console.print(f"[{_STATUS_STYLE[entry.status]}]{entry.status}[/] {escape(entry.input)}: {escape(entry.note)}")
+        console.print(_entry_line(result.entries[0]))
     elif not quiet:
         _print_summary(console, result, manifest_path)
     else:  # errors are printed even when quiet
@@ -234,21 +228,54 @@ def run_batch(
 
 
 def _print_summary(console: Console, manifest: Manifest, path: Path | None) -> None:
-    table = Table("input", "status", "seconds", "result", title=f"{manifest.command}: {len(manifest.entries)} inputs")
+    title = f"{manifest.command}: {plural(len(manifest.entries), 'input')}"
+    table = Table("input", "status", "seconds", "result", title=title)
     for e in manifest.entries:
         detail = e.error if e.status == "failed" else e.note
-        table.add_row(escape(e.input), f"[{_STATUS_STYLE[e.status]}]{e.status}[/]", f"{e.seconds:.1f}",
+        table.add_row(escape(shorten(e.input)), f"[{_STATUS_STYLE[e.status]}]{e.status}[/]", f"{e.seconds:.1f}",
                       escape(detail or ""))
     console.print(table)
     counts = ", ".join(f"{n} {s}" for s, n in manifest.counts().items() if n)
     console.print(f"{counts}" + (f"; manifest: {escape(str(path))}" if path is not None else ""))
     if manifest.ignored:
-        names = ", ".join(Path(p).name for p in manifest.ignored[:5]) + (", …" if len(manifest.ignored) > 5 else "")
-        console.print(f"ignored {len(manifest.ignored)} file(s) that are not images ({', '.join(IMAGE_SUFFIXES)}): "
-                      f"{escape(names)}")
+        console.print(f"ignored {plural(len(manifest.ignored), 'file')} without an image suffix "
+                      f"({', '.join(IMAGE_SUFFIXES)}): {_first_names(manifest.ignored)}")
+    if manifest.earlier_outputs:
+        console.print(f"left out {plural(len(manifest.earlier_outputs), 'earlier output')}, not inputs: "
+                      f"{_first_names(manifest.earlier_outputs)}")
+
+
+def _first_names(paths: list[str], count: int = 5) -> str:
+    return escape(", ".join(Path(p).name for p in paths[:count]) + (", …" if len(paths) > count else ""))
 
 
 # options shared by the generation commands --------------------------------------------------------
+
+
+def _within(low: float, high: float, *, strict: bool = False, unit: str = "") -> Callable[[Any], Any]:
+    """An option callback refusing a number outside [low, high] (``strict``: the open interval), NaN included."""
+    def check(value: Any) -> Any:
+        if value is not None and not (low < value < high if strict else low <= value <= high):
+            if (low, high) == (-math.inf, math.inf):
+                bounds = "be a finite number"
+            elif high == math.inf:
+                bounds = f"be {'greater than' if strict else 'at least'} {low:g} and finite"
+            else:
+                bounds = f"lie {'strictly between' if strict else 'in'} {low:g}{' and ' if strict else '..'}{high:g}"
+            raise typer.BadParameter(f"must {bounds}{unit}, got {value:g}")
+        return value
+
+    return check
+
+
+#: a distance: positive and finite
+_POSITIVE = _within(0, math.inf, strict=True)
+
+
+def _flag(*decls: str, help: str) -> Any:
+    """A flag: its help shows no value, as it takes none (``--video``, not ``--video true``)."""
+    return typer.Option(*decls, help=help, metavar="")
+
 
 Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s), each quoted; several make a batch.", show_default=False)]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
@@ -264,41 +291,103 @@ TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a
 Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
 Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
-Video = Annotated[bool, typer.Option("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
+Video = Annotated[bool, _flag("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
 VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
-Overwrite = Annotated[bool, typer.Option(help="Replace existing outputs.")]
-SkipPrompts = Annotated[bool, typer.Option(help="Skip prompts whose outputs all exist (resume a batch).")]
+Overwrite = Annotated[bool, _flag(help="Replace existing outputs.")]
+SkipPrompts = Annotated[bool, _flag(help="Skip prompts whose outputs all exist (resume a batch).")]
 BatchManifest = Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+JsonOut = Annotated[bool, _flag("--json", help="Print the run summary as JSON on stdout.")]
+Quiet = Annotated[bool, _flag("--quiet", "-q", help="Print only errors.")]
 ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")]
 ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt for an image+text teacher (imagedream); optional there.")]
 Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
 Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
 Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")]
 BorderRatio = Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")]
-Rembg = Annotated[Optional[bool], typer.Option("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
-SkipExisting = Annotated[bool, typer.Option(help="Skip inputs whose outputs all exist (resume a batch).")]
+Rembg = Annotated[Optional[bool], _flag("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
+SkipExisting = Annotated[bool, _flag(help="Skip inputs whose outputs all exist (resume a batch).")]
+# where a batch runs: shared by every batch command
+ExecutorName = Annotated[str, typer.Option("--executor", help="Where the inputs run: local (this process) or ray (workers of a Ray cluster, each with its own model; pip install 'microdreamer[ray]').")]
+RayAddress = Annotated[Optional[str], typer.Option("--address", help="With --executor ray: a running Ray cluster (HOST:6379 or ray://HOST:10001; default RAY_ADDRESS, else Ray on this machine). --out must be on storage all its machines reach.")]
+Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: how many workers (default: as many as the cluster's GPUs, or CPUs, hold).")]
+GpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: GPUs per worker; 0.5 packs two workers on a GPU (default 1 when the cluster has GPUs, else 0).")]
+CpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: CPUs per worker, also its torch threads (default 1).")]
+MaxAttempts = Annotated[Optional[int], typer.Option(help="With --executor ray: tries of an input whose worker dies under it (default 3).")]
+ShardSpec = Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (0 <= I < N; an input's shard is a hash of its name, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); its manifest is OUT/manifest.shard-I-of-N.json, joined by 'microdreamer manifest merge'.")]
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a batch runs: the executor, and the shard of the inputs (None: all)."""
+
+    executor: Executor
+    shard: "Shard | None"
+
+
+def _where(executor: str, address: str | None, workers: int | None, gpus_per_worker: float | None,
+           cpus_per_worker: float | None, max_attempts: int | None, shard: str | None) -> _Where:
+    from .executors import Shard, make_executor
+
+    return _Where(
+        make_executor(executor, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                      cpus_per_worker=cpus_per_worker, max_attempts=max_attempts),
+        None if shard is None else Shard.parse(shard),
+    )
 
 
 # image commands ------------------------------------------------------------------------------------
 
 Inputs = Annotated[
     Optional[list[Path]],
-    typer.Argument(help="Images (PNG/JPG/WebP), folders or globs. None with --teacher reference: its front view.",
-                   show_default=False),
+    typer.Argument(help="Images (PNG/JPG/WebP), folders or globs. None with --config RUN.json: the run's input "
+                        "image; else with --teacher reference: its front view.", show_default=False),
 ]
 
 
-def _image_jobs(command: str, specs: list[Path], cfg: "RunConfig") -> list[Job]:
-    """The inputs of an image command; none means the reference teacher's own front view."""
-    from .pipeline import front_view_stem
+def _run_images(
+    command: str,
+    specs: list[Path],
+    out: Path,
+    *,
+    mesh: bool,
+    teacher: str | None,
+    preset: str | None,
+    config: Path | None,
+    prompt: str | None,
+    border_ratio: float | None,
+    rembg: bool | None,
+    video: bool,
+    video_format: str | None,
+    overwrite: bool,
+    skip_existing: bool,
+    manifest: Path | None,
+    json_out: bool,
+    quiet: bool,
+    where: _Where,
+    **flags: Any,
+) -> None:
+    """An image command through :meth:`Pipeline.run_batch`: everything is checked before the teacher loads."""
+    from .api import Pipeline, check_run_outputs, resolve_config
+    from .pipeline import PreprocessOptions, SavedRun
 
-    if specs:
-        return expand_inputs(specs)
-    if cfg.teacher.name == "reference":
-        return [Job(front_view_stem(cfg), f"front view of {cfg.teacher.model}")]
-    raise UserError(f"{command} needs an input image (or --teacher reference --model MESH to use its front view)")
+    pipe = Pipeline(resolve_config(teacher, preset, config, **flags))
+    run = SavedRun.read(config)
+    prompt = prompt if prompt is not None or run is None else run.prompt
+    pipe.check_prompt(prompt)
+    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
+    video_options = _video_options(video, video_format)
+    check_run_outputs(out, manifest)
+    _warn_cut_prompts(pipe.config, [prompt] if prompt else [], quiet)
+    single = is_single_input(specs) and where.shard is None
+    run_batch(
+        lambda observer: pipe.run_batch(
+            specs, out, mesh=mesh, prompt=prompt, config_file=config, preprocess=options, video=video_options,
+            overwrite=overwrite, skip_existing=skip_existing, manifest=manifest, stop_on_error=single,
+            observer=observer, command=command, executor=where.executor, shard=where.shard,
+        ),
+        single=single, manifest_path=batch_manifest_path(manifest, out, single, where.shard), json_out=json_out,
+        quiet=quiet,
+    )
 
 
 @app.command("image2gs")
@@ -325,28 +414,24 @@ def image2gs(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
     """Image(s) → 3D Gaussians (OUT/<stem>.ply, <stem>_views.png, <stem>_rgba.png, <stem>.json)."""
-    from .pipeline import ImageTask, PreprocessOptions, resolve_device
-
-    cfg = _resolve_config(
-        teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
-        elevation=elevation, backend=backend, device=device,
+    _run_images(
+        "image2gs", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
+        border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
+        iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
     )
-    prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg.teacher.name, prompt)
-    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
-    video_options = _video_options(video, video_format)
-    specs = images or []
-    jobs = _image_jobs("image2gs", specs, cfg)
-    task = ImageTask(
-        cfg, resolve_device(cfg.device), out, preprocess=options, video=video_options, overwrite=overwrite,
-        prompt=prompt,
-    )
-    run_batch("image2gs", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
 
 # mesh options, shared by image2mesh, text2mesh and export
@@ -390,6 +475,13 @@ def image2mesh(
     overwrite: Overwrite = False,
     skip_existing: SkipExisting = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -398,21 +490,15 @@ def image2mesh(
     The mesh is centred at the origin in a box of side --scale, Y-up with the input view's camera on +z
     (glTF convention). Its texture is baked from the Gaussians and refined with one SIR pass of the teacher.
     """
-    from .pipeline import MeshTask, PreprocessOptions, resolve_device
-
-    cfg = _resolve_config(
-        teacher, preset, config, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
-        elevation=elevation, backend=backend, device=device, mesh_format=mesh_format, faces=faces,
-        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+    _run_images(
+        "image2mesh", images or [], out, mesh=True, teacher=teacher, preset=preset, config=config, prompt=prompt,
+        border_ratio=border_ratio, rembg=rembg, video=False, video_format=None, overwrite=overwrite,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
+        iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
+        mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
+        refine_steps=refine_steps, up=up, scale=scale,
     )
-    prompt = prompt if prompt is not None else _saved_prompt(config)
-    _check_image_teacher(cfg.teacher.name, prompt)
-    options = PreprocessOptions.resolve(config, border_ratio=border_ratio, remove_background=_removal(rembg))
-    specs = images or []
-    jobs = _image_jobs("image2mesh", specs, cfg)
-    task = MeshTask(cfg, resolve_device(cfg.device), out, preprocess=options, overwrite=overwrite, prompt=prompt)
-    run_batch("image2mesh", specs, jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet, ignored=ignored_files(specs))
 
 
 @app.command("export")
@@ -425,7 +511,7 @@ def export(
     model: Model = None,
     image: Annotated[Optional[Path], typer.Option(help="The run's input image (default: the one its report names).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The run's prompt, for text and image+text teachers (default: the report's).")] = None,
-    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Refine the baked texture with the teacher (one SIR pass).")] = True,
+    refine: Annotated[bool, _flag("--refine/--no-refine", help="Refine the baked texture with the teacher (one SIR pass).")] = True,
     mesh_format: MeshFormat = None,
     faces: Faces = None,
     texture_size: TextureSize = None,
@@ -440,72 +526,42 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """A saved 3DGS run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
-    from .pipeline import PreprocessOptions, export_saved_run, resolve_device
+    from .api import export_run
 
     if to != "mesh":
         raise UserError(f"--to must be mesh, got '{to}'")
     if not result.is_file():
         raise UserError(f"result not found: {result}")
-    beside = result.with_suffix(".json")
-    if config is None and beside.is_file() and _is_run_report(beside):
-        config = beside
-    cfg = _resolve_config(
-        teacher, None, config, model=model, seed=seed, device=device, mesh_format=mesh_format, faces=faces,
-        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
-    )
-    report = json.loads(config.read_text()) if config is not None and config.suffix == ".json" else {}
+    check_output_dir(out or result.parent, "--out" if out is not None else _BESIDE.format("RESULT"))
     console = _console(quiet)
-    unrefined = config is None and teacher is None and refine  # nothing says which teacher the run used
-    refine = refine and not unrefined
-    if image is None and report.get("input") and Path(report["input"]).is_file():
-        image = Path(report["input"])
-    if image is not None and not image.is_file():
-        raise UserError(f"input image not found: {image}")
-    options = PreprocessOptions.resolve(config)
-    target = out or result.parent
     with console.status(f"meshing {escape(result.name)}") as status:
-        mesh = export_saved_run(
-            result, cfg, resolve_device(cfg.device), target, refine=refine, image=image,
-            prompt=prompt or report.get("prompt"), preprocess=options, overwrite=overwrite,
-            on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
+        outcome = export_run(
+            result, out, config=config, teacher=teacher, image=image, prompt=prompt, refine=refine,
+            overwrite=overwrite, on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
+            model=model, seed=seed, device=device, mesh_format=mesh_format, faces=faces, texture_size=texture_size,
+            grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
         )
+    mesh = outcome.report
     console.print(f"[green]wrote[/] {escape(mesh.outputs[0])} ({mesh.faces} faces, "
                   f"{sum(mesh.timings.values()):.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in mesh.timings.items()) + ")")
-    if unrefined:
+    if not outcome.refined:
         console.print(f"no run report beside {escape(str(result))}: the texture is baked, not refined "
                       "(give --config, or --teacher/--model/--image, to refine it)")
 
 
-def _is_run_report(path: Path) -> bool:
-    """Whether ``path`` is the JSON report of a run (it holds the run's ``config``)."""
-    try:
-        return isinstance(json.loads(path.read_text()).get("config"), dict)
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return False
+def _warn_cut_prompts(cfg: "RunConfig", prompts: list[str], quiet: bool) -> None:
+    """One warning line for each prompt the teacher's text encoder would cut, before the teacher loads."""
+    from .teachers.registry import prompt_reader
 
-
-def _saved_prompt(config: Path | None) -> str | None:
-    """The prompt of the run whose JSON report is given as ``--config`` (image+text runs), if any."""
-    if config is None or config.suffix != ".json":
-        return None
-    from .config import read_config_file
-
-    read_config_file(config)  # one-line errors for a missing or unparsable file
-    prompt = json.loads(config.read_text()).get("prompt")
-    return prompt if isinstance(prompt, str) else None
-
-
-def _check_image_teacher(name: str, prompt: str | None) -> None:
-    """Image commands take image and image+text teachers; ``--prompt`` only the latter, and not blank."""
-    from .teachers.registry import teacher_entry
-
-    inputs = teacher_entry(name).inputs
-    if inputs == "text":
-        raise UserError(f"teacher '{name}' generates from text alone: use text2gs PROMPT")
-    if prompt is not None and inputs != "image+text":
-        raise UserError(f"--prompt needs an image+text teacher (imagedream); '{name}' reads only the image")
-    if prompt is not None and not prompt.strip():
-        raise UserError("empty prompt: leave --prompt out, or describe the object")
+    reader = prompt_reader(cfg) if prompts and not quiet else None
+    if reader is None:
+        return
+    for prompt in prompts:
+        kept = reader.cut(prompt)
+        if kept is not None:
+            tail = " ".join(kept.split()[-4:])
+            print(f"warning: prompt '{shorten(prompt, 50)}' is longer than the {reader.length} tokens "
+                  f"{cfg.teacher.name} reads: it is cut after '…{tail}'", file=sys.stderr)
 
 
 # text commands -------------------------------------------------------------------------------------
@@ -514,10 +570,10 @@ def _check_image_teacher(name: str, prompt: str | None) -> None:
 
 def _run_prompts(
     command: str,
-    task_class: type[PromptTask],
     prompts: list[str],
     out: Path,
     *,
+    mesh: bool,
     teacher: str | None,
     preset: str | None,
     config: Path | None,
@@ -528,22 +584,32 @@ def _run_prompts(
     manifest: Path | None,
     json_out: bool,
     quiet: bool,
+    where: _Where,
     **flags: Any,
 ) -> None:
-    """One job per prompt through the batch runner, the text-to-3D teacher loaded once; ``flags`` are
-    config overrides (:func:`_overrides`). A lone bad prompt fails before any model is loaded."""
-    from .pipeline import prompt_jobs, resolve_device
-    from .teachers.registry import teacher_entry
+    """One job per prompt through :meth:`Pipeline.run_batch`, the text-to-3D teacher loaded once; ``flags``
+    are settings (:data:`microdreamer.api.SETTINGS`). A lone bad prompt fails before any model is loaded."""
+    from .api import Pipeline, check_run_outputs, resolve_config
+    from .pipeline import prompt_jobs
 
     jobs = prompt_jobs(prompts)
-    if len(jobs) == 1 and jobs[0].problem is not None:
+    single = len(jobs) == 1 and where.shard is None
+    if single and jobs[0].problem is not None:
         raise UserError(jobs[0].problem)
-    cfg = _resolve_config(teacher or "mvdream", preset, config, **flags)
-    if teacher_entry(cfg.teacher.name).inputs != "text":
-        raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{cfg.teacher.name}'")
-    task = task_class(cfg, resolve_device(cfg.device), out, video=_video_options(video, video_format), overwrite=overwrite)
-    run_batch(command, [], jobs, task, out, manifest=manifest, manifest_default=out / MANIFEST_NAME,
-              skip_existing=skip_existing, json_out=json_out, quiet=quiet, single=len(jobs) == 1)
+    pipe = Pipeline(resolve_config(teacher or "mvdream", preset, config, **flags))
+    if pipe.inputs != "text":
+        raise UserError(f"{command} needs a text-to-3D teacher (mvdream), not '{pipe.config.teacher.name}'")
+    video_options = _video_options(video, video_format)
+    check_run_outputs(out, manifest)
+    _warn_cut_prompts(pipe.config, [job.input for job in jobs if job.problem is None], quiet)
+    run_batch(
+        lambda observer: pipe.run_batch(
+            prompts, out, mesh=mesh, video=video_options, overwrite=overwrite, skip_existing=skip_existing,
+            manifest=manifest, stop_on_error=single, observer=observer, executor=where.executor, shard=where.shard,
+        ),
+        single=single, manifest_path=batch_manifest_path(manifest, out, single, where.shard), json_out=json_out,
+        quiet=quiet,
+    )
 
 
 @app.command("text2gs")
@@ -567,16 +633,22 @@ def text2gs(
     overwrite: Overwrite = False,
     skip_existing: SkipPrompts = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
     """Prompt(s) → 3D Gaussians (OUT/<prompt words>.ply, _views.png, .json)."""
-    from .pipeline import PromptTask
-
     _run_prompts(
-        "text2gs", PromptTask, prompts, out, teacher=teacher, preset=preset, config=config, video=video,
+        "text2gs", prompts, out, mesh=False, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
-        json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
+        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt,
     )
 
@@ -610,6 +682,13 @@ def text2mesh(
     overwrite: Overwrite = False,
     skip_existing: SkipPrompts = False,
     manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
@@ -619,12 +698,11 @@ def text2mesh(
     baked from the Gaussians; the mvdream preset does not refine it (as the reference), --refine-steps N
     refines it with one SIR pass of the teacher.
     """
-    from .pipeline import PromptMeshTask
-
     _run_prompts(
-        "text2mesh", PromptMeshTask, prompts, out, teacher=teacher, preset=preset, config=config, video=video,
+        "text2mesh", prompts, out, mesh=True, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
-        json_out=json_out, quiet=quiet, model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
+        json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
+        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt, mesh_format=mesh_format, faces=faces,
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
     )
@@ -638,55 +716,69 @@ def preprocess_(
     border_ratio: Annotated[float, typer.Option(help="Empty border around the recentred object.")] = 0.2,
     rembg: Rembg = None,
     overwrite: Overwrite = False,
-    skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose output exists.")] = False,
+    skip_existing: Annotated[bool, _flag(help="Skip inputs whose output exists.")] = False,
     manifest: Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json with --out).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
+    json_out: Annotated[bool, _flag("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Mask, recentre and rescale images → <stem>_rgba.png (what every image command does first)."""
-    from .pipeline import PreprocessOptions, PreprocessTask
-    from .preprocess import is_preprocessed_output
+    from .api import preprocess_images
+    from .pipeline import PreprocessOptions
 
     options = PreprocessOptions(border_ratio=border_ratio, remove_background=_removal(rembg) or "auto", size=size)
-    jobs = expand_inputs(images, exclude=is_preprocessed_output, unique_stems=out is not None)
-    task = PreprocessTask(options, out, overwrite)
-    run_batch("preprocess", images, jobs, task, out or Path("."), manifest=manifest,
-              manifest_default=None if out is None else out / MANIFEST_NAME, skip_existing=skip_existing,
-              json_out=json_out, quiet=quiet, ignored=ignored_files(images))
+    where = _where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard)
+    single = is_single_input(images) and where.shard is None
+    run_batch(
+        lambda observer: preprocess_images(
+            images, out, options=options, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
+            stop_on_error=single, observer=observer, executor=where.executor, shard=where.shard,
+        ),
+        single=single, manifest_path=batch_manifest_path(manifest, out, single, where.shard), json_out=json_out,
+        quiet=quiet,
+    )
 
 
 @app.command("render")
 def render(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh (.obj, .glb, .gltf).")],
     video: Annotated[Optional[Path], typer.Option(help="Output .mp4 or .gif (default: RESULT_turntable.mp4).")] = None,
-    frames: Annotated[int, typer.Option(help="Frames over 360°.")] = 90,
-    fps: Annotated[int, typer.Option(help="Frames per second.")] = 30,
-    res: Annotated[int, typer.Option(help="Frame size in pixels.")] = 512,
-    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees (negative = from above).")] = 0.0,
-    radius: Annotated[float, typer.Option(help="Camera distance.")] = 2.0,
-    fovy: Annotated[float, typer.Option(help="Vertical field of view in degrees.")] = 49.1,
-    azimuth: Annotated[float, typer.Option(help="Azimuth of the first frame in degrees.")] = 0.0,
-    normalize: Annotated[bool, typer.Option(help="Fit a mesh into the unit box first.")] = True,
+    frames: Annotated[int, typer.Option(help="Frames over 360°.", callback=_within(*TURNTABLE_FRAMES))] = 90,
+    fps: Annotated[int, typer.Option(help="Frames per second.", callback=_within(*TURNTABLE_FPS))] = 30,
+    res: Annotated[int, typer.Option(help="Frame size in pixels.", callback=_within(*TURNTABLE_RESOLUTION))] = 512,
+    elevation: Annotated[float, typer.Option(
+        help="Camera elevation in degrees (negative = from above).",
+        callback=_within(-ELEVATION_LIMIT, ELEVATION_LIMIT, strict=True, unit=" degrees"))] = 0.0,
+    radius: Annotated[float, typer.Option(help="Camera distance.", callback=_POSITIVE)] = 2.0,
+    fovy: Annotated[float, typer.Option(
+        help="Vertical field of view in degrees.", callback=_within(0, 180, strict=True, unit=" degrees"))] = 49.1,
+    azimuth: Annotated[float, typer.Option(
+        help="Azimuth of the first frame in degrees.", callback=_within(-math.inf, math.inf, strict=True))] = 0.0,
+    normalize: Annotated[bool, _flag(help="Fit a mesh into the unit box first.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing video.")] = False,
+    overwrite: Annotated[bool, _flag(help="Replace an existing video.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """A 360° turntable video of a saved result."""
-    from .pipeline import resolve_device
-    from .video import VideoOptions, default_format, render_frames, result_renderer, turntable_cameras, write_video
+    from .api import render_video
+    from .video import VideoOptions, default_format, format_of
 
     target = video or result.with_name(f"{result.stem}_turntable.{default_format()}")
-    options = VideoOptions(format=target.suffix.lower().lstrip(".") or "?", frames=frames, fps=fps, resolution=res)
+    options = VideoOptions(format=format_of(target), frames=frames, fps=fps, resolution=res)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --video")
-    dev = resolve_device(device)
-    draw = result_renderer(result, dev, normalize=normalize)
-    cameras = turntable_cameras(options.frames, elevation, radius, res, fovy, start_azimuth=azimuth)
+    check_output_file(target, "--video" if video is not None else _BESIDE.format("RESULT"))
     console = _console(quiet)
-    with console.status(f"rendering {frames} frames of {escape(result.name)}"):
-        pixels = render_frames(draw, cameras)
-        write_video(target, pixels, options.fps)
-    console.print(f"[green]wrote[/] {escape(str(target))} ({frames} frames, {res}x{res}, {fps} fps)")
+    with _status(console, f"rendering {plural(frames, 'frame')} of {escape(result.name)}"):
+        render_video(result, target, options=options, elevation=elevation, radius=radius, fovy=fovy,
+                     azimuth=azimuth, normalize=normalize, device=device, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {escape(str(target))} ({plural(frames, 'frame')}, {res}x{res}, {fps} fps)")
 
 
 @app.command("eval")
@@ -694,32 +786,41 @@ def eval_(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Path, typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf).")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
-    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.")] = 2.0,
-    res: Annotated[int, typer.Option(help="Render resolution.")] = 256,
+    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.", callback=_POSITIVE)] = 2.0,
+    res: Annotated[int, typer.Option(help="Render resolution.", callback=_within(*RESOLUTION))] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    shading: Annotated[Optional[str], typer.Option(help="Render the reference lit or albedo (default: as the run's report beside the result says, else lit).")] = None,
 ) -> None:
     """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
     distance, F-score at 0.01 and 0.05 and normal consistency. The reference is fitted into the unit
     box; a mesh goes back into its run's frame through the <stem>_mesh.json beside it, else it is
     fitted into the unit box too."""
-    from .evaluate import MeshEvalReport, evaluate_gaussians, evaluate_mesh, is_gaussian_ply
+    from .api import evaluate
+    from .evaluate import MeshEvalReport
     from .io.atomic import atomic_path
-    from .pipeline import resolve_device
+    from .render.mesh import shading_light
 
     if not result.is_file():
         raise UserError(f"result not found: {result}")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
-    evaluate = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
-    report = evaluate(result, reference, resolve_device(device), radius=radius, resolution=res)
-    table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", title=f"{result.name} vs {reference.name}")
+    if json_out is not None:
+        check_output_file(json_out, "--json")
+    if shading is not None:
+        shading_light(shading)  # one line for an unknown mode
+    report = evaluate(result, reference, device=device, radius=radius, resolution=res, shading=shading)
+    table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", "albedo PSNR",
+                  title=f"{result.name} vs {reference.name} ({report.shading})")
     for v in report.views:
-        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}")
-    table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}", style="bold")
-    Console().print(table)
+        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.2f}", f"{v.psnr:.2f}", f"{v.ssim:.4f}",
+                      f"{v.albedo_psnr:.2f}")
+    table.add_row("mean", "", "", f"{report.mean_psnr:.2f}", f"{report.mean_ssim:.4f}",
+                  f"{report.mean_albedo_psnr:.2f}", style="bold")
+    console = _console(stderr=False)
+    console.print(table)
     if isinstance(report, MeshEvalReport):
         s = report.surface
-        Console().print(
+        console.print(
             f"surface ({'run frame' if report.frame == 'run' else 'unit box'}): Chamfer {s.chamfer:.4f}, "
             f"F-score@0.01 {s.fscore[0.01]:.3f}, "
             f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
@@ -732,38 +833,71 @@ def eval_(
 @app.command("selftest")
 def selftest(
     out: Annotated[Optional[Path], typer.Option(help="Keep the outputs here (default: a temporary folder).")] = None,
-    min_psnr: Annotated[float, typer.Option(help="Fail below this mean held-out PSNR.")] = SELFTEST_MIN_PSNR,
+    min_psnr: Annotated[float, typer.Option(
+        help="Fail below this mean held-out PSNR (dB).", callback=_within(0, 100))] = SELFTEST_MIN_PSNR,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
     """Reconstruct the bundled CC0 Spot cow with the reference teacher and check the held-out PSNR."""
-    import tempfile
+    from .api import SELFTEST_MESH, Progress, selftest as run_selftest
+    from .pipeline import resolve_device
 
-    from .evaluate import evaluate_gaussians
-    from .pipeline import ImageTo3D, describe_iteration, resolve_device
-
-    mesh = Path(__file__).resolve().parent / "assets" / "spot" / "spot.obj"
     console = _console()
     dev = resolve_device(device)
-    cfg = _resolve_config("reference", None, None, model=str(mesh), device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = out or Path(tmp)
-        with _ProgressView(console, batch=False) as view:
-            view.job_started(0, Job("spot", str(mesh)))
-            view.loading(True)
-            runner = ImageTo3D(cfg, dev)
-            view.loading(False)
-            report = runner.run(
-                None, folder, overwrite=True,
-                on_iteration=lambda log, total: view.step(log.iteration + 1, total, describe_iteration(log)),
-            )
-        scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, dev)
+    if out is not None:
+        check_output_dir(out)
+    console.print(f"selftest: the Spot cow from its front view with the reference teacher on {dev} "
+                  "(a first run also builds the C++ kernels, about a minute)", markup=False, highlight=False)
+    with _ProgressView(console, batch=False) as view:
+        view.job_started(0, Job("spot", str(SELFTEST_MESH)))
+
+        def show(event: Progress) -> None:
+            if event.stage == "load":
+                view.loading(event.done == 0)
+            elif event.stage == "score":
+                view.say(event.info)
+            else:
+                view.step(event.done, event.total, event.info)
+
+        outcome = run_selftest(out, device=device, on_progress=show)
+    report, scores = outcome.report, outcome.scores
     ok = scores.mean_psnr >= min_psnr
     verdict = "[green]PASS[/]" if ok else "[red]FAIL[/]"
     console.print(
-        f"{verdict} selftest: mean held-out PSNR {scores.mean_psnr:.2f} dB (threshold {min_psnr:.1f}), "
-        f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {dev}, {report.primitives} Gaussians"
+        f"{verdict} selftest ({scores.shading} teacher): mean held-out PSNR {scores.mean_psnr:.2f} dB "
+        f"(threshold {min_psnr:.1f}), "
+        f"SSIM {scores.mean_ssim:.4f}, {report.timings['sir']:.1f} s SIR on {outcome.device}, "
+        f"{plural(report.primitives, 'Gaussian')}"
     )
     if not ok:
+        raise typer.Exit(1)
+
+
+@manifest_app.command("merge")
+def manifest_merge(
+    shards: Annotated[list[Path], typer.Argument(help="Output folders holding the shards' manifests (manifest.shard-I-of-N.json), or those files.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The joined manifest (default: manifest.json beside the first shard's).")] = None,
+    overwrite: Annotated[bool, _flag(help="Replace an existing manifest.")] = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Join the manifests of a batch's shards (--shard I/N) into the manifest of the whole batch, its inputs in
+    the unsharded order. Every shard must be there once; exits 1 when any input failed, as the batch would."""
+    from .executors.shard import merge_manifests, merged_manifest_path, shard_manifests
+
+    paths = shard_manifests(shards)
+    merged = merge_manifests(paths)
+    target = out or merged_manifest_path(paths[0])
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --out")
+    check_output_file(target, "--out")
+    merged.write(target)
+    console = _console(quiet)
+    console.print(f"joined {plural(len(paths), 'shard manifest')} into {escape(str(target))}")
+    if not quiet:
+        _print_summary(console, merged, target)
+    if json_out:
+        _print_json(merged.to_dict())
+    if merged.failed:
         raise typer.Exit(1)
 
 
@@ -775,7 +909,7 @@ CacheDir = Annotated[Optional[Path], typer.Option(help="Hugging Face hub cache (
 @models_app.command("list")
 def models_list(
     cache_dir: CacheDir = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Every known teacher's weights: cached or not, size, licence."""
     from .teachers.catalog import CATALOG, cache_status
@@ -791,7 +925,7 @@ def models_list(
     if json_out:
         _print_json(rows)
         return
-    console = Console()
+    console = _console(stderr=False)
     table = Table("teacher", "cached", "size", "use", "weights", title="teacher weights")
     for r in rows:
         state = "[green]yes[/]" if r["cached"] else ("[yellow]incomplete[/]" if r["size_bytes"] else "no")
@@ -802,6 +936,8 @@ def models_list(
     for r in rows:
         console.print(f"[bold]{r['name']}[/]: {escape(r['license'])}")
     console.print("The reference teacher needs no weights: it renders a mesh you pass with --model.")
+    console.print("Generators and students distilled from Zero123++ by `microdreamer distill` inherit its weights' "
+                  "licence: CC-BY-NC 4.0, non-commercial use only (NOTICE.txt in each run folder).")
 
 
 @models_app.command("download")
@@ -810,20 +946,23 @@ def models_download(
     cache_dir: CacheDir = None,
 ) -> None:
     """Fetch one teacher's configs and safetensors weights into the Hugging Face cache."""
-    from .teachers.catalog import download, find_entry
+    from .teachers.catalog import cache_status, download, find_entry, hub_cache
 
     entry = find_entry(name)
+    if not cache_status(entry, cache_dir)[0]:
+        option = "--cache-dir" if cache_dir is not None else "--cache-dir (default: HF_HUB_CACHE)"
+        check_output_dir(hub_cache(cache_dir), option)
     console = _console()
     if not entry.commercial_use:
         console.print(f"[bold yellow]licence:[/] {escape(entry.license)}")
-    with console.status(f"fetching {entry.repo_id} (about {entry.approx_size_gb:.1f} GB)"):
+    with _status(console, f"fetching {entry.repo_id} (about {entry.approx_size_gb:.1f} GB)"):
         folder = download(entry, cache_dir)
     console.print(f"[green]ready[/] {entry.name}: {escape(str(folder))}")
     typer.echo(str(folder))
 
 
 @presets_app.command("list")
-def presets_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False) -> None:
+def presets_list(json_out: Annotated[bool, _flag("--json", help="Print JSON on stdout.")] = False) -> None:
     """The presets, with their teacher and description."""
     from .config import PRESET_DIR, load_preset, preset_names
 
@@ -839,13 +978,13 @@ def presets_list(json_out: Annotated[bool, typer.Option("--json", help="Print JS
     table = Table("preset", "teacher", "about", title="presets")
     for r in rows:
         table.add_row(r["name"], r["teacher"], escape(r["about"]))
-    Console().print(table)
+    _console(stderr=False).print(table)
 
 
 @presets_app.command("show")
 def presets_show(
     name: Annotated[str, typer.Argument(help="Preset name.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print JSON instead of TOML.")] = False,
 ) -> None:
     """The preset resolved over the defaults, as a TOML file usable with --config."""
     from .config import resolve
@@ -877,15 +1016,15 @@ def _to_toml(data: dict[str, Any]) -> str:
 
 @app.command("doctor")
 def doctor(
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
-    build: Annotated[bool, typer.Option(help="Build the C++ kernels to check them (cached after the first time).")] = True,
+    json_out: Annotated[bool, _flag("--json", help="Print JSON on stdout.")] = False,
+    build: Annotated[bool, _flag(help="Build the C++ kernels to check them (cached after the first time).")] = True,
     cache_dir: CacheDir = None,
 ) -> None:
     """What this machine can run: torch and devices, GPU memory, backends, cached models, ffmpeg."""
     from .doctor import run_checks, to_dict
 
     console = _console()
-    with console.status("checking (the first run builds the C++ kernels, about a minute)"):
+    with _status(console, "checking (the first run builds the C++ kernels, about a minute)"):
         checks = run_checks(build_kernels=build, cache_dir=cache_dir)
     report = to_dict(checks)
     if json_out:
@@ -895,7 +1034,7 @@ def doctor(
         for c in checks:
             style = _CHECK_STYLE.get(c.status, "")
             table.add_row(c.section, c.name, f"[{style}]{c.status}[/]", escape(c.detail))
-        Console().print(table)
+        _console(stderr=False).print(table)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -906,6 +1045,34 @@ def doctor(
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+#: words that read as a value given to a flag (``--video true``)
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _check_flags_take_no_value(command: Any, argv: list[str]) -> None:
+    """``--video true`` would make ``true`` an input (an image path, a second prompt): refuse it in one line."""
+    args = list(argv)
+    while getattr(command, "commands", None) and args and args[0] in command.commands:
+        command = command.commands[args.pop(0)]
+    flags = {name: param for param in command.params if getattr(param, "is_flag", False)
+             for name in (*param.opts, *param.secondary_opts)}
+    for option, word in zip(args, args[1:]):
+        if option == "--":
+            return
+        if option in flags and word.lower() in _BOOLEAN_WORDS and not Path(word).exists():
+            off = flags[option].secondary_opts
+            how = f"write {option} to turn it on" + (f", {off[0]} to turn it off" if off else ", or leave it out")
+            raise UserError(f"{option} is a flag and takes no value: {how}, not '{option} {word}'")
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Library warnings (a slow fallback in use) as one ``warning: …`` line on stderr, not Python's two."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure is one line on stderr and exit code 2; Ctrl-C is 130."""
     command = typer.main.get_command(app)
@@ -913,7 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["--help"]
     try:
-        rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
+        _check_flags_take_no_value(command, argv)
+        with _one_line_warnings():
+            rc = command.main(args=argv, prog_name="microdreamer", standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -931,3 +1100,123 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     sys.exit(main())
+
+
+# distillation (GECO) -------------------------------------------------------------------------------
+
+distill_app = typer.Typer(
+    help="GECO distillation: condition images, then Stage I (Zero123++ → a one-step generator by VSD).",
+    no_args_is_help=True,
+)
+app.add_typer(distill_app, name="distill")
+
+_Opt = typer.Option
+
+
+@distill_app.command("prepare")
+def distill_prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Meshes (.obj, .glb, .gltf), images, or folders of them (searched recursively).", show_default=False)],
+    out: Annotated[Path, _Opt("--out", "-o", help="Output folder: condition images and manifest.json.")],
+    size: Annotated[int, _Opt(help="Side of the square condition images (at least 320).")] = 320,
+    views: Annotated[int, _Opt(help="Condition images per mesh, at azimuths evenly spaced from 0.")] = 1,
+    border_ratio: Annotated[float, _Opt(help="Empty border around the recentred object.")] = 0.2,
+    rembg: Rembg = None,
+    device: Annotated[str, _Opt(help="Device of the mesh renderer: cpu, cuda.")] = "cpu",
+    overwrite: Annotated[bool, _flag(help="Replace the condition images of an earlier prepare in OUT.")] = False,
+    json_out: Annotated[bool, _flag("--json", help="Print the manifest's summary as JSON on stdout.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Condition images as GECO trains on them: elevation 0, gray 127 background, square; and OUT/manifest.json."""
+    from .distill.data import MANIFEST, PrepareOptions, prepare_conditions
+
+    options = PrepareOptions(size=size, views=views, border_ratio=border_ratio,
+                             remove_background=_removal(rembg) or "auto", overwrite=overwrite, device=device)
+    console = _console(quiet)
+
+    def show(index: int, total: int, path: Path, error: str | None) -> None:
+        state = f"[red]failed[/] {escape(error)}" if error else "[green]done[/]"
+        console.print(f"[{index + 1}/{total}] {escape(path.name)}: {state}")
+
+    report = prepare_conditions(inputs, out, options, on_input=show)
+    summary = {"out": str(report.out), "manifest": str(report.out / MANIFEST), "images": len(report.items),
+               "failed": report.failed, "ignored": report.ignored}
+    if json_out:
+        _print_json(summary)
+    if report.ignored:
+        console.print(f"ignored {plural(len(report.ignored), 'file')} that are neither images nor meshes")
+    console.print(f"wrote {plural(len(report.items), 'condition image')} and {MANIFEST} in {escape(str(report.out))}"
+                  + (f"; [red]{plural(len(report.failed), 'input')} failed[/]" if report.failed else ""))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _distill_settings(**options: Any) -> dict[str, Any]:
+    """The options the user gave (None: not given), as DistillConfig settings."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
+
+
+@distill_app.command("stage1")
+def distill_stage1(
+    out: Annotated[Path, _Opt("--out", "-o", help="Run folder: settings, log, checkpoints, validation sheets.")],
+    data: Annotated[Optional[Path], _Opt(help="Condition images made by `microdreamer distill prepare`.")] = None,
+    model: Annotated[Optional[str], _Opt(help="Zero123++ v1.1 folder or Hugging Face id (default: sudo-ai/zero123plus-v1.1).")] = None,
+    resume: Annotated[bool, _flag(help="Continue the run in OUT from its newest complete checkpoint, exactly.")] = False,
+    steps: Annotated[Optional[int], _Opt(help="Train up to this step (GECO: 5000).")] = None,
+    batch_size: Annotated[Optional[int], _Opt(help="Condition images per process and step (default 1).")] = None,
+    seed: Seed = None,
+    lr_generator: Annotated[Optional[float], _Opt(help="Adam learning rate of the generator (GECO: 1e-6).")] = None,
+    lr_student: Annotated[Optional[float], _Opt(help="Adam learning rate of the student (GECO: 1e-6).")] = None,
+    t_min: Annotated[Optional[float], _Opt(help="Lowest timestep fraction (GECO: 0.02).")] = None,
+    t_max: Annotated[Optional[float], _Opt(help="Highest timestep fraction (GECO: 0.98).")] = None,
+    generator_timestep: Annotated[Optional[int], _Opt(help="Timestep t* at which the one-step generator runs (default 999).")] = None,
+    guidance_teacher: Annotated[Optional[float], _Opt(help="Teacher guidance scale (GECO: 4).")] = None,
+    guidance_generator: Annotated[Optional[float], _Opt(help="Generator guidance scale (GECO: 4).")] = None,
+    guidance_student: Annotated[Optional[float], _Opt(help="Student guidance scale (GECO: 1).")] = None,
+    weighting: Annotated[Optional[str], _Opt(help="VSD weighting w(t): dmd (default), sds, constant.")] = None,
+    view_size: Annotated[Optional[int], _Opt(help="Pixels per generated view (default 320).")] = None,
+    precision: Annotated[Optional[str], _Opt(help="auto (bf16 autocast on CUDA, else fp32), fp32, bf16.")] = None,
+    device: Device = None,
+    checkpoint_every: Annotated[Optional[int], _Opt(help="Steps between checkpoints (default 500; the last step always).")] = None,
+    keep_checkpoints: Annotated[Optional[int], _Opt(help="Newest complete checkpoints kept (default 1).")] = None,
+    validate_every: Annotated[Optional[int], _Opt(help="Steps between validations (default 500; 0: never).")] = None,
+    validation_images: Annotated[Optional[int], _Opt(help="Condition images validated (the first ones; default 4).")] = None,
+    validation_steps: Annotated[Optional[int], _Opt(help="Sampling steps of the teacher's reference grids (default 75).")] = None,
+    offline: Annotated[bool, _flag(help="Never download the model.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage I: distil Zero123++ v1.1 into a one-step multi-view generator (VSD, GECO §3.1). Under
+    `torchrun --nproc_per_node N` the global batch is split over N processes. The weights are non-commercial."""
+    from .distill.trainer import run_stage1, stage1_config
+
+    settings = _distill_settings(
+        data=data, model=model, steps=steps, batch_size=batch_size, seed=seed, lr_generator=lr_generator,
+        lr_student=lr_student, t_min=t_min, t_max=t_max, generator_timestep=generator_timestep,
+        guidance_teacher=guidance_teacher, guidance_generator=guidance_generator, guidance_student=guidance_student,
+        weighting=weighting, view_size=view_size, precision=precision, device=device,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, validate_every=validate_every,
+        validation_images=validation_images, validation_steps=validation_steps,
+        allow_download=False if offline else None,
+    )
+    config = stage1_config(out, settings, resume)
+    console = _console(quiet)
+    every = max(1, config.steps // 100)
+
+    def show(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "loaded":
+            start = f"resuming at step {event['step']}" if event["step"] else "starting"
+            console.print(f"{start} of {config.steps} ({plural(event['processes'], 'process', 'processes')}); "
+                          f"the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)")
+        elif kind == "step" and (event["step"] % every == 0 or event["step"] == config.steps):
+            console.print(f"step {event['step']}/{config.steps}: generator {event['generator_loss']:.4g}, "
+                          f"student {event['student_loss']:.4g} ({event['seconds']:.2f} s)")
+        elif kind == "checkpoint":
+            console.print(f"[green]checkpoint[/] {escape(event['path'])}")
+        elif kind == "validation":
+            console.print(f"validation at step {event['step']}: PSNR {event['psnr']:.2f} dB against the teacher "
+                          f"({escape(event['sheet'])})")
+
+        elif kind == "finished":
+            console.print(f"[green]done[/]: step {event['step']} in {escape(str(out))}")
+
+    run_stage1(config, out, resume=resume, on_event=show)

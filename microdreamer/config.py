@@ -18,6 +18,14 @@ from typing import Any
 from .errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+#: the largest seed a torch.Generator takes
+MAX_SEED = 2**64 - 1
+#: |elevation| of a camera must stay below this (degrees): at the poles the orbit has no orientation
+ELEVATION_LIMIT = 90.0
+#: render (and teacher target) sizes a run may use, in pixels
+RESOLUTION = (16, 2048)
+#: what a turntable video may have: frames over 360°, frames per second, frame side in pixels
+TURNTABLE_FRAMES, TURNTABLE_FPS, TURNTABLE_RESOLUTION = (1, 3600), (1, 120), (16, 4096)
 
 
 @dataclass
@@ -25,6 +33,10 @@ class TeacherConfig:
     name: str = "stable-zero123"
     model: str | None = None  # Hugging Face id, local folder, or (reference teacher) a mesh file
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 elsewhere) | fp16 | bf16 | fp32
+    # the reference teacher's targets: lit (key light fixed to the object + ambient) | albedo (surface colours)
+    shading: str = "lit"
+    # the reference teacher's seeded defects growing with t2: none | moderate (teachers/imperfection.py)
+    imperfection: str = "none"
 
 
 @dataclass
@@ -112,6 +124,7 @@ class GaussianConfig:
     densify_grad_threshold: float = 0.01
     final_prune_opacity: float = 0.01
     final_prune_scale: float = 0.1
+    white_filter: bool = True  # after the final prune, remove visible white floaters (paper §V, spec §6.6)
     backend: str = "auto"  # auto | torch | cpu | gsplat
 
 
@@ -204,25 +217,39 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Reject values that cannot run, with a line that names the key."""
+        """Reject values that cannot run, with a line that names the flag (as typed) and the key."""
+        from .render.gaussians import BACKENDS
+
         s, c = self.schedule, self.cameras
+        backends = ("auto", *BACKENDS)
         checks = [
             (s.kind in ("linear", "square", "random"), "schedule.kind must be linear, square or random"),
             (s.t1 in ("ratio", "square"), "schedule.t1 must be ratio or square"),
             (0.0 < s.t_end <= s.t_start <= 1.0, "schedule needs 0 < t_end <= t_start <= 1"),
             (0.0 <= s.inverse_ratio <= 1.0, "schedule.inverse_ratio must lie in [0, 1]"),
             (1 <= s.denoise_steps <= 1000, "schedule.denoise_steps must lie in 1..1000"),
-            (s.iterations >= 1, "--iters (schedule.iterations) must be at least 1"),
-            (s.steps >= 1 and s.init_steps >= 0, "--steps (schedule.steps) must be at least 1"),
+            (s.iterations >= 1, f"--iters (schedule.iterations) must be at least 1, got {s.iterations}"),
+            (s.steps >= 1, f"--steps (schedule.steps) must be at least 1, got {s.steps}"),
+            (s.init_steps >= 0, f"schedule.init_steps must be >= 0, got {s.init_steps}"),
             (0.0 <= self.guidance.eta <= 1.0, "guidance.eta must lie in [0, 1]"),
-            (1 <= c.views <= 64, "--views must lie in 1..64"),
-            (16 <= c.resolution <= 2048, "--res must lie in 16..2048"),
-            (c.radius > 0 and 0 < c.fovy < 180, "cameras need radius > 0 and 0 < fovy < 180"),
+            (math.isfinite(self.guidance.scale) and self.guidance.scale >= 0, "guidance.scale must be >= 0"),
+            (1 <= c.views <= 64, f"--views (cameras.views) must lie in 1..64, got {c.views}"),
+            (RESOLUTION[0] <= c.resolution <= RESOLUTION[1],
+             f"--res (cameras.resolution) must lie in {RESOLUTION[0]}..{RESOLUTION[1]}, got {c.resolution}"),
+            (-ELEVATION_LIMIT < c.elevation < ELEVATION_LIMIT,
+             f"--elevation (cameras.elevation) must lie strictly between -{ELEVATION_LIMIT:g} and "
+             f"{ELEVATION_LIMIT:g} degrees (at ±{ELEVATION_LIMIT:g} the camera looks along the up axis), "
+             f"got {c.elevation:g}"),
+            (0 < c.radius < math.inf and 0 < c.fovy < 180, "cameras need 0 < radius < inf and 0 < fovy < 180"),
             (c.min_ver <= c.max_ver, "cameras need min_ver <= max_ver"),
             (self.gaussians.num_points >= 1, "gaussians.num_points must be at least 1"),
-            (self.seed >= 0, "--seed must be >= 0"),
+            (self.gaussians.backend in backends,
+             f"--backend (gaussians.backend) must be {', '.join(backends)}, got '{self.gaussians.backend}'"),
+            (0 <= self.seed <= MAX_SEED,
+             f"--seed must be a whole number in 0..{MAX_SEED} (2**64 - 1), got {self.seed}"),
             (all(0.0 <= b <= 1.0 for b in self.background) and len(self.background) == 3,
              "background must be three numbers in [0, 1]"),
+            *self._teacher_checks(),
             *self._camera_checks(),
             (self.representation in ("gaussians", "nerf"), "representation must be gaussians or nerf"),
             *(self._nerf_checks() if self.representation == "nerf" else []),
@@ -232,6 +259,17 @@ class RunConfig:
             if not ok:
                 raise UserError(f"bad configuration: {message}")
 
+    def _teacher_checks(self) -> list[tuple[bool, str]]:
+        from .render.mesh import SHADINGS
+        from .teachers.imperfection import LEVELS
+
+        t = self.teacher
+        return [
+            (t.shading in SHADINGS, f"teacher.shading must be {' or '.join(SHADINGS)}, got {t.shading!r}"),
+            (t.imperfection in LEVELS, f"teacher.imperfection must be {' or '.join(LEVELS)}, got {t.imperfection!r}"),
+            (t.name == "reference" or t.imperfection == "none",
+             f"teacher.imperfection applies to the reference teacher only, not '{t.name}'"),
+        ]
 
     def _camera_checks(self) -> list[tuple[bool, str]]:
         c = self.cameras
@@ -279,14 +317,15 @@ class RunConfig:
         m = self.mesh
         steps_ok = 1 <= m.refine_denoise_steps <= 1000
         return [
-            (16 <= m.resolution <= 1024, "mesh.resolution (density grid) must lie in 16..1024"),
-            (m.threshold > 0, "mesh.threshold must be positive"),
+            (16 <= m.resolution <= 1024,
+             f"--grid (mesh.resolution, the density grid) must lie in 16..1024, got {m.resolution}"),
+            (0 < m.threshold < math.inf, f"--threshold (mesh.threshold) must be a positive number, got {m.threshold:g}"),
             (0.0 <= m.min_component <= 1.0, "mesh.min_component must lie in [0, 1]"),
-            (m.faces >= 100, f"mesh.faces (the face budget, --faces) must be at least 100, got {m.faces}"),
+            (m.faces >= 100, f"--faces (mesh.faces, the face budget) must be at least 100, got {m.faces}"),
             (16 <= m.texture <= 8192 and m.texture & (m.texture - 1) == 0,
-             "mesh.texture (--texture-size) must be a power of two in 16..8192"),
+             f"--texture-size (mesh.texture) must be a power of two in 16..8192, got {m.texture}"),
             (16 <= m.bake_resolution <= 4096, "mesh.bake_resolution must lie in 16..4096"),
-            (m.refine_steps >= 0, "mesh.refine_steps must be >= 0"),
+            (m.refine_steps >= 0, f"--refine-steps (mesh.refine_steps) must be >= 0, got {m.refine_steps}"),
             (1 <= m.refine_views <= 64, "mesh.refine_views must lie in 1..64"),
             (steps_ok, "mesh.refine_denoise_steps must lie in 1..1000"),
             (not steps_ok or m.refine_t in ddim_timesteps(m.refine_denoise_steps),
@@ -294,9 +333,9 @@ class RunConfig:
             (0.0 <= m.refine_eta <= 1.0, "mesh.refine_eta must lie in [0, 1]"),
             (m.refine_lr > 0, "mesh.refine_lr must be positive"),
             (16 <= m.refine_resolution <= 2048, "mesh.refine_resolution must lie in 16..2048"),
-            (m.up in ("y", "z"), "mesh.up (--up) must be y or z"),
-            (m.scale > 0 and math.isfinite(m.scale), "mesh.scale (--scale) must be a positive number"),
-            (m.format in ("glb", "obj", "ply"), "mesh.format (--format) must be glb, obj or ply"),
+            (m.up in ("y", "z"), f"--up (mesh.up) must be y or z, got '{m.up}'"),
+            (0 < m.scale < math.inf, f"--scale (mesh.scale) must be a positive number, got {m.scale:g}"),
+            (m.format in ("glb", "obj", "ply"), f"--format (mesh.format) must be glb, obj or ply, got '{m.format}'"),
             (m.format != "glb" or m.up == "y", "glTF is Y-up by definition: --up z applies to obj and ply"),
         ]
 
@@ -360,6 +399,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot parse config file {path}: {exc}") from None
 
 
+def _saved_model(data: dict[str, Any], config_file: Path, overrides: dict[str, Any], needed: bool) -> dict[str, Any]:
+    """A run report names a model file or folder by a :class:`~microdreamer.io.provenance.FileRef`: found
+    again beside the report or where it was, unless the flags give another model or another teacher, or no
+    teacher is ``needed``."""
+    teacher = data.get("teacher")
+    if not isinstance(teacher, dict) or not isinstance(teacher.get("model"), dict):
+        return data
+    from .io.provenance import FileRef
+
+    given = overrides.get("teacher", {})
+    teacher = dict(teacher)
+    ref = FileRef.from_json(teacher.pop("model"))
+    if needed and "model" not in given and given.get("name", teacher.get("name")) == teacher.get("name"):
+        teacher["model"] = str(ref.resolve(config_file.parent, "the run's model", "pass --model"))
+    return {**data, "teacher": teacher}
+
+
 def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
@@ -367,11 +423,15 @@ def load_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
-def resolve(preset: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults < preset < config file < overrides (nested dicts keyed like the dataclasses)."""
+def resolve(
+    preset: str, config_file: Path | None = None, overrides: dict[str, Any] | None = None, *, needs_teacher: bool = True
+) -> RunConfig:
+    """Defaults < preset < config file < overrides (nested dicts keyed like the dataclasses).
+
+    Without ``needs_teacher`` (a command that loads none) a model file named by a run report is not looked for."""
     cfg = _merge(RunConfig(), load_preset(preset), "")
     if config_file is not None:
-        cfg = _merge(cfg, read_config_file(config_file), "")
+        cfg = _merge(cfg, _saved_model(read_config_file(config_file), config_file, overrides or {}, needs_teacher), "")
     cfg = _merge(cfg, overrides or {}, "")
     cfg = dataclasses.replace(cfg, preset=preset)
     cfg.validate()

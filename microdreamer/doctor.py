@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .wording import plural
 
 STATUSES = ("ok", "missing", "warn", "error")
-#: optional GPU backends: (import name, what it is used for)
+#: optional GPU backends the renderers use: (import name, what it is used for)
 GPU_BACKENDS = (
     ("gsplat", "CUDA Gaussian rasterizer"),
     ("nvdiffrast", "CUDA mesh rasterizer"),
-    ("nerfacc", "NeRF ray marching"),
-    ("tinycudann", "hash-grid encodings"),
+    ("nerfacc", "CUDA NeRF ray marching"),
+    ("tinycudann", "CUDA hash-grid encoding (NeRF fields)"),
 )
 #: our C++ (OpenMP) kernels, built on first use
 CPU_KERNELS = (("gaussians", "Gaussian rasterizer"), ("mesh", "mesh rasterizer"), ("volume", "NeRF volume renderer"),
@@ -76,7 +77,7 @@ def check_devices() -> list[Check]:
         checks.append(Check("devices", "cuda", "missing", f"{why}: runs use the CPU (slow)"))
     if torch.backends.mps.is_available():
         checks.append(Check("devices", "mps", "ok", "Apple GPU available"))
-    checks.append(Check("devices", "cpu", "ok", f"{os.cpu_count()} cores"))
+    checks.append(Check("devices", "cpu", "ok", plural(os.cpu_count(), "core") if os.cpu_count() else "cores unknown"))
     return checks
 
 

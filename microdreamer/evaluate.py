@@ -8,6 +8,12 @@ reference-teacher runs reconstruct in. Gaussians are compared in their own frame
 export report (``<stem>_mesh.json``, with the centring, scale and up axis of the export) lies beside
 it. Any other mesh is fitted into the unit box by its own bounding box, which is sensitive to thin
 parts that the reconstruction lost or thickened (a 1 % longer box shifts every point by ~0.005).
+
+The reference is rendered as the run's reference teacher rendered it: ``lit`` (the default teacher
+mode; the result's colours carry the light it learnt) or ``albedo``. Without a mode given, the run's
+report beside the result (``<stem>.json``) says which; failing that, ``lit``. The PSNR against the
+reference's albedo is reported apart (``albedo_psnr``): it tells how far a result's colours are from
+the surface colours, which only an ``albedo`` run can match.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .export.writers import OutputFrame
 from .io.mesh import TexturedMesh, load_mesh
 from .mesh_metrics import DEFAULT_SAMPLES, SurfaceScores, compare_surfaces
 from .metrics import psnr, ssim
-from .render.mesh import rasterize_mesh
+from .render.mesh import rasterize_mesh, shading_light
 from .render.types import RenderOutput
 from .representations.gaussians import Gaussians
 from .sir.cameras import Cameras
@@ -48,6 +54,7 @@ class ViewScore:
     azimuth: float
     psnr: float
     ssim: float
+    albedo_psnr: float  # against the reference's albedo render
 
 
 @dataclass
@@ -55,6 +62,7 @@ class EvalReport:
     result: str
     reference: str
     views: list[ViewScore]
+    shading: str  # how the reference was rendered for ``psnr`` and ``ssim``: lit | albedo
 
     @property
     def mean_psnr(self) -> float:
@@ -64,14 +72,31 @@ class EvalReport:
     def mean_ssim(self) -> float:
         return sum(v.ssim for v in self.views) / len(self.views)
 
+    @property
+    def mean_albedo_psnr(self) -> float:
+        return sum(v.albedo_psnr for v in self.views) / len(self.views)
+
     def to_dict(self) -> dict:
         return {
             "result": self.result,
             "reference": self.reference,
+            "shading": self.shading,
             "mean_psnr": self.mean_psnr,
             "mean_ssim": self.mean_ssim,
+            "mean_albedo_psnr": self.mean_albedo_psnr,
             "views": [asdict(v) for v in self.views],
         }
+
+
+def run_shading(result: Path) -> str:
+    """The reference teacher's shading in the run that wrote ``result`` (its ``<stem>.json``), else ``lit``."""
+    result = Path(result)
+    report = result.with_name(f"{result.stem.removesuffix('_mesh')}.json")
+    try:
+        teacher = json.loads(report.read_text())["config"]["teacher"]
+        return teacher["shading"] if teacher["name"] == "reference" else "lit"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "lit"
 
 
 def evaluate_gaussians(
@@ -81,11 +106,14 @@ def evaluate_gaussians(
     radius: float = 2.0,
     resolution: int = 256,
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    shading: str | None = None,
 ) -> EvalReport:
-    """PSNR/SSIM of the Gaussians' renders against the mesh's renders on the held-out views."""
+    """PSNR/SSIM of the Gaussians' renders against the mesh's renders on the held-out views (``shading``:
+    see the module docstring)."""
+    shading = shading or run_shading(ply)
     gaussians = Gaussians.load(ply, GaussianConfig(), device)
-    views = held_out_scores(gaussians.render, load_mesh(mesh_path), device, radius, resolution, background)
-    return EvalReport(str(ply), str(mesh_path), views)
+    views = held_out_scores(gaussians.render, load_mesh(mesh_path), device, radius, resolution, background, shading)
+    return EvalReport(str(ply), str(mesh_path), views, shading)
 
 
 def held_out_scores(
@@ -95,16 +123,20 @@ def held_out_scores(
     radius: float,
     resolution: int,
     background: tuple[float, float, float],
+    shading: str = "lit",
 ) -> list[ViewScore]:
-    """Per-view PSNR/SSIM of ``render`` against the (antialiased) renders of ``truth`` on the held-out views."""
+    """Per-view PSNR/SSIM of ``render`` against the (antialiased) renders of ``truth`` on the held-out views,
+    shaded as ``shading`` says, and the PSNR against its albedo renders."""
     cams = held_out_cameras(radius, resolution).to(device)
     bg = torch.tensor(background, dtype=torch.float32, device=device)
+    truth = truth.to(device)
     with torch.no_grad():
         pred = render(cams, bg).rgb.clamp(0, 1)
-        gt = rasterize_mesh(truth.to(device), cams, bg, supersample=2).rgb.clamp(0, 1)
-    p, s = psnr(pred, gt), ssim(pred, gt)
+        gt = rasterize_mesh(truth, cams, bg, supersample=2, light=shading_light(shading)).rgb.clamp(0, 1)
+        albedo = gt if shading == "albedo" else rasterize_mesh(truth, cams, bg, supersample=2).rgb.clamp(0, 1)
+    p, s, a = psnr(pred, gt), ssim(pred, gt), psnr(pred, albedo)
     return [
-        ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]))
+        ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]), float(a[i]))
         for i in range(len(cams))
     ]
 
@@ -160,10 +192,13 @@ def evaluate_mesh(
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
     samples: int = DEFAULT_SAMPLES,
     run_frame: bool = True,
+    shading: str | None = None,
 ) -> MeshEvalReport:
     """Textured-render PSNR/SSIM on the held-out views and surface scores (Chamfer, F-score at 0.01
     and 0.05, normal consistency). With ``run_frame``, a result whose export report records its frame
-    goes back into its run's frame; otherwise it is fitted into the unit box."""
+    goes back into its run's frame; otherwise it is fitted into the unit box. The result is rendered
+    with its texture alone (its colours carry the light it learnt); ``shading`` is the reference's."""
+    shading = shading or run_shading(mesh_path)
     frame = export_frame(mesh_path) if run_frame else None
     if frame is None:
         result = load_mesh(mesh_path)
@@ -175,6 +210,8 @@ def evaluate_mesh(
                                truth.vertices.double().numpy(), truth.faces.numpy(), samples=samples)
     result = result.to(device)
     views = held_out_scores(
-        lambda cams, bg: rasterize_mesh(result, cams, bg, supersample=2), truth, device, radius, resolution, background
+        lambda cams, bg: rasterize_mesh(result, cams, bg, supersample=2), truth, device, radius, resolution, background,
+        shading,
     )
-    return MeshEvalReport(str(mesh_path), str(reference_path), views, surface, "unit box" if frame is None else "run")
+    return MeshEvalReport(str(mesh_path), str(reference_path), views, shading, surface,
+                          "unit box" if frame is None else "run")

@@ -12,6 +12,12 @@ Both surfaces are sampled uniformly by area; nearest neighbours come from a k-d 
 
 Each surface is sampled with its own generator seeded from ``seed``, so the same mesh on both sides
 gives the same samples and exactly zero distance.
+
+**Topology** (:func:`topology`): connected parts, boundary loops and genus from the Euler characteristic,
+per part ``g = (2 − χ − b) / 2`` with χ = V − E + F and b boundary loops, summed over the parts (vertices
+at the same position are one vertex, so UV seams do not open the surface; faces on the same three vertices
+count modulo 2, so a flat two-face flap, which decimation can leave, is no surface). The genus is that of
+a manifold surface: where edges are shared by more than two faces (counted apart) it means little.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 DEFAULT_SAMPLES = 100_000
@@ -78,3 +86,49 @@ def compare_surfaces(
         np.abs((pred_n * ref_n[near_ref]).sum(1)).mean() + np.abs((ref_n * pred_n[near_pred]).sum(1)).mean()
     )
     return SurfaceScores(float(chamfer), fscore, precision, recall, float(consistency))
+
+
+@dataclass
+class Topology:
+    components: int  # connected parts
+    boundary_loops: int  # 0 for closed surfaces
+    genus: float  # summed over the parts; a half means a non-manifold or non-orientable part
+    nonmanifold_edges: int = 0  # edges of more than two faces
+    repeated_faces: int = 0  # faces dropped as pairs on the same three vertices
+
+    @property
+    def closed(self) -> bool:
+        return self.boundary_loops == 0
+
+
+def topology(vertices: np.ndarray, faces: np.ndarray) -> Topology:
+    """Parts, boundary loops and genus of a triangle mesh (see the module docstring)."""
+    _, joined = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
+    tri = joined.reshape(-1)[np.asarray(faces)]
+    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 0] != tri[:, 2])]
+    _, first, copies = np.unique(np.sort(tri, axis=1), axis=0, return_index=True, return_counts=True)
+    odd = np.sort(first[copies % 2 == 1])
+    repeated = len(tri) - len(odd)
+    tri = tri[odd]
+    n = int(joined.max()) + 1
+    edges = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), axis=1)
+    edges, uses = np.unique(edges, axis=0, return_counts=True)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    parts, label = connected_components(graph, directed=False)
+    used = np.zeros(n, bool)
+    used[tri.reshape(-1)] = True
+    kept = np.unique(label[used])  # parts with a face (lone vertices are not surfaces)
+    boundary = edges[uses == 1]
+    loop_graph = coo_matrix((np.ones(len(boundary)), (boundary[:, 0], boundary[:, 1])), shape=(n, n))
+    _, loop = connected_components(loop_graph, directed=False)
+    on_boundary = np.zeros(n, bool)
+    on_boundary[boundary.reshape(-1)] = True
+    v = np.bincount(label[used], minlength=parts)
+    e = np.bincount(label[edges[:, 0]], minlength=parts)
+    f = np.bincount(label[tri[:, 0]], minlength=parts)
+    loops = np.zeros(parts, int)
+    pairs = np.unique(np.stack([label[on_boundary], loop[on_boundary]]), axis=1)  # (part, loop) once each
+    np.add.at(loops, pairs[0], 1)
+    chi = v - e + f
+    genus = (2 - chi - loops) / 2
+    return Topology(len(kept), int(loops[kept].sum()), float(genus[kept].sum()), int((uses > 2).sum()), repeated)

@@ -24,18 +24,21 @@ import torch
 from . import __version__
 from .batch import Job, JobResult, StepCallback
 from .config import RunConfig, read_config_file
-from .errors import UserError
-from .export import STAGES, MeshExportReport, StageCallback, export_mesh, mesh_output_paths
+from .errors import UserError, about_input
+from .export import STAGES, MeshExportReport, StageCallback, TexturedMesh, export_mesh, make_mesh, mesh_output_paths
 from .io.atomic import atomic_path
 from .io.images import image_grid, load_image, save_image, to_reference
-from .preprocess import MODES, has_alpha, new_rembg_session, preprocess, preprocessed_path
+from .io.provenance import FileRef, record_path
+from .preprocess import MODES, has_alpha, load_input, new_rembg_session, preprocess, preprocessed_path
+from .representations.base import Representation
 from .representations.gaussians import Gaussians
 from .representations.registry import representation_entry
 from .sir.cameras import camera_sampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
-from .teachers.registry import teacher_entry
+from .teachers.registry import fetch_weights, teacher_entry
 from .video import VideoOptions, encode_video, render_frames, turntable_cameras
+from .wording import plural
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,17 +107,17 @@ class PreprocessOptions:
         if self.remove_background not in MODES:
             raise UserError(f"unknown background removal '{self.remove_background}' (use {', '.join(MODES)})")
         if not 0.0 <= self.border_ratio < 1.0:
-            raise UserError("--border-ratio must lie in [0, 1)")
+            raise UserError(f"--border-ratio must lie in [0, 1), got {self.border_ratio:g}")
         if not 16 <= self.size <= 4096:
-            raise UserError("the preprocessing size must lie in 16..4096")
+            raise UserError(f"--size (the preprocessed image's side) must lie in 16..4096, got {self.size}")
 
     @classmethod
     def resolve(cls, config_file: Path | None = None, **flags: Any) -> "PreprocessOptions":
         """Defaults < the ``preprocess`` entry of a run's JSON report given as ``--config`` < flags (None = unset)."""
         values: dict[str, Any] = {}
-        if config_file is not None and config_file.suffix == ".json":
-            read_config_file(config_file)  # one-line errors for a missing or unparsable file
-            saved = json.loads(config_file.read_text()).get("preprocess") or {}
+        run = SavedRun.read(config_file)
+        if run is not None:
+            saved = run.data.get("preprocess") or {}
             names = {f.name for f in dataclasses.fields(cls)}
             values.update({k: v for k, v in saved.items() if k in names})
         values.update({k: v for k, v in flags.items() if v is not None})
@@ -128,21 +131,27 @@ class ImagePreparer:
         self.options = options
         self._session: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent to a remote worker) without the rembg session, which the worker opens anew."""
+        return {**self.__dict__, "_session": None}
+
     def __call__(self, path: Path) -> np.ndarray:
-        rgba = load_image(path)
+        rgba = load_input(path, self.options.size)
+        with about_input(path):
+            return self.prepare(rgba)
+
+    def prepare(self, rgba: np.ndarray) -> np.ndarray:
+        """A decoded ``[H,W,4]`` uint8 image → the preprocessed reference view."""
         o = self.options
         wants_rembg = o.remove_background == "rembg" or (
             o.remove_background == "auto" and not has_alpha(rgba) and importlib.util.find_spec("rembg") is not None
         )
         if wants_rembg and self._session is None:
             self._session = new_rembg_session()
-        try:
-            return preprocess(
-                rgba, border_ratio=o.border_ratio, size=o.size, remove_background=o.remove_background,
-                rembg_session=self._session,
-            )
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from None
+        return preprocess(
+            rgba, border_ratio=o.border_ratio, size=o.size, remove_background=o.remove_background,
+            rembg_session=self._session,
+        )
 
 
 @dataclass
@@ -188,8 +197,12 @@ class RunOutputs:
 
 @dataclass
 class RunReport:
+    """``<stem>.json``: what a run did. The input image, and the model when it is a file or folder, are
+    :class:`~microdreamer.io.provenance.FileRef` records, so the report still finds them after the run
+    folder has moved (:class:`SavedRun`)."""
+
     stem: str
-    input: str | None
+    input: dict[str, str | None] | None  # a FileRef
     seed: int
     config: dict[str, Any]
     preprocess: dict[str, Any] | None
@@ -202,18 +215,133 @@ class RunReport:
     outputs: dict[str, str] = field(default_factory=dict)
     prompt: str | None = None
     peak_memory: dict[str, float] = field(default_factory=dict)  # see peak_memory()
+    cleanup: dict[str, int] = field(default_factory=dict)  # Gaussians removed after training, by step
+    teacher_mode: str | None = None  # the reference teacher's shading and imperfection level
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
 
 
-def check_outputs_free(outputs: RunOutputs, overwrite: bool) -> None:
-    taken = [p for p in outputs.all() if p.exists()]
+def report_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """``cfg`` as a report in ``run_dir`` stores it: a model file or folder as a FileRef."""
+    config = cfg.to_dict()
+    config["teacher"]["model"] = record_path(cfg.teacher.model, run_dir)
+    return config
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A run's JSON report read back (``--config RUN.json``, ``export RUN.ply``). The files it names are
+    looked for relative to its folder first, then where they were, and checked against their hashes."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Path | None) -> "SavedRun | None":
+        """The JSON file at ``path``; None without a path or for a TOML config."""
+        if path is None or path.suffix != ".json":
+            return None
+        read_config_file(path)  # one-line errors for a missing or unparsable file
+        data = json.loads(path.read_text())
+        return cls(path, data if isinstance(data, dict) else {})
+
+    @classmethod
+    def beside(cls, result: Path) -> "SavedRun | None":
+        """The report of the run that wrote ``result`` (``<stem>.json`` beside it, holding a ``config``)."""
+        path = result.with_suffix(".json")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        return cls(path, data) if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
+
+    @property
+    def prompt(self) -> str | None:
+        prompt = self.data.get("prompt")
+        return prompt if isinstance(prompt, str) else None
+
+    def input_image(self, fix: str) -> Path | None:
+        """The run's input image; None for a run without one (a prompt, a front view). ``fix`` says what to do
+        when it is gone or changed."""
+        value = self.data.get("input")
+        if value is None:
+            return None
+        return FileRef.from_json(value).resolve(self.path.parent, "the run's input image", fix)
+
+
+def check_outputs_free(outputs: list[Path], overwrite: bool) -> None:
+    """Refuse to replace outputs without ``overwrite``; ``--skip-existing`` is offered only where it would
+    keep them all (a job is skipped when every output exists)."""
+    taken = [p for p in outputs if p.exists()]
     if taken and not overwrite:
-        raise UserError(
-            f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "
-            "or choose another --out"
+        keep = "--skip-existing to keep it, " if len(taken) == len(outputs) else ""
+        raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, {keep}or choose another --out")
+
+
+@dataclass
+class Reconstruction:
+    """One finished SIR run in memory (:meth:`ImageTo3D.reconstruct`); :meth:`save` writes its files."""
+
+    cfg: RunConfig
+    device: torch.device
+    input: PreparedInput
+    preprocess: PreprocessOptions
+    model: Representation  # what SIR optimised (cfg.representation)
+    views: torch.Tensor  # [8,3,H,W] the contact sheet: 8 views around the object at elevation 0
+    frames: np.ndarray | None  # turntable frames, with ``video``
+    video: VideoOptions | None
+    timings: dict[str, float]
+    evaluations: dict[str, int]
+    optimisation_steps: int
+    iterations: list[dict[str, Any]]
+    teacher_mode: str | None = None  # what the teacher's targets were (the reference teacher: lit/albedo, imperfection)
+
+    def outputs(self, out_dir: Path) -> RunOutputs:
+        return RunOutputs.for_stem(
+            Path(out_dir), self.input.stem, rgba=self.input.rgba is not None,
+            video_format=self.video.format if self.video else None, representation=self.cfg.representation,
         )
+
+    def save(self, out_dir: Path, overwrite: bool = False) -> RunReport:
+        """Write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (and ``<stem>_rgba.png``,
+        ``<stem>_turntable.*``) into ``out_dir``: all appear together, once all of them are complete."""
+        out_dir = Path(out_dir)
+        outputs = self.outputs(out_dir)
+        check_outputs_free(outputs.all(), overwrite)
+        start = time.perf_counter()
+        timings = dict(self.timings)
+        prepared = self.input
+        with ExitStack() as stack:
+            tmp = {name: stack.enter_context(atomic_path(path)) for name, path in outputs.named().items()}
+            self.model.save(tmp[outputs.model_key])
+            save_image(tmp["views"], image_grid(self.views, cols=4))
+            if outputs.rgba is not None:
+                save_image(tmp["rgba"], prepared.rgba)
+            if self.frames is not None:
+                assert self.video is not None
+                encode_video(tmp["video"], self.frames, self.video.fps, self.video.format)
+            timings["export"] = timings.get("export", 0.0) + time.perf_counter() - start
+            report = RunReport(
+                stem=prepared.stem,
+                input=None if prepared.source is None else FileRef.record(prepared.source, out_dir).to_dict(),
+                seed=self.cfg.seed,
+                config=report_config(self.cfg, out_dir),
+                preprocess=dataclasses.asdict(self.preprocess) if prepared.rgba is not None else None,
+                timings={k: round(v, 4) for k, v in timings.items()},
+                evaluations=dict(self.evaluations),
+                primitives=self.model.num_primitives,
+                optimisation_steps=self.optimisation_steps,
+                iterations=self.iterations,
+                versions=versions(self.device),
+                outputs={name: str(path) for name, path in outputs.named().items()},
+                prompt=prepared.prompt,
+                peak_memory=peak_memory(self.device),
+                cleanup=getattr(self.model, "cleanup", {}),
+                teacher_mode=self.teacher_mode,
+            )
+            tmp["report"].write_text(report.to_json())
+        return report
 
 
 class ImageTo3D:
@@ -228,6 +356,12 @@ class ImageTo3D:
         self.teacher: Teacher = entry.build(cfg, device, allow_download)
         self.load_seconds = time.perf_counter() - start
         self._load_reported = False
+
+    def load_timing(self) -> dict[str, float]:
+        """``{"load_teacher": seconds}`` the first time it is asked for after loading, then nothing."""
+        timing = {} if self._load_reported else {"load_teacher": self.load_seconds}
+        self._load_reported = True
+        return timing
 
     def reference_view(self, prepared: PreparedInput) -> Reference:
         """The input image and its camera; without an image, the reference teacher's front render."""
@@ -255,17 +389,26 @@ class ImageTo3D:
         """Reconstruct one input and write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (plus
         ``<stem>_rgba.png`` for an image input and ``<stem>_turntable.*`` with ``video``), all at once."""
         preprocess = preprocess or PreprocessOptions()
-        # The teacher load time is reported once, by the first run after loading.
-        timings: dict[str, float] = {} if self._load_reported else {"load_teacher": self.load_seconds}
-        self._load_reported = True
-        reset_peak_memory(self.device)
-        start = time.perf_counter()
         prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
-        outputs = RunOutputs.for_stem(
+        check_outputs_free(RunOutputs.for_stem(
             out_dir, prepared.stem, rgba=prepared.rgba is not None, video_format=video.format if video else None,
             representation=self.cfg.representation,
-        )
-        check_outputs_free(outputs, overwrite)
+        ).all(), overwrite)
+        result = self.reconstruct(prepared, on_iteration, preprocess=preprocess, video=video)
+        return result.save(out_dir, overwrite)
+
+    def reconstruct(
+        self,
+        prepared: PreparedInput,
+        on_iteration: ProgressCallback | None = None,
+        *,
+        preprocess: PreprocessOptions | None = None,
+        video: VideoOptions | None = None,
+    ) -> "Reconstruction":
+        """Run SIR on one prepared input; nothing is written (see :meth:`Reconstruction.save`)."""
+        timings = self.load_timing()  # reported once, by the first run after loading
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
         reference = None if self.text_only else self.reference_view(prepared)
         generator = torch.Generator().manual_seed(self.cfg.seed)
         condition = Condition(
@@ -290,6 +433,7 @@ class ImageTo3D:
         result = engine.run()
         timings["sir"] = time.perf_counter() - start
         timings.update({f"sir.{k}": v for k, v in result.timings.items()})
+        after = self.teacher.evaluations.as_dict()
 
         start = time.perf_counter()
         c = self.cfg.cameras
@@ -304,35 +448,12 @@ class ImageTo3D:
                 start_azimuth=self.teacher.reference_azimuth,
             ).to(self.device)
             frames = render_frames(lambda cams: model.render(cams, background).rgb, video_cams)
-        # All files appear together, only once all of them are complete.
-        with ExitStack() as stack:
-            tmp = {name: stack.enter_context(atomic_path(path)) for name, path in outputs.named().items()}
-            model.save(tmp[outputs.model_key])
-            save_image(tmp["views"], image_grid(views.cpu(), cols=4))
-            if outputs.rgba is not None:
-                save_image(tmp["rgba"], prepared.rgba)
-            if frames is not None:
-                encode_video(tmp["video"], frames, video.fps, video.format)
-            timings["export"] = time.perf_counter() - start
-            after = self.teacher.evaluations.as_dict()
-            report = RunReport(
-                stem=prepared.stem,
-                input=None if prepared.source is None else str(prepared.source),
-                seed=self.cfg.seed,
-                config=self.cfg.to_dict(),
-                preprocess=dataclasses.asdict(preprocess) if prepared.rgba is not None else None,
-                timings={k: round(v, 4) for k, v in timings.items()},
-                evaluations={k: after[k] - before[k] for k in after},
-                primitives=model.num_primitives,
-                optimisation_steps=result.optimisation_steps,
-                iterations=[log.__dict__ for log in result.iterations],
-                versions=versions(self.device),
-                outputs={name: str(path) for name, path in outputs.named().items()},
-                prompt=prepared.prompt,
-                peak_memory=peak_memory(self.device),
-            )
-            tmp["report"].write_text(report.to_json())
-        return report
+        timings["export"] = time.perf_counter() - start
+        return Reconstruction(
+            self.cfg, self.device, prepared, preprocess or PreprocessOptions(), model, views.cpu(), frames, video,
+            timings, {k: after[k] - before[k] for k in after}, result.optimisation_steps,
+            [log.__dict__ for log in result.iterations], getattr(self.teacher, "mode", None),
+        )
 
     def export_mesh(
         self,
@@ -342,6 +463,13 @@ class ImageTo3D:
         overwrite: bool = False,
         on_stage: StageCallback | None = None,
     ) -> MeshExportReport:
+        """:meth:`make_mesh`, written to ``out_dir`` (outputs checked before any work)."""
+        check_outputs_free(mesh_output_paths(Path(out_dir), prepared.stem, self.cfg.mesh.format), overwrite)
+        return self.make_mesh(prepared, gaussians, on_stage).save(out_dir, overwrite)
+
+    def make_mesh(
+        self, prepared: PreparedInput, gaussians: Gaussians, on_stage: StageCallback | None = None
+    ) -> TexturedMesh:
         """The textured mesh of ``gaussians`` (a run on ``prepared``), its texture refined with this teacher
         conditioned as in the run (and on the reference view when the run's loss used it)."""
         reference = None if self.text_only else self.reference_view(prepared)
@@ -357,8 +485,7 @@ class ImageTo3D:
         )
         if not self.cfg.loss.reference_rgb:
             reference = None
-        return export_mesh(gaussians, out_dir, prepared.stem, self.cfg, self.teacher, reference, self.device,
-                           overwrite, on_stage=on_stage)
+        return make_mesh(gaussians, prepared.stem, self.cfg, self.teacher, reference, self.device, on_stage=on_stage)
 
 
 def front_view_stem(cfg: RunConfig) -> str:
@@ -402,38 +529,50 @@ def prepare_input(image: Path | None, cfg: RunConfig, options: PreprocessOptions
 
 
 def describe_iteration(log: IterationLog) -> str:
-    """One short line for a progress bar."""
+    """One short line for progress: what the SIR iteration refined from, its loss and its wall time."""
     where = "init (from noise)" if log.t2 is None else f"t2={log.t2} t1={log.t1}"
-    return f"{where} loss={log.loss:.0f}"
+    return f"SIR {where} loss={log.loss:.0f}, {log.seconds:.1f} s"
 
 
 class ImageTask:
     """The batch task of the image commands (:class:`microdreamer.batch.BatchTask`) for ``ImageTo3D``.
 
     A job without a source runs on the reference teacher's own front view (kept out of preprocessing).
+    With ``skip_existing`` what earlier runs finished is kept: the batch runner skips finished jobs, and
+    :class:`MeshTask` resumes a job at its mesh stage.
     """
 
     def __init__(
         self,
         cfg: RunConfig,
-        device: torch.device,
+        device: torch.device | None,
         out_dir: Path,
         *,
         preprocess: PreprocessOptions | None = None,
         video: VideoOptions | None = None,
         overwrite: bool = False,
+        skip_existing: bool = False,
         allow_download: bool = True,
         prompt: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.prompt = prompt  # for image+text teachers, the same for every image
-        self.device = device
+        self._device = device  # None: cfg.device, resolved on the machine the task runs on
         self.out_dir = Path(out_dir)
         self.preprocess = preprocess or PreprocessOptions()
         self.video = video
         self.overwrite = overwrite
+        self.skip_existing = skip_existing
         self.allow_download = allow_download
         self.preparer = ImagePreparer(self.preprocess)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else resolve_device(self.cfg.device)
+
+    @property
+    def device_name(self) -> str:
+        return self.cfg.device if self._device is None else str(self._device)
 
     def _outputs(self, job: Job) -> RunOutputs:
         return RunOutputs.for_stem(
@@ -445,10 +584,17 @@ class ImageTask:
         return self._outputs(job).all()
 
     def prepare(self, job: Job) -> PreparedInput:
-        check_outputs_free(self._outputs(job), self.overwrite)
+        check_outputs_free(self._outputs(job).all(), self.overwrite)
+        return self._input(job)
+
+    def _input(self, job: Job, rgba: np.ndarray | None = None) -> PreparedInput:
+        """The job's input, its image preprocessed (or ``rgba``: what a run on it saved as ``<stem>_rgba.png``)."""
         if job.source is None:
             return PreparedInput(job.stem, prompt=self.prompt)
-        return PreparedInput(job.stem, job.source, self.preparer(job.source), self.prompt)
+        return PreparedInput(job.stem, job.source, self.preparer(job.source) if rgba is None else rgba, self.prompt)
+
+    def fetch(self) -> None:
+        fetch_weights(self.cfg, self.allow_download)
 
     def load(self) -> ImageTo3D:
         return ImageTo3D(self.cfg, self.device, self.allow_download)
@@ -462,9 +608,9 @@ class ImageTask:
         return JobResult(
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
             evaluations=report.evaluations, peak_memory=report.peak_memory,
-            note=f"{report.primitives} {representation_entry(self.cfg.representation).primitives}, "
+            note=f"{plural(report.primitives, representation_entry(self.cfg.representation).primitive)}, "
                  f"{report.timings['sir']:.1f} s SIR, "
-                 f"{report.evaluations['total']} network evaluations" + _gpu_note(report.peak_memory),
+                 f"{plural(report.evaluations['total'], 'network evaluation')}" + _gpu_note(report.peak_memory),
         )
 
 
@@ -475,14 +621,29 @@ def _gpu_note(peak: dict[str, float]) -> str:
 class PromptTask(ImageTask):
     """The batch task of the text commands: each job's input is a prompt (jobs from :func:`prompt_jobs`)."""
 
-    def prepare(self, job: Job) -> PreparedInput:
-        check_outputs_free(self._outputs(job), self.overwrite)
+    def _input(self, job: Job, rgba: np.ndarray | None = None) -> PreparedInput:
         return PreparedInput(job.stem, prompt=job.input)
+
+
+@dataclass
+class MeshInput:
+    """A :class:`MeshTask` job ready to run; a job resumed at the mesh stage also holds the Gaussians an
+    earlier run saved and what that run reported."""
+
+    input: PreparedInput
+    gaussians: Gaussians | None = None
+    earlier: JobResult | None = None
 
 
 class MeshTask(ImageTask):
     """The batch task of ``image2mesh``: :class:`ImageTask`, then the textured mesh of the trained
-    Gaussians with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``)."""
+    Gaussians with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``).
+
+    With ``skip_existing``, a job whose Gaussians' outputs exist without its mesh (an earlier run stopped in
+    the mesh stage) makes the mesh alone, from the saved PLY, with the teacher conditioned as in that run (on
+    its saved ``<stem>_rgba.png`` and prompt): the same mesh an uninterrupted run makes. That run's settings
+    must be this one's, apart from the mesh export's.
+    """
 
     def _mesh_outputs(self, job: Job) -> list[Path]:
         return mesh_output_paths(self.out_dir, job.stem, self.cfg.mesh.format)
@@ -490,28 +651,82 @@ class MeshTask(ImageTask):
     def outputs(self, job: Job) -> list[Path]:
         return super().outputs(job) + self._mesh_outputs(job)
 
-    def prepare(self, job: Job) -> PreparedInput:
+    def prepare(self, job: Job) -> MeshInput:
         if self.cfg.representation != "gaussians":
             raise UserError(f"mesh export from a {self.cfg.representation} run is not available yet: "
                             "use representation = \"gaussians\"")
-        taken = [p for p in self._mesh_outputs(job) if p.exists()]
-        if taken and not self.overwrite:
-            raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, --skip-existing to keep it, "
-                            "or choose another --out")
-        return super().prepare(job)
+        first, mesh = self._outputs(job).all(), self._mesh_outputs(job)  # the Gaussians' stage, the mesh's
+        if not self.overwrite and all(p.exists() for p in first) and not any(p.exists() for p in mesh):
+            if not self.skip_existing:
+                raise UserError(
+                    f"{first[0]} exists without its mesh (an earlier run stopped before the mesh stage): pass "
+                    "--skip-existing to make the mesh from it, --overwrite to redo the run, or choose another --out"
+                )
+            return self._resumed(job)
+        check_outputs_free(first + mesh, self.overwrite)
+        return MeshInput(self._input(job))
 
-    def run(self, pipeline: ImageTo3D, job: Job, prepared: PreparedInput, progress: StepCallback) -> JobResult:
-        result = super().run(pipeline, job, prepared, progress)
-        gaussians = Gaussians.load(Path(result.outputs["ply"]), self.cfg.gaussians, self.device)
+    def _resumed(self, job: Job) -> MeshInput:
+        outputs = self._outputs(job)
+        run = SavedRun.read(outputs.report)
+        assert run is not None  # a .json file
+        config = report_config(self.cfg, self.out_dir)
+        redo = "--overwrite to redo the run, or choose another --out"
+        difference = _first_difference(_run_settings(run.data.get("config")), _run_settings(config))
+        if difference is not None:
+            raise UserError(f"{outputs.report} holds a run with other settings ({difference}): give its settings "
+                            f"(--config {outputs.report}) to make its mesh, {redo}")
+        prepared = self._input(job, None if outputs.rgba is None else load_image(outputs.rgba))
+        if run.prompt != prepared.prompt:
+            raise UserError(f"{outputs.report} holds a run on another prompt ({run.prompt!r}, here "
+                            f"{prepared.prompt!r}): give its prompt to make its mesh, {redo}")
+        gaussians = Gaussians.load(outputs.ply, self.cfg.gaussians, self.device)
+        data = run.data
+        earlier = JobResult(
+            outputs={name: str(path) for name, path in outputs.named().items()}, seed=data.get("seed"),
+            config=config, timings=dict(data.get("timings") or {}), evaluations=dict(data.get("evaluations") or {}),
+            note="mesh stage only (Gaussians from the earlier run)",
+        )
+        return MeshInput(prepared, gaussians, earlier)
+
+    def run(self, pipeline: ImageTo3D, job: Job, prepared: MeshInput, progress: StepCallback) -> JobResult:
+        if prepared.earlier is None:
+            result = super().run(pipeline, job, prepared.input, progress)
+            gaussians = Gaussians.load(Path(result.outputs["ply"]), self.cfg.gaussians, self.device)
+        else:
+            result, gaussians = prepared.earlier, prepared.gaussians
+            reset_peak_memory(self.device)
+            result.timings.update({f"mesh.{k}": round(v, 4) for k, v in pipeline.load_timing().items()})
         mesh = pipeline.export_mesh(
-            prepared, gaussians, self.out_dir, self.overwrite,
+            prepared.input, gaussians, self.out_dir, self.overwrite,
             on_stage=lambda stage: progress(STAGES.index(stage), len(STAGES), f"mesh: {stage}"),
         )
         result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
         result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
-        result.peak_memory = peak_memory(self.device)  # the Gaussians' run and the mesh export together
-        result.note += f"; mesh {mesh.faces} faces in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
+        result.peak_memory = peak_memory(self.device)  # the Gaussians' run (if any) and the mesh export together
+        result.note += f"; mesh {plural(mesh.faces, 'face')} in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
         return result
+
+
+def _run_settings(config: Any) -> dict[str, Any]:
+    """What made a run's Gaussians: its report's config without the mesh export and the device, a model file
+    or folder by its hash."""
+    settings = {k: v for k, v in json.loads(json.dumps(config or {})).items() if k not in ("mesh", "device")}
+    teacher = settings.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("model"), dict):
+        teacher["model"] = f"sha256 {teacher['model'].get('sha256')}"
+    return settings
+
+
+def _first_difference(saved: Any, current: Any, key: str = "") -> str | None:
+    """``"name: A there, B here"`` for the first setting where two configs differ; None when they agree."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in dict.fromkeys([*saved, *current]):
+            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}" if key else name)
+            if found is not None:
+                return found
+        return None
+    return None if saved == current else f"{key}: {saved!r} there, {current!r} here"
 
 
 class PromptMeshTask(MeshTask, PromptTask):
@@ -525,18 +740,19 @@ def export_saved_run(
     device: torch.device,
     out_dir: Path,
     *,
+    run: SavedRun | None = None,
     refine: bool = True,
     image: Path | None = None,
     prompt: str | None = None,
-    preprocess: PreprocessOptions | None = None,
     overwrite: bool = False,
     on_stage: StageCallback | None = None,
 ) -> MeshExportReport:
     """``microdreamer export RUN.ply --to mesh``: the textured mesh of a saved 3DGS file.
 
-    With ``refine``, the run's teacher (from ``cfg``) is loaded and conditioned on the run's input
-    ``image`` (and ``prompt``) to refine the texture; without, the texture is the bake alone. The PLY is
-    read and the outputs checked before any model is loaded.
+    With ``refine``, the run's teacher (from ``cfg``) is loaded and conditioned as in the run: on ``image``,
+    else the input image that the run's report ``run`` names (found as :class:`SavedRun` finds it), prepared
+    with the report's preprocessing options, and on ``prompt``, else the report's. Without, the texture is
+    the bake alone. The PLY is read, the outputs checked and the image prepared before any model is loaded.
     """
     gaussians = Gaussians.load(ply, cfg.gaussians, device)
     stem = ply.stem
@@ -546,13 +762,17 @@ def export_saved_run(
     if not refine or cfg.mesh.refine_steps == 0:
         return export_mesh(gaussians, out_dir, stem, cfg, device=device, overwrite=overwrite, on_stage=on_stage)
     entry = teacher_entry(cfg.teacher.name)
+    prompt = prompt or (run.prompt if run is not None else None)
+    if image is None and run is not None and entry.inputs != "text":
+        image = run.input_image("pass --image IMAGE, or --no-refine")
     if entry.inputs != "text" and image is None and cfg.teacher.name != "reference":
         raise UserError(f"refining the texture with '{cfg.teacher.name}' needs the run's input image: pass "
                         "--image IMAGE, or --no-refine")
     if entry.inputs == "text" and not prompt:
         raise UserError(f"refining the texture with '{cfg.teacher.name}' needs the run's prompt: pass --prompt, "
                         "or --no-refine")
-    rgba = None if image is None else ImagePreparer(preprocess or PreprocessOptions())(image)
+    options = PreprocessOptions.resolve(None if run is None else run.path)
+    rgba = None if image is None else ImagePreparer(options)(image)
     pipeline = ImageTo3D(cfg, device)
     return pipeline.export_mesh(PreparedInput(stem, image, rgba, prompt), gaussians, out_dir, overwrite, on_stage)
 
@@ -560,6 +780,8 @@ def export_saved_run(
 class PreprocessTask:
     """The batch task of ``microdreamer preprocess``: each input → ``<stem>_rgba.png`` in ``out_dir``
     (None: beside the input). The "pipeline" is nothing; the rembg session is loaded on first need."""
+
+    device_name = "cpu"
 
     def __init__(self, options: PreprocessOptions, out_dir: Path | None = None, overwrite: bool = False) -> None:
         self.out_dir = out_dir
@@ -578,6 +800,9 @@ class PreprocessTask:
         if out.exists() and not self.overwrite:
             raise UserError(f"{out} already exists: pass --overwrite to replace it, or --skip-existing to keep it")
         return self.preparer(job.source)
+
+    def fetch(self) -> None:
+        """Nothing to fetch: rembg fetches its own model when a session first opens."""
 
     def load(self) -> None:
         return None

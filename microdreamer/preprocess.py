@@ -29,12 +29,15 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from .errors import UserError
+from .errors import UserError, about_input
 from .io.images import ImageLike, as_rgba, to_uint8, area_resize, load_image, save_image
 
 RemoveBackground = Literal["auto", "rembg", "uniform", "none"]
 MODES: tuple[str, ...] = ("auto", "rembg", "uniform", "none")
 OUTPUT_SUFFIX = "_rgba.png"
+#: Inputs are decoded with their longer side at most this (or 8× the output size, when larger) before
+#: masking: 8× the default 256 px output, so an object filling a tenth of the frame keeps full detail.
+DECODE_SIDE = 2048
 _REMBG_HINT = 'install it with pip install "microdreamer[rembg]", or pass --no-rembg'
 
 
@@ -84,32 +87,54 @@ def uniform_background_alpha(
     threshold: float = 0.1,
     border: int | None = None,
     window: int = 7,
+    shadow_floor: float = 0.5,
 ) -> np.ndarray:
     """Alpha ``uint8 [H, W]`` for an object on a plain, uniformly coloured background.
 
     The background colour B is the median of the outer ``border`` pixels (default 2 % of the shorter side,
     at least 1); d is each pixel's Euclidean RGB distance to B (colours in [0, 1]) and c the largest d
     within a ``window``² neighbourhood, the local object contrast. A pixel a·F + (1 − a)·B has d = a·c, so
-    pixels with d > max(threshold, c/2) (at least half covered, above the noise floor) are foreground.
-    The largest connected component is kept together with any at least a tenth its size, holes are
-    filled, and on the one-pixel band around the edge alpha is d/c (1 inside, 0 outside).
+    pixels with d > max(threshold, c/2) (at least half covered, above the noise floor) stand out.
+
+    Shadows: a pixel P that is only B dimmed (s = P·B / B·B between ``shadow_floor`` and 1, chroma residual
+    |P − s·B| at most ``threshold``) is the backdrop in a soft shadow, unless it lies inside a closed outline
+    (an object of the backdrop's hue, grey on white). The outline is where d changes sharply: its range
+    over a (2r+1)² neighbourhood exceeds ``threshold`` and 0.7 of its range over (4r+1)², with r = 0.25 % of
+    the shorter side; an object's edge is about r pixels wide, a soft shadow's ramp many times that. Gaps
+    in the outline up to 10 % of the shorter side are bridged (a shadow as dark as the object hides part of
+    its edge). Shadows darker than ``shadow_floor``·B or with hard edges stay with the object; when only
+    shadow-like pixels stand out and no outline closes, they are all kept, as nothing tells object from
+    shadow then.
+
+    Of what stands out, the largest connected component is kept together with any at least a tenth its
+    size, holes are filled, and on the one-pixel band around the edge alpha is d/c (1 inside, 0 outside).
     Raises :class:`UserError` when the border is not uniform or nothing stands out from it.
     """
     height, width, _ = rgb.shape
     if border is None:
         border = max(1, round(0.02 * min(height, width)))
-    colours = rgb.astype(np.float64) / 255.0
+    colours = rgb.astype(np.float32) / 255.0
     ring = np.ones((height, width), bool)
     ring[border : height - border, border : width - border] = False
     background = np.median(colours[ring], axis=0)
-    distance = np.linalg.norm(colours - background, axis=2)
+    distance = _norm(colours - background)
     if np.mean(distance[ring] <= threshold) < 0.5:
         raise UserError(
             "the background is not a plain colour, so it cannot be removed without rembg; "
             "install rembg or supply an RGBA image with transparency"
         )
     contrast = ndimage.maximum_filter(distance, size=window)
-    foreground = distance > np.maximum(threshold, 0.5 * contrast)
+    visible = distance > np.maximum(threshold, 0.5 * contrast)
+    dimming = colours @ background / max(float(background @ background), 1e-12)
+    residual = _norm(colours - dimming[:, :, None] * background)
+    shadow_like = (residual <= threshold) & (dimming >= shadow_floor) & (dimming <= 1.0)
+    reach = max(1, round(0.0025 * min(height, width)))  # an object edge's width at this resolution
+    step = _spread(distance, 2 * reach + 1)
+    sharp = (step > np.maximum(threshold, 0.7 * _spread(distance, 4 * reach + 1))) & (distance > threshold)
+    outlined = _enclosed(sharp, 0.05 * min(height, width))
+    separated = visible & (~shadow_like | outlined)
+    # with nothing of another hue and no closed outline there is nothing to tell the object from shadows by
+    foreground = separated if separated.any() else visible
     labels, count = ndimage.label(foreground)
     if count == 0:
         raise UserError("no object stands out from the background; supply an RGBA image with transparency")
@@ -121,6 +146,30 @@ def uniform_background_alpha(
     ramp = np.clip(distance / np.maximum(contrast, 1e-6), 0.0, 1.0)
     alpha = np.where(core, 1.0, np.where(band, ramp, 0.0))
     return to_uint8(alpha * 255.0)
+
+
+def _enclosed(outline: np.ndarray, gap: float) -> np.ndarray:
+    """The regions an outline encloses, itself included, bridging gaps in it up to ``2·gap`` pixels wide
+    (the outline thickened by ``gap``, chessboard distance, is filled, then thinned by as much). Pieces of
+    outline with fewer than ``gap`` pixels (noise) are left out; an empty mask when nothing is enclosed."""
+    labels, count = ndimage.label(outline, structure=np.ones((3, 3)))
+    sizes = ndimage.sum_labels(outline, labels, index=np.arange(1, count + 1))
+    outline = np.isin(labels, np.flatnonzero(sizes >= gap) + 1)
+    thick = ndimage.distance_transform_cdt(~outline) <= gap
+    filled = ndimage.binary_fill_holes(thick)
+    labels, _ = ndimage.label(filled)
+    closed = np.isin(labels, np.unique(labels[filled & ~thick]))  # the pieces that enclose something
+    return ndimage.distance_transform_cdt(closed) > gap
+
+
+def _spread(values: np.ndarray, size: int) -> np.ndarray:
+    """The range (largest minus smallest value) within each ``size``² neighbourhood."""
+    return ndimage.maximum_filter(values, size=size) - ndimage.minimum_filter(values, size=size)
+
+
+def _norm(vectors: np.ndarray) -> np.ndarray:
+    """Euclidean norm over the last axis."""
+    return np.sqrt(np.einsum("...i,...i->...", vectors, vectors))
 
 
 def _resize_rgba(rgba: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -205,6 +254,11 @@ def preprocess(
     return recentre(rgba, size=size, border_ratio=border_ratio)
 
 
+def load_input(path: str | os.PathLike[str], size: int = 256) -> np.ndarray:
+    """An input image for :func:`preprocess` to ``size`` px, decoded reduced (see :data:`DECODE_SIDE`)."""
+    return load_image(path, max_side=max(DECODE_SIDE, 8 * size))
+
+
 def preprocessed_path(in_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Where :func:`preprocess_file` writes: ``out_dir/<stem>_rgba.png`` ("my.cat.v2.png" → "my.cat.v2_rgba.png")."""
     return Path(out_dir) / f"{Path(in_path).stem}{OUTPUT_SUFFIX}"
@@ -229,9 +283,6 @@ def preprocess_file(
     out_path = preprocessed_path(in_path, out_dir)
     if not overwrite and out_path.exists():
         raise UserError(f"{out_path} already exists; delete it or pass --overwrite")
-    try:
-        result = preprocess(load_image(in_path), **options)
-    except UserError as error:
-        message = str(error)
-        raise UserError(message if str(in_path) in message else f"{in_path}: {message}") from None
+    with about_input(in_path):
+        result = preprocess(load_input(in_path, options.get("size", 256)), **options)
     return save_image(out_path, result, overwrite=overwrite)

@@ -17,6 +17,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .config import TURNTABLE_FPS as FPS
+from .config import TURNTABLE_FRAMES as FRAMES
+from .config import TURNTABLE_RESOLUTION as RESOLUTION
 from .errors import UserError
 from .io.atomic import atomic_path
 from .io.images import to_uint8
@@ -41,10 +44,10 @@ class VideoOptions:
     def __post_init__(self) -> None:
         if self.format not in VIDEO_FORMATS:
             raise UserError(f"unknown video format '{self.format}' (use {' or '.join(VIDEO_FORMATS)})")
-        if not 1 <= self.frames <= 3600 or not 1 <= self.fps <= 120:
-            raise UserError("a turntable needs 1..3600 frames at 1..120 fps")
-        if self.resolution is not None and not 16 <= self.resolution <= 4096:
-            raise UserError("--video-res must lie in 16..4096")
+        if not FRAMES[0] <= self.frames <= FRAMES[1] or not FPS[0] <= self.fps <= FPS[1]:
+            raise UserError(f"a turntable needs {FRAMES[0]}..{FRAMES[1]} frames at {FPS[0]}..{FPS[1]} fps")
+        if self.resolution is not None and not RESOLUTION[0] <= self.resolution <= RESOLUTION[1]:
+            raise UserError(f"a turntable's frame side must lie in {RESOLUTION[0]}..{RESOLUTION[1]} pixels")
 
 
 def ffmpeg_exe() -> str | None:

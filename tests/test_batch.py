@@ -16,7 +16,7 @@ from microdreamer.batch import (
     ignored_files,
     is_single_input,
 )
-from microdreamer.errors import UserError
+from microdreamer.errors import InputError, UserError
 
 
 def _touch(path: Path, text: str = "x") -> Path:
@@ -38,9 +38,13 @@ def test_folder_expansion_keeps_images_and_drops_derived_hidden_and_other_files(
     # a command may exclude more (preprocess skips every *_rgba.png)
     jobs = expand_inputs([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
     assert [j.stem for j in jobs] == ["a", "b", "my.cat.v2"]
-    # other files are named, not dropped silently; hidden files and what the commands write are left out
-    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt"]
-    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt"]
+    # other files and earlier outputs are named, not dropped silently; hidden files and the non-image files
+    # the commands write are left out
+    earlier = ["a_rgba.png", "a_views.png", "b_albedo.png"]
+    assert [p.name for p in ignored_files([tmp_path])] == ["c.heic", "notes.txt", *earlier]
+    assert [p.name for p in ignored_files([str(tmp_path / "*.*"), tmp_path])] == ["c.heic", "notes.txt", *earlier]
+    excluded = ignored_files([tmp_path], exclude=lambda p: p.name.endswith("_rgba.png"))
+    assert [p.name for p in excluded] == ["c.heic", "notes.txt", *earlier, "lone_rgba.png"]
     assert ignored_files([tmp_path / "notes.txt", tmp_path / "a.PNG", tmp_path / "missing"]) == []  # named files are inputs
 
 
@@ -174,6 +178,26 @@ def test_skip_existing_does_no_work_and_never_loads(tmp_path: Path, inputs):
     assert task.runs == ["a", "c"]
 
 
+def test_a_resumed_batch_keeps_what_the_earlier_manifest_recorded_of_skipped_jobs(tmp_path: Path, inputs):
+    out, manifest = tmp_path / "out", tmp_path / "out" / "manifest.json"
+    BatchRunner("fake", out, manifest=manifest).run(inputs, FakeTask(out))
+    first = {e["stem"]: e for e in _manifest(manifest)["entries"]}
+    (out / "c.out").unlink()  # c runs again; a is skipped
+    for _ in range(2):  # and skipped again: what was kept is kept once more
+        task = FakeTask(out)
+        BatchRunner("fake", out, manifest=manifest, skip_existing=True).run(inputs, task)
+        entries = {e["stem"]: e for e in _manifest(manifest)["entries"]}
+        assert entries["a"]["status"] == "skipped" and entries["a"]["note"] == "outputs exist"
+        kept = ("seed", "config", "timings", "evaluations", "peak_memory")
+        assert {k: entries["a"][k] for k in kept} == {k: first["a"][k] for k in kept}
+        assert entries["a"]["timings"] == {"t": 0.5}
+    assert [e["status"] for e in _manifest(manifest)["entries"]] == ["skipped", "failed", "skipped", "failed"]
+    # nothing is taken from a manifest that cannot be read, or without skip_existing
+    manifest.write_text("{not json")
+    result = BatchRunner("fake", out, manifest=manifest, skip_existing=True).run(inputs, FakeTask(out))
+    assert result.entries[0].status == "skipped" and result.entries[0].timings == {} and result.entries[0].seed is None
+
+
 def test_single_input_errors_propagate(tmp_path: Path, inputs):
     with pytest.raises(UserError, match="b.png is bad"):
         BatchRunner("fake", tmp_path, single=True).run([inputs[1]], FakeTask(tmp_path))
@@ -210,3 +234,19 @@ def test_outputs_may_not_replace_the_manifest(tmp_path: Path):
     (entry,) = result.entries
     assert entry.status == "failed" and "batch manifest" in entry.error
     assert json.loads((tmp_path / "manifest.out").read_text())["entries"][0]["status"] == "failed"
+
+
+def test_an_input_error_is_recorded_without_the_path_its_entry_names(tmp_path: Path):
+    a, b = _touch(tmp_path / "a.png"), _touch(tmp_path / "b.png")
+    other = tmp_path / "other.png"
+
+    class Task(FakeTask):
+        def prepare(self, job: Job) -> str:
+            raise InputError(job.source if job.stem == "a" else other, "the file is empty")
+
+    jobs = [Job("a", str(a), a), Job("b", str(b), b)]
+    result = BatchRunner("fake", tmp_path / "out").run(jobs, Task(tmp_path / "out"))
+    assert [e.error for e in result.entries] == ["the file is empty", f"{other}: the file is empty"]
+    with pytest.raises(InputError) as error:  # a single input's error is printed alone: it keeps the path
+        BatchRunner("fake", tmp_path / "out", single=True).run(jobs[:1], Task(tmp_path / "out"))
+    assert str(error.value) == f"{a}: the file is empty"

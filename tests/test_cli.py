@@ -1,7 +1,12 @@
 """The command line as a user meets it: bad input fails in one line with exit 2, runs write loadable files."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,34 +32,181 @@ def tiny_config(tmp_path: Path) -> Path:
     return f
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["image2gs", "{tmp}/missing.png"], "input image not found"),
-        (["image2gs", "{tmp}/notes.png"], "not an image"),
-        (["image2gs", "{tmp}/notes.png", "--teacher", "nope"], "unknown teacher 'nope'"),
-        (["image2gs", "--teacher", "reference", "--model", "{tmp}/notes.png", "--preset", "nope"], "unknown preset"),
-        (["image2gs", "--teacher", "reference", "--model", "{tmp}/none.obj"], "none.obj"),
-        (["image2gs", "--teacher", "reference", "--model", "{tmp}/notes.obj"], "notes.obj"),
-        (["image2gs", "--teacher", "reference", "--model", "{spot}", "--iters", "0"], "--iters"),
-        (["image2gs", "--teacher", "reference", "--model", "{spot}", "--iters", "abc"], "--iters"),
-        (["image2gs", "--teacher", "reference", "--model", "{spot}", "--device", "cuda:7"], "cuda"),
-        (["image2gs", "--teacher", "reference"], "--model MESH"),
-        (["image2gs"], "needs an input image"),
-        (["image2gs", "{tmp}/notes.png", "--rembg", "--no-rembg", "--border-ratio", "1.5"], "--border-ratio"),
-        (["image2gs", "--teacher", "reference", "--model", "{spot}", "--video-format", "avi"], "avi"),
-        (["eval", "{tmp}/none.ply", "--reference", "{spot}"], "result not found"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, capsys, args, message):
+def _writable(folder: Path) -> bool:
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(probe)
+    return True
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    """What the refusal table points at: a valid image, an unreadable one, a mesh that is none, a plain file,
+    and a folder nothing can be written in, holding an image. That folder is read-only for a normal user
+    (mode 555); root ignores modes, so for root it is made immutable (chattr +i), as a read-only mount is."""
+    _rgba_file(tmp_path / "cat.png")
     (tmp_path / "notes.png").write_text("this is not an image")
     (tmp_path / "notes.obj").write_text("this is not a mesh")
+    (tmp_path / "afile.txt").write_text("a file, not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _rgba_file(locked / "in.png")
+    locked.chmod(0o555)
+    if _writable(locked) and shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(locked)], capture_output=True)
+    yield tmp_path
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+    locked.chmod(0o755)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _no_work(monkeypatch) -> None:
+    """Fail the test if a command starts what a refusal must come before: a teacher, a mesh export, a
+    render, an evaluation or a download."""
+    from microdreamer import api, evaluate, pipeline, video
+    from microdreamer.teachers import catalog
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started working before refusing its input")
+
+    monkeypatch.setattr(pipeline.ImageTo3D, "__init__", refuse)
+    for name in ("export_saved_run", "result_renderer", "evaluate_gaussians", "evaluate_mesh"):
+        monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
+    for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_gaussians"),
+                         (evaluate, "evaluate_mesh"), (catalog, "download")]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+OUT = ["--out", "{tmp}/out"]
+REFUSALS = [
+    # the output folder: a file, a path through a file, a folder nothing can be written in
+    (["image2gs", "{image}", "--out", "{file}"], "--out {file} is a file, not a folder"),
+    (["image2gs", "{image}", "--out", "{file}/sub"], "{file} is a file, not a folder"),
+    (["image2gs", "{image}", "--out", "{locked}/out"], "cannot write in {locked}"),
+    (["image2gs", "{image}", *OUT, "--manifest", "{locked}/m.json"], "--manifest {locked}/m.json: cannot write in"),
+    (["image2gs", "{image}", *OUT, "--manifest", "{tmp}"], "--manifest {tmp} is a folder"),
+    (["image2mesh", "{image}", "--out", "{locked}"], "cannot write in {locked}"),
+    (["text2gs", "a cat", "--out", "{file}"], "is a file, not a folder"),
+    (["text2mesh", "a cat", "--out", "{locked}/sub"], "cannot write in {locked}"),
+    (["export", "{file}", "--out", "{locked}"], "cannot write in {locked}"),
+    (["eval", "{file}", "--reference", "{spot}", "--json", "{locked}/scores.json"], "--json {locked}/scores.json"),
+    (["render", "{file}", "--video", "{locked}/spin.gif"], "--video {locked}/spin.gif: cannot write in"),
+    (["render", "{file}", "--video", "{file}/spin.gif"], "{file} is a file, not a folder"),
+    (["preprocess", "{image}", "--out", "{file}"], "is a file, not a folder"),
+    (["preprocess", "{locked}/in.png"], "beside each input"),
+    (["selftest", "--out", "{file}"], "is a file, not a folder"),
+    (["models", "download", "mvdream", "--cache-dir", "{locked}/hub"], "--cache-dir {locked}/hub: cannot write in"),
+    (["models", "download", "mvdream", "--cache-dir", "{file}"], "is a file, not a folder"),
+    # run settings, from flags (RunConfig.validate names the flag and the key)
+    (["image2gs", "{image}", *OUT, "--seed", "99999999999999999999999"], "--seed must be a whole number in 0.."),
+    (["image2gs", "{image}", *OUT, "--seed", "-1"], "--seed"),
+    (["image2gs", "{image}", *OUT, "--elevation", "200"], "--elevation (cameras.elevation) must lie strictly between -90 and 90"),
+    (["image2gs", "{image}", *OUT, "--elevation", "nan"], "--elevation"),
+    (["image2gs", "{image}", *OUT, "--views", "0"], "--views"),
+    (["image2gs", "{image}", *OUT, "--res", "7"], "--res (cameras.resolution) must lie in 16..2048, got 7"),
+    (["image2gs", "{image}", *OUT, "--iters", "0"], "--iters"),
+    (["image2gs", "{image}", *OUT, "--iters", "abc"], "--iters"),
+    (["image2gs", "{image}", *OUT, "--steps", "0"], "--steps"),
+    (["image2gs", "{image}", *OUT, "--backend", "nope"], "--backend"),
+    (["image2gs", "{image}", *OUT, "--border-ratio", "1.5"], "--border-ratio"),
+    (["image2gs", "{image}", *OUT, "--video-format", "avi"], "avi"),
+    (["image2mesh", "{image}", *OUT, "--faces", "0"], "--faces"),
+    (["image2mesh", "{image}", *OUT, "--texture-size", "1000"], "--texture-size"),
+    (["image2mesh", "{image}", *OUT, "--grid", "8"], "--grid"),
+    (["image2mesh", "{image}", *OUT, "--threshold", "nan"], "--threshold"),
+    (["image2mesh", "{image}", *OUT, "--scale", "inf"], "--scale"),
+    (["image2mesh", "{image}", *OUT, "--up", "x"], "--up"),
+    (["image2mesh", "{image}", *OUT, "--format", "fbx"], "--format"),
+    (["image2mesh", "{image}", *OUT, "--refine-steps", "-1"], "--refine-steps"),
+    (["text2gs", "a cat", *OUT, "--seed", "-5"], "--seed"),
+    (["text2gs", "a cat", *OUT, "--views", "6"], "--views must be a multiple of 4, got 6"),
+    (["text2gs", "a cat", *OUT, "--res", "4096"], "--res"),
+    (["text2mesh", "a cat", *OUT, "--faces", "50"], "--faces"),
+    (["export", "{file}", *OUT, "--faces", "0"], "--faces"),
+    (["export", "{file}", *OUT, "--seed", "-1"], "--seed"),
+    # options of one command (typer callbacks name the option as typed)
+    (["render", "{file}", "--res", "7"], "'--res': must lie in 16..4096, got 7"),
+    (["render", "{file}", "--frames", "0"], "'--frames'"),
+    (["render", "{file}", "--fps", "1000"], "'--fps'"),
+    (["render", "{file}", "--elevation", "90"], "'--elevation': must lie strictly between -90 and 90 degrees"),
+    (["render", "{file}", "--radius", "nan"], "'--radius'"),
+    (["render", "{file}", "--fovy", "180"], "'--fovy'"),
+    (["render", "{file}", "--azimuth", "inf"], "'--azimuth'"),
+    (["render", "{file}", "--video", "{tmp}/spin.avi"], "use a .mp4 or .gif name"),
+    (["eval", "{file}", "--reference", "{spot}", "--res", "7"], "'--res'"),
+    (["eval", "{file}", "--reference", "{spot}", "--radius", "-1"], "'--radius'"),
+    (["preprocess", "{image}", "--size", "8"], "--size"),
+    (["preprocess", "{image}", "--border-ratio", "1"], "--border-ratio"),
+    (["selftest", "--min-psnr", "nan"], "'--min-psnr'"),
+    # flags take no value: the word would become an input
+    (["image2gs", "{image}", *OUT, "--video", "true"], "--video is a flag and takes no value"),
+    (["text2gs", "a cat", *OUT, "--video", "yes"], "--video is a flag"),
+    (["image2gs", "{image}", *OUT, "--rembg", "false"], "--no-rembg to turn it off"),
+    (["export", "{file}", "--refine", "false"], "--refine is a flag"),
+    (["render", "{file}", "--overwrite", "true"], "--overwrite is a flag"),
+    (["presets", "show", "reference", "--json", "true"], "--json is a flag"),
+    (["models", "list", "--json", "yes"], "--json is a flag"),
+    # inputs and names
+    (["image2gs", "{tmp}/missing.png", *OUT], "input image not found"),
+    (["image2gs", "{tmp}/notes.png", *OUT], "not an image"),
+    (["image2gs", "{image}", *OUT, "--teacher", "nope"], "unknown teacher 'nope'"),
+    (["image2gs", "--teacher", "reference", "--model", "{spot}", "--preset", "nope", *OUT], "unknown preset"),
+    (["image2gs", "--teacher", "reference", "--model", "{tmp}/none.obj", *OUT], "mesh file not found: {tmp}/none.obj"),
+    (["image2gs", "--teacher", "reference", *OUT], "--model MESH"),
+    (["image2gs", *OUT], "needs an input image"),
+    (["text2gs", "a cat", *OUT, "--model", "{tmp}/no-model"], "model folder not found"),
+    (["export", "{tmp}/none.ply"], "result not found"),
+    (["eval", "{tmp}/none.ply", "--reference", "{spot}"], "result not found"),
+    (["models", "download", "nope"], "unknown model 'nope'"),
+    (["presets", "show", "nope"], "unknown preset 'nope'"),
+]
+
+
+@pytest.mark.parametrize("args, message", REFUSALS, ids=[" ".join(a[:1] + a[2:]) for a, _ in REFUSALS])
+def test_bad_input_is_one_line_exit_2_before_any_work_and_writes_nothing(workspace: Path, capsys, monkeypatch,
+                                                                           args, message):
+    def fill(text: str) -> str:
+        return text.format(tmp=workspace, spot=SPOT, image=workspace / "cat.png", file=workspace / "afile.txt",
+                           locked=workspace / "locked")
+
+    if "{locked}" in " ".join(args) and _writable(workspace / "locked"):
+        pytest.skip("this machine cannot make a folder read-only")
+    _no_work(monkeypatch)
+    before = _tree(workspace)
+    assert main([fill(a) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: "), captured.err
+    assert fill(message) in captured.err
+    assert _tree(workspace) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["image2gs", "--teacher", "reference", "--model", "{tmp}/notes.obj"], "notes.obj contains no triangles"),
+])
+def test_a_teacher_that_cannot_load_is_one_error_line_after_the_progress(tmp_path: Path, capsys, args, message):
+    (tmp_path / "notes.obj").write_text("this is not a mesh")
     out = tmp_path / "out"
-    argv = [a.format(tmp=tmp_path, spot=SPOT) for a in args] + (["--out", str(out)] if args[0] == "image2gs" else [])
-    assert main(argv) == 2
-    err = _error_line(capsys)
-    assert message in err
-    assert not out.exists() or not any(out.iterdir())
+    assert main([a.format(tmp=tmp_path) for a in args] + ["--out", str(out)]) == 2
+    *progress, error = capsys.readouterr().err.splitlines()
+    assert error.startswith("error: ") and message in error
+    assert progress == ["notes: loading the teacher"]  # off a terminal progress is plain lines; no "loaded"
+    assert not out.exists()
+
+
+def test_flags_show_no_value_in_the_help(capsys):
+    for command in (["image2gs"], ["text2mesh"], ["export"], ["render"], ["preprocess"], ["models", "list"]):
+        assert main([*command, "--help"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if "--" in line and "--help" not in line]
+        assert any("--overwrite" in row or "--json" in row for row in rows)
+        assert not [row for row in rows if "<bool>" in row or "BOOLEAN" in row]
 
 
 @pytest.mark.slow
@@ -82,6 +234,8 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     seconds = [it["seconds"] for it in data["iterations"]]
     assert len(seconds) == 3 and min(seconds) > 0 and sum(seconds) <= data["timings"]["sir"]
     assert set(data["peak_memory"]) == {"process_rss_gib"} and 0.1 < data["peak_memory"]["process_rss_gib"] < 24
+    assert data["teacher_mode"] == "lit, imperfection none" and data["config"]["teacher"]["shading"] == "lit"
+    assert set(data["cleanup"]) == {"final_prune", "white_filter"} and min(data["cleanup"].values()) >= 0
     assert trimesh.load(ply, process=False) is not None  # a standard PLY other tools open
 
     # never overwrite silently; the existing file is untouched
@@ -99,6 +253,36 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     assert main(["eval", str(ply), "--reference", str(SPOT), "--json", str(scores), "--res", "64"]) == 0
     result = json.loads(scores.read_text())
     assert len(result["views"]) == 16 and 5.0 < result["mean_psnr"] < 60.0
+    assert result["shading"] == "lit"  # as the run's report says
+    albedo = tmp_path / "albedo.json"
+    assert main(["eval", str(ply), "--reference", str(SPOT), "--json", str(albedo), "--res", "64",
+                 "--shading", "albedo"]) == 0
+    apart = json.loads(albedo.read_text())
+    assert apart["shading"] == "albedo" and apart["mean_psnr"] == pytest.approx(result["mean_albedo_psnr"])
+    assert apart["mean_psnr"] != pytest.approx(result["mean_psnr"])
+    assert main(["eval", str(ply), "--reference", str(SPOT), "--shading", "flat"]) == 2
+    assert "unknown shading 'flat'" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_selftest_clears_its_threshold_on_the_bundled_cow_and_fails_below_a_higher_one(tmp_path: Path, capsys):
+    """One real selftest (the reference preset on Spot, lit teacher): asked for 99 dB it fails with exit 1, and
+    the PSNR it printed, which the saved Gaussians score again through eval, clears the shipped threshold."""
+    import re
+
+    import torch
+
+    from microdreamer.cli import SELFTEST_MIN_PSNR
+    from microdreamer.evaluate import evaluate_gaussians
+
+    assert main(["selftest", "--device", "cpu", "--min-psnr", "99", "--out", str(tmp_path)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    line = re.search(r"FAIL selftest \(lit teacher\): mean held-out PSNR ([\d.]+) dB \(threshold 99.0\)", err)
+    assert line is not None, err
+    printed = float(line.group(1))
+    assert printed >= SELFTEST_MIN_PSNR
+    again = evaluate_gaussians(tmp_path / "spot.ply", SPOT, torch.device("cpu"))
+    assert again.shading == "lit" and again.mean_psnr == pytest.approx(printed, abs=0.005)
 
 
 # batch, preprocessing, presets, models ------------------------------------------------------------
@@ -207,7 +391,7 @@ def test_batch_reports_failures_in_the_manifest_resumes_and_reproduces(
         _no_model_load(m)
         assert main(argv[:-2] + ["--skip-existing"]) == 1
     summary = " ".join(capsys.readouterr().err.split())
-    assert "2 failed, 2 skipped" in summary and "ignored 1 file(s) that are not images" in summary
+    assert "2 failed, 2 skipped" in summary and "ignored 1 file without an image suffix" in summary
     assert summary.endswith("readme.txt")
     again = json.loads((out / "manifest.json").read_text())
     assert again["counts"]["skipped"] == 2 and again["counts"]["failed"] == 2
@@ -376,6 +560,12 @@ def test_models_list_and_download_from_a_cache(tmp_path: Path, capsys, monkeypat
     assert captured.out.strip() == str(snapshot) and "Non-Commercial" in captured.err
     assert main(["models", "download", "nope"]) == 2
     assert "unknown model 'nope'" in _error_line(capsys)
+    # offline and not cached: the advice fits the command being run (not "run `models download`")
+    assert main(["models", "download", "zero123-xl", "--cache-dir", str(hub)]) == 2
+    fetching, error = capsys.readouterr().err.splitlines()
+    assert fetching == "fetching ashawkey/zero123-xl-diffusers (about 2.5 GB)"
+    assert error.startswith("error: cannot download model 'ashawkey/zero123-xl-diffusers' (")
+    assert "HF_HUB_OFFLINE is not set" in error and "models download" not in error
 
 
 def test_peak_memory_covers_what_the_process_holds_now():
@@ -391,3 +581,76 @@ def test_peak_memory_covers_what_the_process_holds_now():
     peak = peak_memory(torch.device("cpu"))
     assert set(peak) == {"process_rss_gib"}
     assert peak["process_rss_gib"] >= resident_gib - 1e-3 and held.sum() > 0
+
+
+# piped output: logs, CI, schedulers ---------------------------------------------------------------
+
+
+def _plain_lines(err: str, allowed: list[str]) -> list[str]:
+    """The lines of ``err``, each checked to be whole: one of the ``allowed`` patterns from start to end (a
+    line wrapped in the middle of a phrase would leave a fragment that matches none)."""
+    lines = err.splitlines()
+    strays = [line for line in lines if not any(re.fullmatch(pattern, line) for pattern in allowed)]
+    assert not strays, strays
+    return lines
+
+
+ITERATION = r"\S+ \[\d+/\d+\] SIR (init \(from noise\)|t2=\d+ t1=\d+) loss=\d+, \d+\.\d s"
+RESULT = r"\d+ Gaussians, \d+\.\d s SIR, \d+ network evaluations"
+
+
+@pytest.mark.slow
+def test_piped_progress_is_plain_whole_lines_and_the_summary_is_not_cut(tmp_path: Path, capsys, cow_pngs,
+                                                                         micro_config):
+    from microdreamer.wording import shorten
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    long = "a_photo_whose_name_is_long_enough_to_be_shortened_in_progress_lines_and_in_the_summary"
+    shutil.copy(cow_pngs[0], folder / f"{long}.png")
+    shutil.copy(cow_pngs[1], folder / "b.png")
+    out = tmp_path / "out"
+    assert main(["image2gs", str(folder), "--teacher", "reference", "--model", str(SPOT), "--config",
+                 str(micro_config), "--out", str(out)]) == 0  # capsys: stderr is not a terminal, as in a log
+    first, second = shorten(str(folder / f"{long}.png")), shorten(str(folder / "b.png"))
+    lines = _plain_lines(capsys.readouterr().err, [
+        r"\[[12]/2\] .+", r"\S+: loading the teacher", r"\S+: teacher loaded in \d+\.\d s", ITERATION,
+        rf"done .+: {RESULT}", r"image2gs: 2 inputs", r"[┏┡└].*[┓┩┘]", rf"[┃│] .* [┃│]",
+        rf"2 done; manifest: {out / 'manifest.json'}",
+    ])
+    assert lines[0] == f"[1/2] {first}" and f"[2/2] {second}" in lines and len(first) == 60
+    assert sum(bool(re.fullmatch(ITERATION, line)) for line in lines) == 4  # 2 inputs × (init + 1)
+    rows = [line for line in lines if line.startswith("│")]
+    assert len(rows) == 2 and all(" done " in row and "network evaluations" in row for row in rows)
+    assert first in rows[0] and second in rows[1]  # the cells hold the whole (shortened) input
+
+
+@pytest.mark.slow
+def test_selftest_prints_its_progress_when_piped(capsys, monkeypatch, micro_config):
+    from microdreamer import api
+    from microdreamer.config import resolve
+
+    # the bundled run, made tiny: the same command path with a micro schedule (resolved in the API)
+    monkeypatch.setattr(api, "resolve_config", lambda *args, **flags: resolve(
+        "reference", micro_config, {"teacher": {"model": flags["model"]}, "device": flags["device"]}))
+    assert main(["selftest", "--min-psnr", "0"]) == 0
+    lines = _plain_lines(capsys.readouterr().err, [
+        r"selftest: the Spot cow from its front view with the reference teacher on cpu \(.*\)",
+        r"spot: loading the teacher", r"spot: teacher loaded in \d+\.\d s", ITERATION,
+        r"spot: scoring 16 held-out views",
+        r"PASS selftest \(lit teacher\): mean held-out PSNR \d+\.\d\d dB \(threshold 0\.0\), SSIM \d\.\d+, \d+\.\d s SIR on cpu, "
+        r"\d+ Gaussians?",
+    ])
+    assert len(lines) == 7 and lines[-1].startswith("PASS")
+
+
+def test_text2gs_with_the_default_model_offline_is_one_line(tmp_path: Path, capsys, monkeypatch):
+    """The prompt check before loading looks the default model up too (it once named an unimported helper)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["text2gs", "a corgi", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "mvdream" in error

@@ -15,6 +15,10 @@ def test_presets_load_and_reference_values():
     )
     assert (cfg.guidance.scale, cfg.guidance.eta, cfg.cameras.views, cfg.cameras.radius) == (3.0, 0.5, 6, 2.0)
     assert (cfg.loss.reference_rgb, cfg.loss.reference_mask) == (0.3, 0.01)
+    teacher = resolve("reference").teacher
+    assert (teacher.shading, teacher.imperfection) == ("lit", "none")  # geometry runs see shaded targets
+    assert resolve("reference", None, {"teacher": {"shading": "albedo", "imperfection": "moderate"}}).teacher == \
+        type(teacher)("reference", None, "auto", "albedo", "moderate")
 
 
 def test_precedence_preset_then_file_then_flags(tmp_path: Path):
@@ -45,6 +49,10 @@ def test_saved_json_config_reproduces(tmp_path: Path):
         ({"schedule": {"nope": 1}}, "unknown setting 'schedule.nope'"),
         ({"schedule": {"steps": "many"}}, "must be a number"),
         ({"schedule": {"steps": 1.5}}, "whole number"),
+        ({"teacher": {"shading": "flat"}}, "teacher.shading must be lit or albedo, got 'flat'"),
+        ({"teacher": {"imperfection": "heavy"}}, "teacher.imperfection must be none or moderate, got 'heavy'"),
+        ({"teacher": {"name": "stable-zero123", "imperfection": "moderate"}},
+         "teacher.imperfection applies to the reference teacher only, not 'stable-zero123'"),
     ],
 )
 def test_bad_values_are_one_line_errors(overrides, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -32,11 +33,28 @@ def test_doctor_runs_here_and_prints_only_json(capsys):
     assert all(c["status"] in doctor.STATUSES for c in report["checks"])
     if not torch.cuda.is_available():
         assert checks["cuda"]["status"] == "missing"
-        for backend in ("gsplat", "nvdiffrast", "nerfacc", "tinycudann"):  # never "ok" without a GPU
+        for backend in ("gsplat", "nvdiffrast"):  # never "ok" without a GPU
             assert checks[backend]["status"] in ("missing", "warn")
     if ffmpeg_exe() is not None:
         assert checks["ffmpeg"]["status"] == "ok"
     assert "non-commercial" in checks["stable-zero123"]["detail"]
+
+
+def test_only_backends_the_code_uses_are_listed():
+    """Every GPU package the doctor checks is imported by a renderer, and every optional GPU package a
+    renderer imports is checked (nothing is listed before something uses it)."""
+    package = Path(doctor.__file__).parent
+    sources = {p: p.read_text() for p in package.rglob("*.py") if p.name != "doctor.py"}
+    imported = {m.group(1) for text in sources.values()
+                for m in re.finditer(r"^\s*(?:from|import) (\w+)", text, re.MULTILINE)}
+    imported |= {m.group(1) for text in sources.values() for m in re.finditer(r"find_spec\(\"(\w+)\"\)", text)}
+    listed = {module for module, _ in doctor.GPU_BACKENDS}
+    assert listed == {"gsplat", "nvdiffrast", "tinycudann"}
+    assert listed <= imported
+    known_gpu_packages = {"gsplat", "nvdiffrast", "nerfacc", "tinycudann", "diff_gaussian_rasterization", "simple_knn"}
+    assert imported & known_gpu_packages == listed
+    names = {c.name for c in doctor.check_backends(build_kernels=False)}
+    assert not names & {"nerfacc"}
 
 
 def test_table_output_and_no_build(capsys):

@@ -30,7 +30,8 @@ def two_tone_ellipsoid() -> TexturedMesh:
     return TexturedMesh(vertices, torch.tensor(sphere.faces), vertex_colors=colors)
 
 
-def gaussians_on(mesh: TexturedMesh, count: int = 6000, opacity: float = 0.9, scale: float = 0.015) -> Gaussians:
+def gaussians_on(mesh: TexturedMesh, count: int = 6000, opacity: float = 0.9, scale: float = 0.015,
+                 cfg: GaussianConfig | None = None) -> Gaussians:
     """Isotropic Gaussians spread over ``mesh``'s surface, coloured like it (a stand-in for a trained run)."""
     points, _ = sample_surface(mesh.vertices.numpy(), mesh.faces.numpy(), count, torch.Generator().manual_seed(0))
     points = torch.from_numpy(points).float()
@@ -44,7 +45,7 @@ def gaussians_on(mesh: TexturedMesh, count: int = 6000, opacity: float = 0.9, sc
         scale=torch.full((count, 3), float(np.log(scale))),
         rotation=torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(count, 1),
     )
-    return Gaussians(GaussianConfig(), "cpu", torch.Generator().manual_seed(0), init=raw)
+    return Gaussians(cfg or GaussianConfig(), "cpu", torch.Generator().manual_seed(0), init=raw)
 
 
 def small_config(**mesh) -> RunConfig:
@@ -56,7 +57,7 @@ def small_config(**mesh) -> RunConfig:
 @pytest.fixture(scope="module")
 def scene():
     mesh = two_tone_ellipsoid()
-    return mesh, gaussians_on(mesh), ReferenceTeacher(mesh, resolution=64)
+    return mesh, gaussians_on(mesh), ReferenceTeacher(mesh, resolution=64, shading="albedo")  # colours checked
 
 
 def test_export_reproduces_the_surface_and_its_colours(tmp_path, scene):

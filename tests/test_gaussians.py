@@ -16,6 +16,7 @@ from microdreamer.render.types import RenderOutput
 from microdreamer.representations.densify import DensifyState, DensifyStrategy, quaternion_to_matrix
 from microdreamer.representations.gaussians import SH_C0, ExponentialLR, Gaussians, mean_sq_knn_distance
 from microdreamer.sir.cameras import Cameras
+from tolerances import assert_within, rounding_bound
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -50,7 +51,7 @@ def test_init_statistics():
     assert abs((r < 0.25).float().mean().item() - 0.125) < 0.02
     assert g.means.detach().mean(0).abs().max() < 0.02
     assert g.params["f_dc"].min() >= 0 and g.params["f_dc"].max() < 1 / 255
-    assert torch.allclose(g.colors, torch.full_like(g.colors, 0.5), atol=SH_C0 / 255 + 1e-7)
+    assert_within(g.colors, torch.full_like(g.colors, 0.5), SH_C0 / 255 + rounding_bound(0.5, ops=2))  # 0.5 + C0·f_dc
     assert torch.equal(g.params["rotation"], torch.tensor([[1.0, 0, 0, 0]]).expand(3000, 4))
     assert torch.allclose(g.opacities, torch.full((3000,), 0.1))
     assert g.params["f_rest"].shape == (3000, 0, 3)
@@ -58,8 +59,8 @@ def test_init_statistics():
     d2 = torch.cdist(g.means.detach().double(), g.means.detach().double()).square()
     d2.fill_diagonal_(float("inf"))
     expected = d2.topk(3, largest=False).values.mean(1).sqrt().log().float()
-    for axis in range(3):
-        torch.testing.assert_close(g.params["scale"][:, axis].detach(), expected, rtol=0, atol=1e-5)
+    for axis in range(3):  # float64 k-d tree, then float32 rounding, sqrt and log
+        assert_within(g.params["scale"][:, axis].detach(), expected, rounding_bound(expected.abs().max().item(), ops=3))
 
 
 def test_knn_on_grid():
@@ -195,7 +196,9 @@ def test_split_children_follow_the_parent_distribution():
     offsets = g.means.detach().double()
     rot = quaternion_to_matrix(quat[None]).double()[0]
     cov = rot @ torch.diag(torch.tensor(s).double() ** 2) @ rot.T
-    torch.testing.assert_close(offsets.T @ offsets / (2 * n), cov, atol=6e-4, rtol=0)
+    # the sample covariance of N = 2n independent draws has entries with variance (Σᵢᵢ·Σⱼⱼ + Σᵢⱼ²)/N: 5σ
+    sampling_std = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / (2 * n)).sqrt()
+    assert ((offsets.T @ offsets / (2 * n) - cov).abs() <= 5 * sampling_std).all()
     # same generator seed → same children
     h = Gaussians(_cfg(), "cpu", _gen(), init=_hand_made([{"scale": s, "quat": tuple(quat.tolist())}] * n))
     h.strategy.densify(h.params, h.optimizer, DensifyState(torch.ones(n), torch.ones(n)), _gen(11), step=100)
@@ -237,11 +240,11 @@ def test_training_step_accumulates_and_densifies():
 
 def test_finalize_prunes():
     rows = [{"opacity": 0.008}, {"opacity": 0.012}, {"scale": (0.01, 0.105, 0.01)}, {"scale": (0.095,) * 3}]
-    g = Gaussians(_cfg(), "cpu", _gen(), init=_hand_made(rows))
+    g = Gaussians(_cfg(white_filter=False), "cpu", _gen(), init=_hand_made(rows))  # the filter: test_white_filter
     _adam_warm(g, _gen(1))  # moves each raw value by about its lr: the margins above allow for it
     before = g.params["means"].detach().clone()
     g.finalize()
-    assert g.num_primitives == 2
+    assert g.num_primitives == 2 and g.cleanup == {"final_prune": 2}
     torch.testing.assert_close(g.params["means"], before[[1, 3]])
     for grp in g.optimizer.param_groups:
         assert g.optimizer.state[grp["params"][0]]["exp_avg"].shape[0] == 2

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, JpegImagePlugin
+from scipy import ndimage
 
 from microdreamer.errors import UserError
-from microdreamer.io.images import area_resize, image_grid, load_image, save_image, to_reference
+from microdreamer.io.images import MAX_PIXELS, area_resize, image_grid, load_image, save_image, to_reference, to_uint8
+from microdreamer.preprocess import DECODE_SIDE, load_input
+from tolerances import assert_within, rounding_bound
 
 
 def brute_area(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -95,6 +101,90 @@ def test_bad_inputs_raise_user_error(tmp_path, rng):
     _assert_one_line_naming(error, "folder")
 
 
+def test_an_empty_file_is_called_empty(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(UserError) as error:
+        load_image(tmp_path / "empty.png")
+    assert str(error.value) == f"{tmp_path / 'empty.png'}: the file is empty (0 bytes), not an image; " \
+                               "supply a PNG, JPG or WebP image"
+
+
+def _png_header(path, width: int, height: int):
+    """A PNG with only its header: Pillow opens it and learns its size; decoding it would fail."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_the_size_limit_is_the_stated_one_and_checked_before_decoding(tmp_path):
+    assert MAX_PIXELS == 150_000_000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError) as error:  # 144 MP: within the limit, so decoding starts (and fails)
+            load_image(_png_header(tmp_path / "ok.png", 12000, 12000))
+        assert "truncated or corrupt" in str(error.value)
+        with pytest.raises(UserError) as error:  # 156 MP: above ours, below Pillow's error limit
+            load_image(_png_header(tmp_path / "big.png", 13000, 12000))
+        assert str(error.value) == (f"{tmp_path / 'big.png'}: 13000x12000 pixels (156 MP) is above the 150-megapixel "
+                                    "input limit; downscale it (4096 px on the longer side is plenty)")
+        with pytest.raises(UserError) as error:  # 200 MP: Pillow refuses it while opening; the same message
+            load_image(_png_header(tmp_path / "huge.png", 20000, 10000))
+        assert str(error.value).startswith(f"{tmp_path / 'huge.png'}: the image is above the 150-megapixel input limit")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def _shaded_ellipse(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """A red ellipse with smooth shading on a plain light background, and its mask."""
+    y, x = np.mgrid[:height, :width] + 0.5
+    inside = ((y - 0.47 * height) / (0.3 * height)) ** 2 + ((x - 0.525 * width) / (0.175 * width)) ** 2 <= 1
+    shading = 20 * np.sin(x / 60.0)[..., None]
+    return to_uint8(np.where(inside[..., None], np.array([200.0, 40.0, 30.0]) + shading, 250.0)), inside
+
+
+@pytest.fixture
+def jpeg_loads(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes at which JPEGs are decoded."""
+    sizes: list[tuple[int, int]] = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        sizes.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    return sizes
+
+
+def test_reduced_decoding_is_the_mean_of_pixel_blocks(tmp_path, jpeg_loads):
+    image, inside = _shaded_ellipse(1600, 1200)
+    Image.fromarray(image).save(tmp_path / "e.png")
+    Image.fromarray(image).save(tmp_path / "e.jpg", quality=90)
+    for name in ("e.png", "e.jpg"):
+        small = load_image(tmp_path / name, max_side=512)
+        assert set(jpeg_loads) <= {(400, 300)}  # a JPEG is decoded at 1/4 scale, not reduced afterwards
+        full = load_image(tmp_path / name)
+        assert small.shape == (300, 400, 4)  # 1600 / 4: the smallest power of two that fits 512
+        difference = np.abs(small - full.astype(np.float64).reshape(300, 4, 400, 4, 4).mean(axis=(1, 3)))
+        if name == "e.png":  # block averaging: the exact mean, rounded to 8 bits
+            assert difference.max() <= 0.5
+        else:  # libjpeg's 1/4-scale IDCT: the same within both roundings, away from the MCUs the edge crosses
+            away = np.where(inside, ndimage.distance_transform_edt(inside), ndimage.distance_transform_edt(~inside))
+            assert difference[(away > 16).reshape(300, 4, 400, 4).all(axis=(1, 3))].max() <= 1.0
+    assert (400, 300) in jpeg_loads
+
+
+def test_a_big_photo_is_decoded_reduced_for_preprocessing(tmp_path, jpeg_loads):
+    photo = Image.new("RGB", (4000, 3000), (250, 250, 250))
+    ImageDraw.Draw(photo).ellipse((1400, 600, 2600, 2400), fill=(200, 40, 30))
+    photo.save(tmp_path / "big.jpg", quality=90)
+    loaded = load_input(tmp_path / "big.jpg")
+    assert DECODE_SIDE == 2048 and loaded.shape == (1500, 2000, 4)
+    assert set(jpeg_loads) == {(2000, 1500)}  # libjpeg decoded it at half scale from the start
+
+
 def test_to_reference_half_transparent_red_over_white():
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[:] = (255, 0, 0, 128)
@@ -119,8 +209,10 @@ def test_to_reference_matches_brute_force_pipeline(rng, side):
     expected_rgb = F.interpolate(image[:, :3] * mask + 1 - mask, (128, 128), mode="bilinear", align_corners=False)
     expected_mask = F.interpolate(mask, (128, 128), mode="bilinear", align_corners=False)
     rgb, got_mask = to_reference(rgba, resolution=128)
-    torch.testing.assert_close(rgb, expected_rgb, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got_mask, expected_mask, atol=1e-6, rtol=0)
+    # two float32 paths, each compositing (3 roundings) then a bilinear sum of 4 terms, values in [0, 1]
+    bound = 2 * rounding_bound(1.0, n=4, ops=4)
+    assert_within(rgb, expected_rgb, bound, "rgb")
+    assert_within(got_mask, expected_mask, bound, "mask")
 
 
 def test_to_reference_pads_non_square_without_squashing():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import trimesh
 
-from microdreamer.mesh_metrics import compare_surfaces, sample_surface
+from microdreamer.mesh_metrics import Topology, compare_surfaces, sample_surface, topology
 
 SQUARE_V = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
 SQUARE_F = np.array([[0, 1, 2], [0, 2, 3]])
@@ -69,3 +69,41 @@ def test_same_seed_same_samples_and_degenerate_mesh_is_an_error():
     assert np.array_equal(a, b)
     with pytest.raises(ValueError):
         sample_surface(np.zeros((3, 3)), np.array([[0, 1, 2]]), 10, torch.Generator())
+
+
+def test_topology_counts_parts_holes_and_boundaries():
+    sphere, torus = trimesh.creation.icosphere(subdivisions=2), trimesh.creation.torus(0.5, 0.2)
+    assert topology(sphere.vertices, sphere.faces) == Topology(1, 0, 0.0)
+    assert topology(torus.vertices, torus.faces) == Topology(1, 0, 1.0)
+    both = trimesh.util.concatenate([sphere, torus.apply_translation([3.0, 0, 0])])
+    assert topology(both.vertices, both.faces) == Topology(2, 0, 1.0)
+    tube = trimesh.creation.cylinder(0.3, 1.0, sections=24)
+    open_tube = tube.faces[np.abs(tube.face_normals[:, 2]) < 0.5]  # the side without its caps
+    assert topology(tube.vertices, open_tube) == Topology(1, 2, 0.0)
+    # vertices split at UV seams (copies at one position) are joined: the surface stays closed
+    split = sphere.vertices[sphere.faces].reshape(-1, 3)
+    assert topology(split, np.arange(len(split)).reshape(-1, 3)) == Topology(1, 0, 0.0)
+    assert topology(tube.vertices, open_tube).closed is False and topology(sphere.vertices, sphere.faces).closed
+    # a flat flap (two faces on the same vertices) hinged on an edge is no surface; one face there makes
+    # the edge non-manifold and opens a boundary
+    a, b = torus.faces[0, :2]
+    tip = len(torus.vertices)
+    vertices = np.concatenate([torus.vertices, [[0.0, 2.0, 0.0]]])
+    flap = np.concatenate([torus.faces, [[a, b, tip], [b, a, tip]]])
+    assert topology(vertices, flap) == Topology(1, 0, 1.0, nonmanifold_edges=0, repeated_faces=2)
+    fin = topology(vertices, np.concatenate([torus.faces, [[a, b, tip]]]))
+    assert (fin.nonmanifold_edges, fin.boundary_loops, fin.repeated_faces) == (1, 1, 0)
+
+
+def test_topology_of_the_shared_assets_with_a_known_genus():
+    from shared_assets import SHARED_ASSETS
+
+    from microdreamer.io.mesh import load_mesh
+
+    for name, genus in (("bob/bob_tri.obj", 1.0), ("spot/spot.obj", 0.0)):
+        path = SHARED_ASSETS / name
+        if not path.exists():
+            pytest.skip(f"{name} not available")
+        mesh = load_mesh(path)
+        found = topology(mesh.vertices.numpy(), mesh.faces.numpy())
+        assert (found.components, found.closed, found.genus) == (1, True, genus)

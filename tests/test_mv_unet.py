@@ -22,6 +22,13 @@ from microdreamer.teachers.mv_unet import (
     Resampler,
     timestep_embedding,
 )
+from tolerances import EPS32, assert_within, network_bound, rounding_bound, to_float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks
+
+#: a camera pose from degrees in float32: radians, sin/cos, look-at cross products and three
+#: normalisations of 3-vectors, about 12 dependent roundings of unit-length values
+POSE_BOUND = rounding_bound(1.0, n=3, ops=12)
 
 # unet/config.json of ashawkey/mvdream-sd2.1-diffusers (spec §2.2); ImageDream adds "ip_dim": 16 (§3.1)
 MVDREAM_JSON = {
@@ -190,14 +197,15 @@ def tiny_inputs(config: MultiViewUNetConfig, objects: int, frames: int, seed: in
 
 @torch.no_grad()
 def test_views_are_permutation_equivariant_and_coupled():
-    model = randomized(TINY)
-    inputs = tiny_inputs(TINY, objects=2, frames=4)
+    model = randomized(TINY).double()  # structure, checked in float64 (any float32 path rounds otherwise)
+    inputs = to_float64(tiny_inputs(TINY, objects=2, frames=4))
     out = model(**inputs)
     assert out.shape == (8, 4, 8, 8) and torch.isfinite(out).all()
 
     perm = torch.tensor([2, 0, 3, 1, 5, 7, 4, 6])  # views permuted within each object
     permuted = {k: (v[perm] if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    torch.testing.assert_close(model(**permuted), out[perm], atol=1e-5, rtol=1e-5)
+    bound = 2 * network_bound(out.abs().max().item(), model, dtype=torch.float64)
+    assert_within(model(**permuted), out[perm], bound, "permuted views")
 
     changed = {**inputs, "x": inputs["x"].clone()}
     changed["x"][0] += 1.0  # view 0 of object 0
@@ -209,12 +217,23 @@ def test_views_are_permutation_equivariant_and_coupled():
     assert (single - out).abs().max() > 1e-3
 
 
+def _embedding_bound(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Elementwise float32 error bound of ``[cos, sin](t·exp(−ln(10⁴)·i/half))``: the exponent ``x`` is
+    off by 2 roundings of ``|x|``, which ``exp`` turns into a relative error ``2u|x|`` of the frequency
+    (+ one rounding of its own), the product adds one more; ``cos``/``sin`` add one rounding of 1."""
+    u, half = EPS32 / 2, dim // 2
+    x = math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half
+    args = t[:, None].double() * torch.exp(-x)
+    per_arg = u * (args.abs() * (2 * x + 3) + 1)
+    return torch.cat([per_arg, per_arg], 1)
+
+
 def test_timestep_embedding_is_cos_then_sin():
     t = torch.tensor([0, 1, 37, 999])
     emb = timestep_embedding(t, 8)
     freqs = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
     args = t[:, None].double() * freqs
-    torch.testing.assert_close(emb.double(), torch.cat([args.cos(), args.sin()], 1), atol=1e-5, rtol=0)
+    assert ((emb.double() - torch.cat([args.cos(), args.sin()], 1)).abs() <= _embedding_bound(t, 8)).all()
 
     model = randomized(TINY)  # and the network feeds exactly that to time_embed
     seen = []
@@ -225,7 +244,7 @@ def test_timestep_embedding_is_cos_then_sin():
 
     ts = tiny_inputs(TINY, objects=1, frames=4)["timesteps"]
     ref = get_timestep_embedding(ts, 32, flip_sin_to_cos=True, downscale_freq_shift=0)
-    torch.testing.assert_close(seen[0], ref, atol=1e-5, rtol=1e-5)
+    assert ((seen[0].double() - ref.double()).abs() <= 2 * _embedding_bound(ts, 32)).all()  # both float32
 
 
 def _to_diffusers_name(name: str, config: MultiViewUNetConfig) -> str:
@@ -269,30 +288,31 @@ def test_single_view_matches_diffusers_unet():
     """With one frame the network is an SD-2.1 UNet + camera ("projection" class) embedding: compare to diffusers."""
     from diffusers import UNet2DConditionModel
 
-    model = randomized(TINY)
+    model = randomized(TINY).double()  # both in float64: the comparison is of structure, not rounding
     ref = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4), cross_attention_dim=32, use_linear_projection=True, flip_sin_to_cos=True,
         freq_shift=0, class_embed_type="projection", projection_class_embeddings_input_dim=16,
-    ).eval()
+    ).eval().double()
     converted = {_to_diffusers_name(k, TINY): v for k, v in model.state_dict().items()}
     ref.load_state_dict(converted, strict=True)
-    inputs = tiny_inputs(TINY, objects=3, frames=1)
+    inputs = to_float64(tiny_inputs(TINY, objects=3, frames=1))
     ours = model(**inputs)
     theirs = ref(inputs["x"], inputs["timesteps"], inputs["context"], class_labels=inputs["camera"]).sample
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    bound = 2 * network_bound(theirs.abs().max().item(), model, dtype=torch.float64)
+    assert_within(ours, theirs, bound, "ours vs diffusers")
 
 
 @torch.no_grad()
 def test_joint_self_attention_brute_force():
     g = torch.Generator().manual_seed(3)
-    block = BasicTransformerBlock3D(dim=8, heads=2, head_dim=4, context_dim=6, ip_dim=0, ip_weight=1.0)
+    block = BasicTransformerBlock3D(dim=8, heads=2, head_dim=4, context_dim=6, ip_dim=0, ip_weight=1.0).double()
     for p in block.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    x = torch.randn(2 * 3, 5, 8, generator=g)  # 2 objects x 3 frames, 5 tokens each
-    ctx = torch.randn(6, 4, 6, generator=g)
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    x = torch.randn(2 * 3, 5, 8, generator=g, dtype=torch.float64)  # 2 objects x 3 frames, 5 tokens each
+    ctx = torch.randn(6, 4, 6, generator=g, dtype=torch.float64)
 
     def attend(attn, q_in, kv_in):
         q, k, v = attn.to_q(q_in), attn.to_k(kv_in), attn.to_v(kv_in)
@@ -308,16 +328,17 @@ def test_joint_self_attention_brute_force():
     h = attend(block.attn2, block.norm2(h), ctx) + h
     a, gate = block.ff.net[0].proj(block.norm3(h)).chunk(2, -1)
     expected = block.ff.net[2](a * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))) + h
-    torch.testing.assert_close(block(x, ctx, num_frames=3), expected, atol=1e-5, rtol=1e-5)
+    bound = 2 * network_bound(expected.abs().max().item(), block, dtype=torch.float64)
+    assert_within(block(x, ctx, num_frames=3), expected, bound, "joint attention block")
 
 
 @torch.no_grad()
 def test_decoupled_image_attention_brute_force():
     g = torch.Generator().manual_seed(4)
-    attn = Attention(8, 6, heads=2, head_dim=4, ip_dim=3, ip_weight=0.7)
+    attn = Attention(8, 6, heads=2, head_dim=4, ip_dim=3, ip_weight=0.7).double()
     for p in attn.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    x, ctx = torch.randn(2, 5, 8, generator=g), torch.randn(2, 4 + 3, 6, generator=g)
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    x, ctx = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 4 + 3, 6, generator=g, dtype=torch.float64)
 
     def sdpa(q, k, v):
         return torch.cat([torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / 2.0, -1) @ v[..., s]
@@ -326,16 +347,18 @@ def test_decoupled_image_attention_brute_force():
     q = attn.to_q(x)
     text = sdpa(q, attn.to_k(ctx[:, :4]), attn.to_v(ctx[:, :4]))  # separate softmax over text and image tokens
     image = sdpa(q, attn.to_k_ip(ctx[:, 4:]), attn.to_v_ip(ctx[:, 4:]))
-    torch.testing.assert_close(attn(x, ctx), attn.to_out(text + 0.7 * image), atol=1e-5, rtol=1e-5)
+    expected = attn.to_out(text + 0.7 * image)
+    bound = 2 * network_bound(expected.abs().max().item(), attn, dtype=torch.float64)
+    assert_within(attn(x, ctx), expected, bound, "decoupled image attention")
 
 
 @torch.no_grad()
 def test_resampler_brute_force():
     g = torch.Generator().manual_seed(5)
-    r = Resampler(dim=8, depth=2, head_dim=4, heads=2, num_queries=3, embedding_dim=6, output_dim=10)
+    r = Resampler(dim=8, depth=2, head_dim=4, heads=2, num_queries=3, embedding_dim=6, output_dim=10).double()
     for p in r.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    feats = torch.randn(2, 5, 6, generator=g)
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    feats = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
     x = r.proj_in(feats)
     lat = r.latents.repeat(2, 1, 1)
     for attn, ff in r.layers:
@@ -347,7 +370,8 @@ def test_resampler_brute_force():
                          for s in (slice(0, 4), slice(4, 8))], -1)
         lat = attn.to_out(out) + lat
         lat = ff(lat) + lat
-    torch.testing.assert_close(r(feats), r.norm_out(r.proj_out(lat)), atol=1e-5, rtol=1e-5)
+    expected = r.norm_out(r.proj_out(lat))
+    assert_within(r(feats), expected, 2 * network_bound(expected.abs().max().item(), r, dtype=torch.float64), "resampler")
 
 
 @torch.no_grad()
@@ -404,8 +428,8 @@ def test_camera_worked_examples():
     got = mvdream_camera(cams).reshape(2, 4, 4)
     az0 = torch.tensor([[1, 0, 0, 0], [0, 0, -1, -1], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
     az90 = torch.tensor([[0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
-    torch.testing.assert_close(got[0], az0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[1], az90, atol=1e-6, rtol=0)
+    assert_within(got[0], az0, POSE_BOUND, "azimuth 0")
+    assert_within(got[1], az90, POSE_BOUND, "azimuth 90")
     assert FRONT_AZIMUTH == 90.0
 
 
@@ -428,10 +452,10 @@ def test_get_camera_matches_mvdream_formula_and_rendered_views():
     assert cams.shape == (5, 16) and torch.equal(cams[4], torch.zeros(16))
     for i in range(4):
         ref = _mvdream_reference_pose(15.0, 30.0 + 90.0 * i).reshape(16)
-        np.testing.assert_allclose(cams[i].numpy(), ref, atol=1e-6)
+        assert_within(cams[i], torch.from_numpy(ref), POSE_BOUND, f"view {i}")
     # a rendered view at radius 3 and elevation −15 (above, spec §0.4) gets the same input
     rendered = mvdream_camera(Cameras.orbit([-15.0] * 4, [30.0 + 90.0 * i for i in range(4)], 3.0, 64))
-    torch.testing.assert_close(rendered, cams[:4], atol=1e-6, rtol=0)
+    assert_within(rendered, cams[:4], 2 * POSE_BOUND, "rendered views")  # both float32 poses
 
 
 def test_with_reference_frame():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from microdreamer.errors import UserError
 from microdreamer.io.images import load_image
@@ -197,3 +200,88 @@ def test_preprocess_file_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="busy.png"):
         preprocess_file(tmp_path / "busy.png", tmp_path, remove_background="uniform")
     assert not any(is_preprocessed_output(p) for p in tmp_path.iterdir())
+
+
+def shadowed_scene(colour, blur: float, side: int = 200, darkness: float = 0.4):
+    """An ellipse of ``colour`` on a white (250) backdrop casting a soft shadow: the backdrop dimmed by up to
+    ``darkness``, a shifted ellipse blurred by ``blur`` px; light noise as a camera adds. Returns the image,
+    the object's mask and the shadow's dimming."""
+    y, x = np.mgrid[:side, :side] + 0.5
+    obj = ((y - 0.45 * side) / (0.225 * side)) ** 2 + ((x - 0.45 * side) / (0.175 * side)) ** 2 <= 1
+    cast = ((y - 0.65 * side) / (0.125 * side)) ** 2 + ((x - 0.6 * side) / (0.275 * side)) ** 2 <= 1
+    shade = darkness * ndimage.gaussian_filter(cast.astype(np.float64), blur)
+    image = 250.0 * (1.0 - shade)[..., None] * np.ones(3)
+    image[obj] = colour
+    image += np.random.default_rng(0).normal(0.0, 2.0, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), obj, shade
+
+
+@pytest.mark.parametrize("colour", [(200, 40, 30), (60, 60, 60), (200, 200, 200)], ids=["red", "dark", "grey"])
+def test_uniform_fallback_leaves_a_soft_shadow_as_background(colour):
+    image, obj, shade = shadowed_scene(colour, blur=8.0)
+    alpha = uniform_background_alpha(image)
+    # the object: all but its one-pixel soft edge band
+    assert iou(alpha > 127, obj) > 0.95
+    # the shadow, from two pixels off the object (its edge band) on: background
+    shadow = (shade > 0.02) & (ndimage.distance_transform_edt(~obj) > 2)
+    assert (alpha[shadow] == 0).mean() > 0.99
+    out = preprocess(np.dstack([image, np.full(obj.shape, 255, np.uint8)]), remove_background="uniform")
+    _, _, height, width = bbox(out[:, :, 3])  # the crop is the object's, not object + shadow
+    assert abs(height - 256 * 0.8) <= 1 and abs(width - 256 * 0.8 * 0.175 / 0.225) <= 2
+
+
+def test_uniform_fallback_keeps_what_it_cannot_tell_from_a_shadow():
+    # a grey object whose very soft shadow hides more of its outline than can be bridged: object and shadow
+    # share the backdrop's hue and no outline closes, so both stay rather than the object being lost
+    image, obj, shade = shadowed_scene((200, 200, 200), blur=24.0)
+    alpha = uniform_background_alpha(image)
+    assert (alpha[obj] > 127).mean() > 0.99
+
+
+def test_preprocessing_a_reduced_decode_matches_the_full_image(tmp_path):
+    y, x = np.mgrid[:1200, :1600] + 0.5
+    inside = ((y - 564) / 360) ** 2 + ((x - 840) / 280) ** 2 <= 1
+    image = np.where(inside[..., None], np.array([200.0, 40.0, 30.0]) + 20 * np.sin(x / 60.0)[..., None], 250.0)
+    Image.fromarray(np.round(image).astype(np.uint8)).save(tmp_path / "e.png")
+    small = preprocess(load_image(tmp_path / "e.png", max_side=512), remove_background="uniform")
+    full = preprocess(load_image(tmp_path / "e.png"), remove_background="uniform")
+    # The reduced decode is the 4×4 block mean (test_images); the object's bounding box is then found to
+    # one reduced pixel, 4 source pixels = 205/180 ≈ 1.14 output pixels (the 720-pixel-tall object becomes
+    # 205). Shifting the outline by that much changes at most perimeter × 1.14 pixels of the mask:
+    # 577 × 1.14 / 25 800 ≈ 2.5 % of the ellipse's area.
+    assert iou(small[:, :, 3] > 127, full[:, :, 3] > 127) > 0.97
+    # Inside, colours differ by the 8-bit rounding of the block mean (0.5) plus the shading's change over
+    # that shift (20/60 per source pixel × 4 source pixels ≈ 1.3 levels).
+    inner = ndimage.binary_erosion((small[:, :, 3] == 255) & (full[:, :, 3] == 255), iterations=3)
+    assert np.abs(small[:, :, :3].astype(int) - full[:, :, :3])[inner].max() <= 2
+
+
+def test_preprocess_messages_name_the_input_once_and_list_earlier_outputs(tmp_path, capsys):
+    from microdreamer.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "empty.png").write_bytes(b"")
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(photos / "plain.png")
+    coloured_disk_jpg(photos / "cat.jpg")
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(photos / "cat_rgba.png")  # an earlier output
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(photos / "lone_rgba.png")  # so is any *_rgba.png
+    empty = "the file is empty (0 bytes), not an image; supply a PNG, JPG or WebP image"
+
+    assert main(["preprocess", str(photos / "empty.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {photos / 'empty.png'}: {empty}"
+
+    out = tmp_path / "out"
+    assert main(["preprocess", str(photos), "--no-rembg", "-o", str(out), "-q"]) == 1
+    failed = sorted(capsys.readouterr().err.strip().splitlines())
+    assert failed[0] == f"failed: {photos / 'empty.png'}: {empty}"
+    assert failed[1].startswith(f"failed: {photos / 'plain.png'}: no object stands out")
+    assert all(line.count("photos") == 1 for line in failed)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {Path(e["input"]).name: e["error"] for e in manifest["entries"]}["empty.png"] == empty
+    assert manifest["earlier_outputs"] == [str(photos / "cat_rgba.png"), str(photos / "lone_rgba.png")]
+    assert manifest["ignored"] == []
+
+    assert main(["preprocess", str(photos), "--no-rembg", "-o", str(out), "--skip-existing"]) == 1
+    summary = " ".join(capsys.readouterr().err.split())
+    assert "left out 2 earlier outputs, not inputs: cat_rgba.png, lone_rgba.png" in summary

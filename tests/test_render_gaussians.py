@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 
+from microdreamer import cli
 from microdreamer.errors import UserError
+from microdreamer.render import gaussians as gaussians_api
 from microdreamer.render.gaussians import available_backends, rasterize_gaussians, resolve_backend
 from microdreamer.render.gaussians_cpu import project_cpu, rasterize_cpu, unavailable_reason
-from microdreamer.render.gaussians_gsplat import rasterize_gsplat
+from microdreamer.render.gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
 from microdreamer.render.gaussians_torch import EPS2D, project_gaussians, rasterize_dense, rasterize_tiled
 from microdreamer.sir.cameras import Cameras
+from tolerances import assert_within, calibrated_bound, rounding_bound
 
 needs_cpu_kernel = pytest.mark.skipif(
     unavailable_reason() is not None, reason=f"C++ kernel unavailable: {unavailable_reason()}"
@@ -34,10 +39,24 @@ def scene(n: int, seed: int = 0, radius: float = 0.5, log_scale: float = -3.0, d
     return [t.to(dtype).requires_grad_() for t in (means, quats, scales, opacities, colors)]
 
 
+def loss_weights(outputs, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outputs]
+
+
 def weighted_loss(outputs, seed: int = 1) -> torch.Tensor:
     """A fixed random linear functional of rgb, alpha and depth (exercises every output gradient)."""
-    g = torch.Generator().manual_seed(seed)
-    return sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outputs)
+    return sum((o * w).sum() for o, w in zip(outputs, loss_weights(outputs, seed)))
+
+
+def float64_reference(params, cams, bg):
+    """The dense torch rasterizer in float64 on the same (float32) values: its outputs and the
+    gradients of :func:`weighted_loss` with respect to ``params`` and ``bg``, the reference that every
+    float32 path is held to (:func:`tolerances.calibrated_bound`)."""
+    p64 = [p.detach().double().requires_grad_() for p in [*params, bg]]
+    out = rasterize_dense(project_gaussians(*p64[:3], cams), p64[3], p64[4], p64[5])
+    grads = torch.autograd.grad(weighted_loss(out), p64)
+    return [o.detach() for o in out], list(grads)
 
 
 CAMS = Cameras.orbit([0.0, -25.0, 15.0], [0.0, 100.0, 230.0], 1.3, (50, 37))  # W=50, H=37: partial tiles
@@ -50,12 +69,13 @@ def test_tiled_matches_dense():
     proj = project_gaussians(*params[:3], CAMS)
     tiled = rasterize_tiled(proj, params[3], params[4], BG, chunk_elements=400_000)  # 4 chunks
     assert dense[1].max() > 0.9 and dense[1].min() < 0.1  # a scene with opaque and empty pixels
-    for a, b in zip(dense, tiled):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    ref_out, ref_grads = float64_reference(params, CAMS, BG)
+    for name, a, b, ref in zip(["rgb", "alpha", "depth"], dense, tiled, ref_out):
+        assert_within(b, ref, calibrated_bound(a, ref), name)
     grads_dense = torch.autograd.grad(weighted_loss(dense), params)
     grads_tiled = torch.autograd.grad(weighted_loss(tiled), params)
-    for a, b in zip(grads_dense, grads_tiled):
-        torch.testing.assert_close(a, b, atol=1e-4 * a.abs().max().item(), rtol=0)
+    for name, a, b, ref in zip(["means", "quats", "scales", "opacities", "colors"], grads_dense, grads_tiled, ref_grads):
+        assert_within(b, ref, calibrated_bound(a, ref), name)
 
 
 def test_dense_gradients_match_finite_differences():
@@ -68,18 +88,30 @@ def test_dense_gradients_match_finite_differences():
         return weighted_loss(rasterize_dense(proj, p[3], p[4], bg))
 
     analytic = torch.autograd.grad(loss(*params), params)
-    eps = 1e-6
+    # The loss is a sum over 1200 outputs × weights, each output about 20 dependent float64 roundings
+    # deep (projection, conic, exp, compositing): its rounding r; a central difference with step h is
+    # off by r/h from rounding and by h²·f'''/6 from truncation, which D(h) − D(2h) estimates (×3).
+    with torch.no_grad():
+        outputs = rasterize_dense(project_gaussians(*params[:3], cams), params[3], params[4], bg)
+        magnitude = sum((o * w).abs().sum().item() for o, w in zip(outputs, loss_weights(outputs)))
+    r = rounding_bound(magnitude, n=sum(o.numel() for o in outputs), ops=20, dtype=torch.float64)
+    h = 1e-6
+
+    def central(k: int, i: int, step: float) -> float:
+        shifted = [q.detach().clone() for q in params]
+        shifted[k].view(-1)[i] += step
+        plus = loss(*shifted)
+        shifted[k].view(-1)[i] -= 2 * step
+        return float((plus - loss(*shifted)) / (2 * step))
+
     with torch.no_grad():
         for k, (p, g) in enumerate(zip(params, analytic)):
-            numeric = torch.zeros_like(p)
-            for i in range(p.numel()):
-                shifted = [q.detach().clone() for q in params]
-                shifted[k].view(-1)[i] += eps
-                plus = loss(*shifted)
-                shifted[k].view(-1)[i] -= 2 * eps
-                numeric.view(-1)[i] = (plus - loss(*shifted)) / (2 * eps)
-            assert g.abs().max() > 0
-            torch.testing.assert_close(g, numeric, atol=1e-6 + 1e-5 * g.abs().max().item(), rtol=1e-4)
+            numeric = torch.tensor([central(k, i, h) for i in range(p.numel())], dtype=torch.float64)
+            coarse = torch.tensor([central(k, i, 2 * h) for i in range(p.numel())], dtype=torch.float64)
+            truncation = (numeric - coarse).abs()
+            assert truncation.max() <= 2 * r / h, "a threshold (alpha 1/255, a tile edge) lies within 2h"
+            assert g.abs().max() > 1e3 * r / h
+            assert_within(g.reshape(-1), numeric, r / h + truncation.max().item(), f"parameter {k}")
 
 
 @needs_cpu_kernel
@@ -87,11 +119,14 @@ def test_cpu_projection_matches_torch():
     params = scene(400, seed=5, radius=0.9)  # some Gaussians near the camera and off-screen
     ref = project_gaussians(*params[:3], CAMS)
     out = project_cpu(*params[:3], CAMS)
+    ref64 = project_gaussians(*[p.detach().double() for p in params[:3]], CAMS)
     assert torch.equal(ref.radii, out.radii) and torch.equal(ref.tile_rects, out.tile_rects)
+    assert torch.equal(ref64.radii, out.radii)  # no radius is within rounding of an integer
     vis = ref.radii > 0
     assert 0 < vis.sum() < vis.numel()
-    for a, b in [(ref.means2d, out.means2d), (ref.conics, out.conics), (ref.depths, out.depths)]:
-        torch.testing.assert_close(a[vis], b[vis], rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    for name in ("means2d", "conics", "depths"):
+        a, b, exact = (getattr(x, name)[vis] for x in (ref, out, ref64))
+        assert_within(b, exact, calibrated_bound(a, exact), name)
 
 
 @needs_cpu_kernel
@@ -106,12 +141,13 @@ def test_cpu_matches_torch_forward_and_gradients():
         outputs = raster(project(*params[:3], CAMS), params[3], params[4], bg)
         grads = torch.autograd.grad(weighted_loss(outputs), [*params, bg])
         results.append(([o.detach() for o in outputs], grads))
-    (ref_out, ref_grads), (out, grads) = results
-    for a, b in zip(ref_out, out):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    for name, a, b in zip(["means", "quats", "scales", "opacities", "colors", "background"], ref_grads, grads):
-        assert a.abs().max() > 0, name
-        torch.testing.assert_close(a, b, atol=1e-4 * a.abs().max().item(), rtol=0, msg=name)
+    (torch_out, torch_grads), (out, grads) = results
+    exact_out, exact_grads = float64_reference(params, CAMS, bg)
+    for name, a, b, exact in zip(["rgb", "alpha", "depth"], torch_out, out, exact_out):
+        assert_within(b, exact, calibrated_bound(a, exact), name)
+    for name, a, b, exact in zip(["means", "quats", "scales", "opacities", "colors", "background"], torch_grads, grads, exact_grads):
+        assert exact.abs().max() > 0, name
+        assert_within(b, exact, calibrated_bound(a, exact), name)
 
 
 @needs_cpu_kernel
@@ -224,6 +260,31 @@ def test_backend_resolution_and_errors():
     params = scene(3)
     with pytest.raises(UserError):
         rasterize_gaussians(*params, CAMS, BG, backend="nope")
+
+
+def test_cuda_without_gsplat_says_once_that_the_slow_path_is_used(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gsplat" else find_spec(name, *a))
+    gsplat_unavailable_reason.cache_clear()
+    gaussians_api._warn_slow_cuda_path.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert resolve_backend("auto", "cuda") == "torch"
+            assert resolve_backend("auto", "cuda") == "torch"  # every render asks: still one warning
+            assert resolve_backend("auto", "cpu") in ("cpu", "torch")
+        assert [str(w.message) for w in seen] == [gaussians_api.SLOW_CUDA_PATH]
+        assert "plain-PyTorch" in str(seen[0].message) and 'pip install "microdreamer[cuda]"' in str(seen[0].message)
+        with pytest.raises(UserError, match=r"gsplat package is not installed \(pip install \"microdreamer\[cuda\]\"\)"):
+            resolve_backend("gsplat", "cuda")
+        # the command line prints it as one line
+        with cli._one_line_warnings():
+            warnings.warn(gaussians_api.SLOW_CUDA_PATH, RuntimeWarning)
+        assert capsys.readouterr().err == f"warning: {gaussians_api.SLOW_CUDA_PATH}\n"
+    finally:
+        gsplat_unavailable_reason.cache_clear()
+        gaussians_api._warn_slow_cuda_path.cache_clear()
 
 
 @pytest.mark.parametrize("per_axis_radii", [False, True])  # gsplat 1.4: [C,N]; 1.5: [C,N,2]

@@ -1,4 +1,5 @@
-"""Mesh rendering: analytic coverage and depth, brute-force ray casting, cpu vs torch, texturing and gradients."""
+"""Mesh rendering: analytic coverage and depth, brute-force ray casting, cpu vs torch, texturing and gradients,
+per-pixel normals and the key light."""
 
 import math
 
@@ -12,11 +13,14 @@ from microdreamer.errors import UserError
 from microdreamer.io.mesh import TexturedMesh, load_mesh
 from microdreamer.render._build import ExtensionUnavailable, load_extension
 from microdreamer.render.mesh import (
+    KeyLight,
     rasterize_mesh,
     resolve_mesh_backend,
     sample_texture,
+    shading_light,
 )
 from microdreamer.sir.cameras import Cameras
+from tolerances import EPS32, assert_within, rounding_bound
 
 SPOT = SHARED_ASSETS / "spot" / "spot.obj"
 WHITE = torch.ones(3)
@@ -142,6 +146,11 @@ def test_cpu_and_torch_backends_agree_on_a_real_mesh():
     assert (a.rgb - b.rgb).abs().mean() < 1e-4 and (a.rgb - b.rgb).abs().max() < 0.05
     assert torch.allclose(a.depth, b.depth, atol=1e-3)
     assert resolve_mesh_backend("auto", "cpu") == "cpu"
+    # normals and lit colours agree where the faces do (barycentrics differ by float rounding only)
+    assert torch.allclose(a.extras["normal"][same], b.extras["normal"][same], atol=1e-4)
+    lit_a = rasterize_mesh(mesh, cams, WHITE, backend="cpu", light=KeyLight())
+    lit_b = rasterize_mesh(mesh, cams, WHITE, backend="torch", light=KeyLight())
+    assert (lit_a.rgb - lit_b.rgb).abs().mean() < 1e-4 and (lit_a.rgb - lit_b.rgb).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -223,7 +232,10 @@ def test_sample_texture_levels_match_box_filtered_references():
     assert torch.allclose(sample_texture(texture, uv, torch.full((50,), 2**1.5)), blend, atol=1e-6)
     # V runs upwards: uv (0, 1) is the top-left texel of the image
     assert torch.allclose(sample_texture(texture, torch.tensor([[0.0, 1.0]])), texture[0, 0])
-    assert torch.allclose(sample_texture(texture, uv + 1, wrap=True), bilinear, atol=1e-5)
+    # uv + 1 in [1, 2) rounds by ≤ EPS32/2, 16·EPS32 of a texel at 32 texels per unit, and neighbouring
+    # texels differ by ≤ 1; both bilinear lookups round their 4-term sums
+    shifted = 16 * EPS32 + 2 * rounding_bound(1.0, n=4, ops=2)
+    assert_within(sample_texture(texture, uv + 1, wrap=True), bilinear, shifted, "wrapped lookup")
 
 
 def test_backend_names():
@@ -251,3 +263,51 @@ def test_a_view_that_sees_nothing_is_background(backend):
     out = rasterize_mesh(mesh, _front(16), torch.tensor([0.2, 0.4, 0.6]), backend=backend, supersample=2)
     assert torch.all(out.alpha == 0) and torch.all(out.depth == 0)
     assert torch.allclose(out.rgb, torch.tensor([0.2, 0.4, 0.6])[None, :, None, None].expand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normals_face_the_camera_and_the_key_light_is_fixed_to_the_object(backend):
+    """A white square in the plane z = 0, normal +z, seen from the front and from behind."""
+    mesh = _square(0.5)
+    cams = Cameras.orbit([0.0, -30.0, 0.0], [0.0, 40.0, 180.0], 2.0, 16)
+    out = rasterize_mesh(mesh, cams, WHITE, backend=backend, light=KeyLight())
+    normal, covered = out.extras["normal"], out.extras["face_id"] >= 0
+    assert covered[2].sum() > 20 and torch.all(normal[~covered] == 0)
+    assert torch.allclose(normal[:2][covered[:2]], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+    assert torch.allclose(normal[2][covered[2]], torch.tensor([0.0, 0.0, -1.0]), atol=1e-6)  # its back
+    light = KeyLight()
+    front = light.ambient + light.key / math.sqrt(3)  # n · l with l = (−1, 1, 1)/√3
+    inside = out.alpha[:, 0] == 1
+    assert torch.allclose(out.rgb[:2].permute(0, 2, 3, 1)[inside[:2]], torch.tensor(front), atol=1e-6)
+    assert torch.allclose(out.rgb[2].permute(1, 2, 0)[inside[2]], torch.tensor(light.ambient), atol=1e-6)
+    assert shading_light("albedo") is None and shading_light("lit") == light
+    with pytest.raises(UserError, match="unknown shading 'flat'"):
+        shading_light("flat")
+
+
+def test_smooth_normals_follow_a_sphere_and_keep_a_cube_s_edges():
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    mesh = TexturedMesh(torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces))
+    cams = Cameras.orbit([0.0, -40.0], [0.0, 130.0], 2.0, 48)
+    out = rasterize_mesh(mesh, cams, WHITE)
+    covered = out.extras["face_id"] >= 0
+    fx, _ = cams.focal
+    ys, xs = torch.meshgrid(torch.arange(48) + 0.5 - 24, torch.arange(48) + 0.5 - 24, indexing="ij")
+    ray_cam = torch.stack([xs / fx, ys / fx, torch.ones_like(xs)], -1)  # OpenCV camera space, depth 1
+    viewmats = cams.viewmats()
+    for view in range(2):
+        rot, t = viewmats[view, :3, :3], viewmats[view, :3, 3]
+        hit = (ray_cam * out.depth[view, 0][..., None] - t) @ rot  # world points
+        radial = torch.nn.functional.normalize(hit[covered[view]], dim=-1)
+        cos = (out.extras["normal"][view][covered[view]] * radial).sum(-1)
+        # the icosphere's faces span about 7.5°: flat normals would be off by up to half that, the
+        # interpolated ones by much less
+        assert float(cos.mean()) > 0.9999 and float(cos.min()) > 0.999
+    cube = trimesh.creation.box(extents=(0.6, 0.6, 0.6))  # 90° edges: no averaging across them
+    mesh = TexturedMesh(torch.tensor(cube.vertices, dtype=torch.float32), torch.tensor(cube.faces))
+    out = rasterize_mesh(mesh, Cameras.orbit([-35.0], [45.0], 2.0, 32), WHITE)
+    normals = out.extras["normal"][0][out.extras["face_id"][0] >= 0]
+    axis_aligned = (normals.abs().amax(-1) - 1).abs() < 1e-6
+    assert bool(axis_aligned.all()) and len({tuple(n.round().tolist()) for n in normals}) == 3

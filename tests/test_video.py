@@ -134,7 +134,7 @@ def test_render_command_writes_videos_and_refuses_to_overwrite(gaussians_ply: Pa
     assert gif.read_bytes() == before
     assert main(["render", str(tmp_path / "none.ply"), "--video", str(tmp_path / "n.gif")]) == 2
     assert main(["render", str(SPOT), "--video", str(tmp_path / "s.avi")]) == 2
-    assert "unknown video format" in capsys.readouterr().err
+    assert "use a .mp4 or .gif name" in capsys.readouterr().err
     if video.ffmpeg_exe() is not None:
         mp4 = tmp_path / "spot.mp4"
         assert main(["render", str(SPOT), "--video", str(mp4), "--frames", "3", "--res", "32", "-q"]) == 0

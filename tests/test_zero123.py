@@ -17,8 +17,10 @@ from microdreamer.errors import UserError
 from microdreamer.sir.cameras import Cameras
 from microdreamer.sir.refiner import init_sample, refine
 from microdreamer.teachers.base import Condition, guide
+from microdreamer.teachers.sd_parts import clip_pixel_values
 from microdreamer.teachers.zero123 import Zero123Teacher, camera_embedding
 from tiny_models import CLIP_MEAN, CLIP_STD, TINY_CLIP_IMAGE, build_tiny_zero123, save_diffusers, tiny_unet
+from tolerances import assert_within, guidance_gain, network_bound, printed, rounding_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +68,8 @@ class _UNetInputs:
 def test_camera_embedding_matches_the_spec_test_vector():
     stable = camera_embedding(torch.tensor([-30.0]), torch.tensor([90.0]), "stable")
     assert stable.dtype == torch.float64
-    assert torch.allclose(stable, torch.tensor([[-0.5235988, 1.0, 6.123234e-17, 1.5707963]], dtype=torch.float64))
+    spec = torch.tensor([[-0.5235988, 1.0, 6.123234e-17, 1.5707963]], dtype=torch.float64)
+    assert torch.allclose(stable, spec, atol=printed(7), rtol=0)
     xl = camera_embedding(torch.tensor([-30.0]), torch.tensor([90.0]), "xl")
     assert torch.allclose(xl, torch.tensor([[-0.5235988, 1.0, 0.0, 0.0]], dtype=torch.float64), atol=1e-12)
     # Stable Zero123's 4th entry is the reference view's polar angle; Zero123-XL's is Δradius = 0
@@ -82,8 +85,8 @@ def test_loads_in_fp32_on_cpu_with_the_checkpoint_schedule(tiny_dir):
     for module in (teacher.unet, teacher.vae, teacher.image_encoder, teacher.camera_projection):
         assert {p.dtype for p in module.parameters()} == {torch.float32}
     assert teacher.resolution == RES and teacher.latent_shape(3) == (3, 4, 8, 8)
-    assert teacher.alphas_cumprod[0].item() == pytest.approx(0.999150, abs=1e-6)
-    assert teacher.alphas_cumprod[951].item() == pytest.approx(0.008155, abs=1e-6)
+    assert teacher.alphas_cumprod[0].item() == pytest.approx(0.999150, abs=printed(6))
+    assert teacher.alphas_cumprod[951].item() == pytest.approx(0.008155, abs=printed(6))
     saved = load_file(str(tiny_dir / "clip_camera_projection" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(teacher.camera_projection.proj.weight, saved["proj.weight"])
     bf16 = Zero123Teacher.from_pretrained(tiny_dir, device="cpu", dtype="bf16")
@@ -102,10 +105,13 @@ def test_clip_branch_matches_a_plain_pil_reference(teacher, reference_image):
     """uint8 PIL → bicubic resize to 224-style size → centre crop → CLIP mean/std → image_embeds (not normalised)."""
     pixels = (reference_image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     resized = Image.fromarray(pixels).resize((TINY_CLIP_IMAGE, TINY_CLIP_IMAGE), Image.BICUBIC)
-    x = (np.asarray(resized, dtype=np.float32) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
-    pixel_values = torch.from_numpy(x).permute(2, 0, 1)[None].float()
+    x = (np.asarray(resized, dtype=np.float64) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    expected_values = torch.from_numpy(x).permute(2, 0, 1)[None]  # float64
+    pixel_values = clip_pixel_values(teacher.image_processor, reference_image)
+    # the processor rescales and normalises in float32: 3 roundings of values up to max|expected|
+    assert_within(pixel_values, expected_values, rounding_bound(np.abs(x).max(), ops=3), "CLIP pixel values")
     expected = teacher.image_encoder(pixel_values).image_embeds
-    assert torch.allclose(teacher._image_embeds, expected, atol=1e-5)
+    assert torch.equal(teacher._image_embeds, expected)
     assert not torch.allclose(expected.norm(dim=-1), torch.ones(1), atol=1e-3)
 
 
@@ -113,7 +119,7 @@ def test_reference_latent_is_the_unscaled_posterior(tiny_dir, reference_image):
     mean = Zero123Teacher.from_pretrained(tiny_dir, device="cpu")
     mean.prepare(Condition(image=reference_image))
     posterior = mean.vae.encode(reference_image * 2 - 1).latent_dist
-    assert torch.allclose(mean._image_latent, posterior.mean, atol=1e-6)
+    assert torch.equal(mean._image_latent, posterior.mean)
 
     draws = []
     for _ in range(2):
@@ -121,7 +127,7 @@ def test_reference_latent_is_the_unscaled_posterior(tiny_dir, reference_image):
         sampled.prepare(Condition(image=reference_image), torch.Generator().manual_seed(7))
         draws.append(sampled._image_latent)
     noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(7))
-    assert torch.allclose(draws[0], posterior.mean + posterior.std * noise, atol=1e-6)
+    assert torch.equal(draws[0], posterior.mean + posterior.std * noise)
     assert torch.equal(draws[0], draws[1])
 
 
@@ -130,7 +136,7 @@ def test_context_uses_views_relative_to_the_reference(teacher):
     t = camera_embedding(torch.tensor([30.0, 0.0]), torch.tensor([90.0, -45.0]), "stable", -10.0).float()
     embeds = teacher._image_embeds.expand(2, -1)
     expected = teacher.camera_projection.proj(torch.cat([embeds, t], -1))[:, None]
-    assert torch.allclose(teacher.context(cameras), expected, atol=1e-5)
+    assert torch.equal(teacher.context(cameras), expected)
     assert teacher.context(cameras).shape == (2, 1, 32)
 
 
@@ -151,14 +157,16 @@ def test_guided_batch_is_cond_then_uncond_and_single_branches_run_b_samples(teac
     assert torch.equal(first["sample"][:, :4], torch.cat([z, z]))
     assert torch.equal(first["sample"][:b, 4:], image_latent)  # cond half first ...
     assert torch.count_nonzero(first["sample"][b:, 4:]) == 0  # ... uncond half: zero concat latent
-    assert torch.allclose(first["context"][:b], teacher.context(cameras))
+    assert torch.equal(first["context"][:b], teacher.context(cameras))
     assert torch.count_nonzero(first["context"][b:]) == 0  # zero *projected* embedding
     assert torch.equal(second["sample"], first["sample"][:b]) and torch.equal(third["sample"], first["sample"][b:])
     assert torch.count_nonzero(third["context"]) == 0
 
     assert guided.shape == cond.shape == uncond.shape == (b, 4, 8, 8)
-    assert torch.allclose(guided, guide(uncond, cond, scale), atol=1e-5)
-    assert not torch.allclose(cond, uncond, atol=1e-3)
+    # a batch of 2b and two of b may take different kernels: each is within its rounding bound, amplified by guidance
+    bound = network_bound(max(cond.abs().max().item(), uncond.abs().max().item()), teacher.unet)
+    assert_within(guided, guide(uncond, cond, scale), 2 * guidance_gain(scale) * bound, "guided batch vs branches")
+    assert (cond - uncond).abs().max() > 100 * bound
     assert teacher.evaluations.as_dict() == {"total": 3, "guided": 1, "single_branch": 2, "view_evaluations": 4 * b}
 
 
@@ -174,17 +182,17 @@ def test_encode_and_decode(teacher):
     z = teacher.encode(images)
     expected = teacher.vae.encode(images * 2 - 1).latent_dist.mean * 0.18215
     assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
-    assert torch.allclose(z, expected, atol=1e-6)
+    assert torch.equal(z, expected)
     larger = F.interpolate(images, (24, 24), mode="bilinear", align_corners=False)
     resized = F.interpolate(larger, (RES, RES), mode="bicubic", align_corners=False)
-    assert torch.allclose(teacher.encode(larger), teacher.encode(resized), atol=1e-6)
+    assert torch.equal(teacher.encode(larger), teacher.encode(resized))
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(teacher.encode(images, g1), teacher.encode(images, g2))
     assert not torch.allclose(teacher.encode(images, torch.Generator().manual_seed(6)), z, atol=1e-4)
     decoded = teacher.decode(z)
     y = teacher.vae.decode(z / 0.18215).sample
     assert decoded.shape == (2, 3, RES, RES)
-    assert torch.allclose(decoded, ((y + 1) / 2).clamp(0, 1), atol=1e-6)
+    assert torch.equal(decoded, ((y + 1) / 2).clamp(0, 1))
     assert decoded.min() >= 0 and decoded.max() <= 1
 
 

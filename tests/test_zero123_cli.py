@@ -54,6 +54,6 @@ def test_zero123_xl_preset_and_strict_loading_errors_through_the_cli(tiny_dir: P
     (broken / "model_index.json").write_text((tiny_dir / "model_index.json").read_text())
     assert main(["image2gs", str(photo), "--teacher", "zero123-xl", "--model", str(broken),
                  "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "broken" in err
+    *progress, err = capsys.readouterr().err.splitlines()
+    assert progress == ["photo: loading the teacher"] and err.startswith("error: ") and "broken" in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

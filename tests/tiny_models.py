@@ -60,7 +60,7 @@ def tiny_vae() -> nn.Module:
     )
 
 
-def tiny_unet(in_channels: int = 8, cross_attention_dim: int = TINY_CONTEXT) -> nn.Module:
+def tiny_unet(in_channels: int = 8, cross_attention_dim: int = TINY_CONTEXT, **options) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -74,6 +74,7 @@ def tiny_unet(in_channels: int = 8, cross_attention_dim: int = TINY_CONTEXT) -> 
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
+        **options,
     )
 
 
@@ -146,6 +147,27 @@ def write_feature_extractor(root: Path, size: int = TINY_CLIP_IMAGE) -> None:
     }
     (root / "feature_extractor").mkdir(parents=True, exist_ok=True)
     (root / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_image_processor(root: Path, folder: str, size: int, mean: list[float], std: list[float], resample: int) -> None:
+    """A CLIPImageProcessor config in the newer style (shortest edge, crop height/width, explicit rescale)."""
+    config = {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": mean,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": std,
+        "resample": resample,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    }
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
 def build_tiny_zero123(root: Path, seed: int = 0, projection_scale: float = 4.0) -> Path:
@@ -338,4 +360,102 @@ def write_mvdream(
         save_transformers(root, "image_encoder", image_encoder)
         write_feature_extractor(root, clip_image_size)
     write_scheduler(root)
+    return root
+
+
+#: an LGM small enough for CPU tests: 32² views → 16² splatter images, attention in the lowest level
+TINY_LGM = dict(
+    input_size=32, down_channels=(32, 32, 64), down_attention=(False, False, True),
+    up_channels=(64, 32), up_attention=(True, False),
+)
+
+
+def write_lgm(folder: Path, network: nn.Module, filename: str = "model_fp16_fixrot.safetensors",
+              dtype: torch.dtype = torch.float16) -> Path:
+    """The published ``ashawkey/LGM`` layout: one safetensors file (fp16 by default) at the folder's top."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(folder / filename))
+    return folder / filename
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero123++ v1.1 (spec §4): SD-2-style UNet with linear projections, SD-2 text encoder + tokenizer, CLIP
+# vision tower with projection, two image processors, the Euler-ancestral v-prediction scheduler and the
+# ramping coefficients in model_index.json
+
+#: spec §4.2, the scheduler config shipped with Zero123++ v1.1
+ZERO123PLUS_SCHEDULER = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "_diffusers_version": "0.17.1",
+    "beta_end": 0.012,
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+#: the tiny VAE processor's crop (reference latents 8×8); the real one crops 512² (spec §4.1)
+TINY_VAE_IMAGE = 16
+
+
+def tiny_ramp(seed: int = 0, tokens: int = 77) -> list[float]:
+    """Ramping coefficients of the tiny model: 0 for the start token (as in v1.1), then draws in [0.1, 0.6)."""
+    g = torch.Generator().manual_seed(seed)
+    return [0.0] + (0.1 + 0.5 * torch.rand(tokens - 1, generator=g, dtype=torch.float64)).tolist()
+
+
+def build_tiny_zero123plus(root: Path, seed: int = 0) -> Path:
+    """A tiny Zero123++ v1.1 folder with the layout and class names of spec §4.1."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = tiny_unet(in_channels=4, use_linear_projection=True)
+        vae = tiny_vae()
+        vocab_size = write_tiny_tokenizer(root)
+        text_encoder = tiny_clip_text(vocab_size)
+        vision_encoder = tiny_clip_vision()
+    return write_zero123plus(root, unet, vae, text_encoder, vision_encoder, tiny_ramp(seed),
+                             clip_image_size=TINY_CLIP_IMAGE, vae_image_size=TINY_VAE_IMAGE)
+
+
+def write_zero123plus(
+    root: Path,
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    vision_encoder: nn.Module,
+    ramp: list[float],
+    clip_image_size: int,
+    vae_image_size: int,
+) -> Path:
+    """A Zero123++ v1.1 folder (spec §4.1) holding these modules, of any size; the tokenizer is written
+    separately (:func:`write_tiny_tokenizer`)."""
+    write_model_index(
+        root,
+        "Zero123PlusPipeline",
+        {
+            "feature_extractor_clip": ("transformers", "CLIPImageProcessor"),
+            "feature_extractor_vae": ("transformers", "CLIPImageProcessor"),
+            "ramping_coefficients": list(ramp),
+            "safety_checker": (None, None),
+            "scheduler": ("diffusers", "EulerAncestralDiscreteScheduler"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+            "tokenizer": ("transformers", "CLIPTokenizer"),
+            "unet": ("diffusers", "UNet2DConditionModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "vision_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+        },
+    )
+    save_diffusers(root, "unet", unet)
+    save_diffusers(root, "vae", vae)
+    save_transformers(root, "text_encoder", text_encoder)
+    save_transformers(root, "vision_encoder", vision_encoder)
+    write_image_processor(root, "feature_extractor_clip", clip_image_size, CLIP_MEAN, CLIP_STD, resample=3)
+    write_image_processor(root, "feature_extractor_vae", vae_image_size, [0.5] * 3, [0.8] * 3, resample=2)
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(ZERO123PLUS_SCHEDULER, indent=2))
     return root

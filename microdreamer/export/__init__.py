@@ -28,9 +28,9 @@ from ..teachers.base import Teacher
 from .extract import GaussianField, clean, decimate, density_grid, marching_cubes, smooth
 from .texture import RefineLog, bake, bake_cameras, dilate, refine_texture, texel_surface
 from .uv import UVMesh, unwrap
-from .writers import output_frame, output_paths, write_mesh
+from .writers import MeshAsset, output_frame, output_paths, write_mesh
 
-__all__ = ["STAGES", "MeshExportReport", "StageCallback", "export_mesh", "mesh_output_paths"]
+__all__ = ["STAGES", "MeshExportReport", "StageCallback", "TexturedMesh", "export_mesh", "make_mesh", "mesh_output_paths"]
 
 #: the timed stages of an export, in order (``refine`` only with a teacher)
 STAGES = ("grid", "marching_cubes", "cleanup", "decimation", "uv", "bake", "refine", "write")
@@ -58,6 +58,33 @@ def mesh_output_paths(out_dir: Path, stem: str, fmt: str) -> list[Path]:
     return [*output_paths(out_dir, stem, fmt), out_dir / f"{stem}_mesh.json"]
 
 
+@dataclass
+class TexturedMesh:
+    """A finished mesh export in memory (:func:`make_mesh`); :meth:`save` writes its files."""
+
+    asset: MeshAsset
+    report: MeshExportReport  # its ``outputs`` are filled in by :meth:`save`
+
+    def paths(self, out_dir: Path) -> list[Path]:
+        return mesh_output_paths(Path(out_dir), self.report.stem, self.report.settings["format"])
+
+    def save(self, out_dir: Path, overwrite: bool = False) -> MeshExportReport:
+        """Write the mesh file(s) and ``<stem>_mesh.json``; all appear together, once complete."""
+        out_dir = Path(out_dir)
+        paths = self.paths(out_dir)
+        taken = [p for p in paths if p.exists()]
+        if taken and not overwrite:
+            raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
+        start = time.perf_counter()
+        report = self.report
+        report.outputs = [str(p) for p in paths]
+        with atomic_path(paths[-1]) as report_tmp:
+            write_mesh(self.asset, out_dir, report.stem, report.settings["format"])
+            report.timings["write"] = round(report.timings.get("write", 0.0) + time.perf_counter() - start, 3)
+            report_tmp.write_text(report.to_json())
+        return report
+
+
 def export_mesh(
     gaussians: Gaussians,
     out_dir: Path,
@@ -70,18 +97,33 @@ def export_mesh(
     backend: str = "auto",
     on_stage: StageCallback | None = None,
 ) -> MeshExportReport:
-    """Mesh, unwrap, texture and write ``gaussians`` (settings in ``cfg.mesh``).
-
-    The texture is refined with ``teacher`` (and the ``reference`` view, when given) unless
-    ``cfg.mesh.refine_steps`` is 0 or there is no teacher. Nothing is written unless every stage
-    succeeds; an existing output is an error unless ``overwrite``. Randomness (refinement cameras and
-    noise) comes from a generator seeded with ``cfg.seed``.
-    """
-    m = cfg.mesh
-    paths = mesh_output_paths(Path(out_dir), stem, m.format)
-    taken = [p for p in paths if p.exists()]
+    """Mesh, unwrap, texture and write ``gaussians`` (:func:`make_mesh`, then :meth:`TexturedMesh.save`).
+    Nothing is written unless every stage succeeds; an existing output is an error unless ``overwrite``
+    (checked before any work)."""
+    taken = [p for p in mesh_output_paths(Path(out_dir), stem, cfg.mesh.format) if p.exists()]
     if taken and not overwrite:
         raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
+    mesh = make_mesh(gaussians, stem, cfg, teacher, reference, device, backend, on_stage)
+    return mesh.save(out_dir, overwrite)
+
+
+def make_mesh(
+    gaussians: Gaussians,
+    stem: str,
+    cfg: RunConfig,
+    teacher: Teacher | None = None,
+    reference: Reference | None = None,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    on_stage: StageCallback | None = None,
+) -> TexturedMesh:
+    """The textured mesh of ``gaussians`` (settings in ``cfg.mesh``), in memory.
+
+    The texture is refined with ``teacher`` (and the ``reference`` view, when given) unless
+    ``cfg.mesh.refine_steps`` is 0 or there is no teacher. Randomness (refinement cameras and noise)
+    comes from a generator seeded with ``cfg.seed``.
+    """
+    m = cfg.mesh
     device = torch.device(device)
     timings: dict[str, float] = {}
     faces: dict[str, int] = {}
@@ -120,24 +162,20 @@ def export_mesh(
             texture, refine_log = refine_texture(
                 mesh.textured().to(device), texture, covered, teacher, m, cfg.cameras.radius, cfg.cameras.fovy,
                 background, generator, reference, backend)
-    with stage("write"):
+    with stage("write"):  # the output frame here, the files in TexturedMesh.save
         asset = output_frame(mesh, texture, m.up, m.scale)
-        report = MeshExportReport(
-            stem=stem,
-            outputs=[str(p) for p in paths],
-            vertices=len(asset.vertices),
-            faces=len(asset.uv_faces),
-            faces_by_stage=faces,
-            timings=timings,
-            refine=None if refine_log is None else asdict(refine_log),
-            settings=asdict(m),
-            frame=asdict(asset.frame),
-        )
-        with atomic_path(paths[-1]) as report_tmp:
-            write_mesh(asset, Path(out_dir), stem, m.format)
-            report_tmp.write_text(report.to_json())
-    report.timings = dict(timings)
-    return report
+    report = MeshExportReport(
+        stem=stem,
+        outputs=[],
+        vertices=len(asset.vertices),
+        faces=len(asset.uv_faces),
+        faces_by_stage=faces,
+        timings=timings,
+        refine=None if refine_log is None else asdict(refine_log),
+        settings=asdict(m),
+        frame=asdict(asset.frame),
+    )
+    return TexturedMesh(asset, report)
 
 
 def _bake(gaussians: Gaussians, mesh: UVMesh, cfg: RunConfig, background: torch.Tensor, device: torch.device,

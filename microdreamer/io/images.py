@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import UserError
+from ..errors import InputError, UserError
 from .atomic import atomic_path
 
 ImageLike = np.ndarray | torch.Tensor | Image.Image
@@ -24,41 +24,79 @@ ImageLike = np.ndarray | torch.Tensor | Image.Image
 # Raster formats accepted as input (Pillow's JPEG opener also yields MPO for multi-picture camera JPEGs).
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 _WHAT_TO_DO = "supply a PNG, JPG or WebP image"
+#: Largest input image, in pixels (width × height): every phone photo up to 108 MP fits. Larger files are
+#: refused before they are decoded (Pillow itself refuses beyond 179 MP, its decompression-bomb limit).
+MAX_PIXELS = 150_000_000
 
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], *, max_side: int | None = None) -> np.ndarray:
     """Read an image file as RGBA ``uint8 [H, W, 4]`` with its EXIF orientation applied.
 
     Images without transparency get alpha 255. Grey, palette and 16-bit inputs are converted to 8-bit RGBA;
-    of an animated file only the first frame is used. Every way the file can fail to be a readable image
-    (missing, a folder, not an image, truncated, corrupt, absurdly large) raises :class:`UserError`.
+    of an animated file only the first frame is used. With ``max_side`` the image is decoded reduced by a
+    power of two, its longer side at most ``max_side`` (and more than half of it): a JPEG at 1/2, 1/4 or
+    1/8 scale by libjpeg itself (Pillow's draft mode), other formats by averaging pixel blocks right after
+    decoding; a 64-megapixel JPEG is thus never held at full size. Every way the file can fail to be a
+    readable image (missing, a folder, empty, not an image, truncated, corrupt, above :data:`MAX_PIXELS`)
+    raises :class:`InputError`.
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"input image {path} does not exist; check the path")
+        raise InputError(path, "no such file; check the path")
     if path.is_dir():
-        raise UserError(f"input image {path} is a folder, not an image file; {_WHAT_TO_DO}")
+        raise InputError(path, f"a folder, not an image file; {_WHAT_TO_DO}")
+    if path.stat().st_size == 0:
+        raise InputError(path, f"the file is empty (0 bytes), not an image; {_WHAT_TO_DO}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns above its own limit (89.5 MP); MAX_PIXELS, below its error limit, is checked here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path, formats=INPUT_FORMATS) as image:
-                image.load()
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise InputError(path, _too_large(f"{width}x{height} pixels ({width * height / 1e6:.0f} MP)"))
+                image = _decode(image, max_side)
                 image = ImageOps.exif_transpose(image)
                 return _to_rgba_array(image)
     except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image Pillow can read; {_WHAT_TO_DO}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"{path} is too large to be a safe input image; downscale it below 8000x8000") from None
+        raise InputError(path, f"not an image Pillow can read; {_WHAT_TO_DO}") from None
+    except Image.DecompressionBombError:  # refused by Pillow while opening, beyond twice its 89.5 MP
+        raise InputError(path, _too_large("the image")) from None
     except PermissionError:
-        raise UserError(f"{path} cannot be read (permission denied); check the file's permissions") from None
+        raise InputError(path, "cannot be read (permission denied); check the file's permissions") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise UserError(
-            f"{path} is truncated or corrupt ({_one_line(error)}); re-export it as PNG, JPG or WebP"
+        raise InputError(
+            path, f"truncated or corrupt ({_one_line(error)}); re-export it as PNG, JPG or WebP"
         ) from None
+
+
+def _too_large(what: str) -> str:
+    return (f"{what} is above the {MAX_PIXELS // 1_000_000}-megapixel input limit; "
+            "downscale it (4096 px on the longer side is plenty)")
+
+
+def _decode(image: Image.Image, max_side: int | None) -> Image.Image:
+    """Decode an opened image, shrunk by the smallest power of two that brings its longer side to at most
+    ``max_side`` (so to more than half of it): JPEG by libjpeg's DCT scaling while decoding (1/2, 1/4,
+    1/8), the rest of the factor and other formats by block averaging (Pillow's ``reduce``)."""
+    width, height = image.size
+    factor = 1
+    while max_side is not None and max(width, height) > factor * max_side:
+        factor *= 2
+    if factor == 1:
+        image.load()
+        return image
+    image.draft(image.mode, (-(-width // factor), -(-height // factor)))  # a no-op but for JPEG
+    factor //= round(width / image.size[0])  # what the JPEG decoder did not already do
+    if image.mode.startswith("I;16"):  # Pillow cannot reduce these; 32-bit integers it can
+        image = image.convert("I")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"):
+        image = image.convert("RGBA")
+    return image.reduce(factor) if factor > 1 else image
 
 
 def _to_rgba_array(image: Image.Image) -> np.ndarray:

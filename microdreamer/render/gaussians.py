@@ -7,6 +7,9 @@ torch and cpu backends share the projection in :mod:`.gaussians_torch`; semantic
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -17,6 +20,19 @@ from .gaussians_gsplat import gsplat_unavailable_reason, rasterize_gsplat
 from .gaussians_torch import project_gaussians, rasterize_torch
 from .types import RenderOutput
 
+#: the rasterizer backends (``auto`` picks one of them: :func:`resolve_backend`)
+BACKENDS = ("torch", "cpu", "gsplat")
+SLOW_CUDA_PATH = (
+    "gsplat is not installed: Gaussians are rasterized by the plain-PyTorch reference on CUDA, many times "
+    "slower; pip install \"microdreamer[cuda]\" (gsplat) to fix it"
+)
+
+
+@cache
+def _warn_slow_cuda_path() -> None:
+    """Say once per process that CUDA runs fall back to the torch rasterizer."""
+    warnings.warn(SLOW_CUDA_PATH, RuntimeWarning, stacklevel=3)
+
 
 def available_backends() -> dict[str, bool]:
     """Which backends can run here (``"cpu"`` builds the C++ kernel on first call)."""
@@ -26,10 +42,12 @@ def available_backends() -> dict[str, bool]:
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """The concrete backend for ``name`` on ``device``.
 
-    ``"auto"`` picks gsplat on CUDA when it imports, else the C++ kernel on CPU when it builds, else
-    torch. An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
+    ``"auto"`` picks gsplat on CUDA when it imports (else torch, with a warning once per process: see
+    :data:`SLOW_CUDA_PATH`), the C++ kernel on CPU when it builds, else torch. An unknown name, or a
+    backend that cannot run on ``device``, raises :class:`UserError`.
     """
-    return choose_backend("rasterizer", name, device, unavailable_reason, "gsplat", gsplat_unavailable_reason)
+    return choose_backend("rasterizer", name, device, unavailable_reason, "gsplat", gsplat_unavailable_reason,
+                          lambda _reason: _warn_slow_cuda_path())
 
 
 def rasterize_gaussians(

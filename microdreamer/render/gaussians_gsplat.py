@@ -25,7 +25,7 @@ def gsplat_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     if importlib.util.find_spec("gsplat") is None:
-        return "the gsplat package is not installed (pip install 'gsplat>=1.4')"
+        return 'the gsplat package is not installed (pip install "microdreamer[cuda]")'
     return None
 
 

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from .backends import choose_backend
 from .hashgrid_cpu import encode_cpu, unavailable_reason
 from .hashgrid_tcnn import encode_tcnn, tcnn_unavailable_reason
 from .hashgrid_torch import encode_torch
 
-BACKENDS = ("torch", "cpu", "tcnn")
 THREESTUDIO_PARAMS_KEY = "geometry.encoding.encoding.encoding.params"
 N_DIMS = 3
 MAX_DENSE_RESOLUTION = 0x659  # tcnn's MAX_BASES[3]: finer grids are always hashed (x + y·res + z·res² overflows)
@@ -57,7 +57,9 @@ class HashGridConfig:
         if self.n_levels < 1:
             raise UserError(f"hash grid n_levels must be at least 1, got {self.n_levels}")
         if self.n_features_per_level not in (1, 2, 4, 8):
-            raise UserError(f"hash grid n_features_per_level must be 1, 2, 4 or 8 (as tcnn), got {self.n_features_per_level}")
+            raise UserError(
+                f"hash grid n_features_per_level must be 1, 2, 4 or 8 (as tcnn), got {self.n_features_per_level}"
+            )
         if not 3 <= self.log2_hashmap_size <= 30:
             raise UserError(f"hash grid log2_hashmap_size must be in [3, 30], got {self.log2_hashmap_size}")
         if self.base_resolution < 1 or not self.per_level_scale >= 1.0:
@@ -70,8 +72,8 @@ class HashGridConfig:
         """Each level's ``scale`` as tcnn computes it in float32 (exp2f, log2f; each step rounded once).
 
         float32 products and differences are exact in float64, and float64 log2/exp2 rounded to float32
-        give the correctly rounded float32 results (what glibc's log2f/exp2f return); CUDA's fast-math
-        exp2f may differ by an ulp at some level.
+        give the correctly rounded float32 results. glibc's log2f/exp2f (error ≤ 0.502 ulp) return the
+        same but in rare near-halfway cases, and CUDA's fast-math exp2f may differ by an ulp at some level.
         """
         log2_scale = _f32(math.log2(_f32(self.per_level_scale)))
         return [
@@ -132,7 +134,9 @@ def load_tcnn_params(
     if key not in state_dict and isinstance(state_dict.get("state_dict"), Mapping):
         state_dict = state_dict["state_dict"]
     if key not in state_dict:
-        raise UserError(f"the checkpoint has no hash-grid parameters '{key}'; is it a threestudio implicit-volume NeRF?")
+        raise UserError(
+            f"the checkpoint has no hash-grid parameters '{key}'; is it a threestudio implicit-volume NeRF?"
+        )
     params = state_dict[key]
     if params.numel() != cfg.num_params:
         raise UserError(
@@ -154,30 +158,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     torch (on CUDA without tinycudann, ``tcnn_unavailable_reason()`` is the line saying what to install).
     An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
     """
-    device = torch.device(device)
-    if name == "auto":
-        if device.type == "cuda" and tcnn_unavailable_reason() is None:
-            return "tcnn"
-        if device.type == "cpu" and unavailable_reason() is None:
-            return "cpu"
-        return "torch"
-    if name == "torch":
-        return name
-    if name == "cpu":
-        if device.type != "cpu":
-            raise UserError(f"hash-grid backend 'cpu' runs on CPU tensors only, not on {device}; use 'torch' or 'auto'")
-        reason = unavailable_reason()
-        if reason is not None:
-            raise UserError(f"hash-grid backend 'cpu' is unavailable ({reason}); use 'torch' or 'auto'")
-        return name
-    if name == "tcnn":
-        if device.type != "cuda":
-            raise UserError(f"hash-grid backend 'tcnn' needs CUDA tensors, not {device}; use 'auto'")
-        reason = tcnn_unavailable_reason()
-        if reason is not None:
-            raise UserError(f"hash-grid backend 'tcnn' is unavailable ({reason}); use 'auto'")
-        return name
-    raise UserError(f"unknown hash-grid backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
+    return choose_backend("hash-grid", name, device, unavailable_reason, "tcnn", tcnn_unavailable_reason)
 
 
 def hash_grid_encode(x: Tensor, params: Tensor, cfg: HashGridConfig, backend: str = "auto") -> Tensor:

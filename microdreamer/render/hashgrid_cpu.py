@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._build import ExtensionUnavailable, load_extension
+from ._build import kernel_unavailable, load_extension
 
 if TYPE_CHECKING:
     from .hashgrid import HashGridConfig
@@ -26,14 +26,9 @@ def extension() -> ModuleType:
     return load_extension("hashgrid")
 
 
-@cache
 def unavailable_reason() -> str | None:
     """``None`` when the kernel builds and loads here, else why not (one line)."""
-    try:
-        extension()
-    except ExtensionUnavailable as exc:
-        return str(exc).splitlines()[0]
-    return None
+    return kernel_unavailable("hashgrid")
 
 
 @cache

@@ -5,13 +5,16 @@ triangles into per-pixel face ids, perspective-correct barycentrics and depth. S
 UVs and vertex colours are interpolated, the texture is looked up with bilinear filtering over a mip
 pyramid (level chosen per pixel from the analytic UV footprint, so minified textures do not alias),
 and the result is composited over the background. Gradients reach ``texture``, ``vertex_colors``,
-``base_color`` and ``background``, not the geometry. Unlit: colours are the surface albedo.
+``base_color`` and ``background``, not the geometry. Colours are the surface albedo (``albedo``
+shading) or the albedo lit by a :class:`KeyLight` (``lit``), which uses the per-pixel normals every
+backend's render carries.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,6 +28,8 @@ from ._build import ExtensionUnavailable, load_extension
 from .types import RenderOutput
 
 MESH_BACKENDS = ("auto", "torch", "cpu", "nvdiffrast")
+#: normals of faces meeting at a vertex are averaged there unless they differ by more than this angle
+CREASE_DEGREES = 60.0
 
 Rasterizer = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
@@ -64,6 +69,39 @@ def _rasterizer(name: str) -> Rasterizer:
     return rasterize_nvdiffrast
 
 
+@dataclass(frozen=True)
+class KeyLight:
+    """Lambert shading by a key light fixed to the object, plus ambient light (the look of a studio photo):
+    colour = albedo · (ambient + key · max(0, n · l)).
+
+    ``direction`` points from the object towards the light in world coordinates (y up, the azimuth-0
+    camera on +z): the default lights the object from the upper front-left as that camera sees it, and
+    turns with the object, not with the camera. A white surface ranges from 0.4 (turned away from the
+    light) to 0.9 (facing it): like a photographed white object it never reaches the white background,
+    so its silhouette and shading are visible from every side.
+    """
+
+    direction: tuple[float, float, float] = (-1.0, 1.0, 1.0)
+    ambient: float = 0.4
+    key: float = 0.5
+
+    def factor(self, normals: Tensor) -> Tensor:
+        """Brightness ``[...,1]`` of unit ``normals [...,3]``."""
+        light = F.normalize(torch.tensor(self.direction, dtype=normals.dtype, device=normals.device), dim=0)
+        return self.ambient + self.key * (normals @ light).clamp_min(0)[..., None]
+
+
+#: a render's shading mode → its light (None: the albedo itself)
+SHADINGS: dict[str, KeyLight | None] = {"lit": KeyLight(), "albedo": None}
+
+
+def shading_light(name: str) -> KeyLight | None:
+    """The light of shading mode ``name`` (``lit`` or ``albedo``)."""
+    if name not in SHADINGS:
+        raise UserError(f"unknown shading '{name}' (choose one of {', '.join(SHADINGS)})")
+    return SHADINGS[name]
+
+
 def rasterize_mesh(
     mesh: TexturedMesh,
     cameras: Cameras,
@@ -71,14 +109,16 @@ def rasterize_mesh(
     backend: str = "auto",
     texture: Tensor | None = None,
     supersample: int = 1,
+    light: KeyLight | None = None,
 ) -> RenderOutput:
-    """Render ``mesh`` from each camera, composited over ``background [3]``.
+    """Render ``mesh`` from each camera, composited over ``background [3]``; ``light`` shades the albedo.
 
     ``texture [H,W,3]`` overrides ``mesh.texture`` (pass a tensor that requires grad to refine it).
     ``supersample`` s renders at s×s samples per pixel and box-filters them, so ``alpha`` becomes
     antialiased coverage and ``depth`` the coverage-weighted depth (RenderOutput's convention; with
-    s = 1 alpha is 0/1). ``extras`` holds ``face_id [B,sH,sW]`` (−1 background) and
-    ``bary [B,sH,sW,2]`` (weights of each face's first two vertices) on the sample grid.
+    s = 1 alpha is 0/1). ``extras`` holds ``face_id [B,sH,sW]`` (−1 background), ``bary [B,sH,sW,2]``
+    (weights of each face's first two vertices) and ``normal [B,sH,sW,3]`` (world-space unit normals
+    turned towards the camera, zero on the background; see :func:`_normals`) on the sample grid.
     """
     if supersample < 1:
         raise ValueError("supersample must be >= 1")
@@ -93,31 +133,97 @@ def rasterize_mesh(
         verts, mesh.faces, width, height, fx, fy, width / 2, height / 2, cams.near, cams.far
     )
     covered = face_id >= 0
-    colour = _shade(mesh, texture, verts.detach(), face_id, bary, fx, fy, width / 2, height / 2)
+    samples = _Samples.of(face_id, bary)
+    colour = samples.scatter(_shade(mesh, texture, verts.detach(), samples, fx, fy, width / 2, height / 2))
+    normal = samples.scatter(_normals(mesh, samples, cams.centers()))
+    if light is not None:
+        colour = colour * light.factor(normal)
     alpha = covered.unsqueeze(-1).to(colour.dtype)
     rgb = colour * alpha + background.to(colour) * (1 - alpha)
     rgb, alpha = rgb.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
     depth = (depth * covered)[:, None]
     if supersample > 1:
         rgb, alpha, depth = (F.avg_pool2d(x, supersample) for x in (rgb, alpha, depth))
-    return RenderOutput(rgb=rgb, alpha=alpha, depth=depth, extras={"face_id": face_id, "bary": bary})
+    return RenderOutput(rgb=rgb, alpha=alpha, depth=depth,
+                        extras={"face_id": face_id, "bary": bary, "normal": normal})
+
+
+def corner_normals(mesh: TexturedMesh) -> Tensor:
+    """Unit normals ``[F,3,3]`` at each face's corners, cached on the mesh: the area-weighted mean of the
+    normals of the faces around the corner's position (vertices split at UV seams are joined again) that
+    differ from the face's own by at most :data:`CREASE_DEGREES`, so hard edges stay hard and faces of
+    opposite orientation (two-sided sheets) do not cancel."""
+    key = (mesh.vertices.data_ptr(), mesh.vertices._version, mesh.faces.data_ptr(), mesh.faces._version,
+           tuple(mesh.faces.shape))
+    if mesh.cache.get("normals_key") != key:
+        with torch.no_grad():
+            tri = mesh.vertices[mesh.faces].double()  # [F,3,3]
+            area_normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+            unit = F.normalize(area_normal, dim=-1)
+            _, position = torch.unique(mesh.vertices, dim=0, return_inverse=True)
+            at = position[mesh.faces].reshape(-1)  # joined vertex of each corner [3F]
+            face = torch.arange(len(mesh.faces), device=at.device).repeat_interleave(3)
+            # every (corner, face around the corner's position) pair, from the corners sorted by position
+            order = torch.argsort(at, stable=True)
+            count = torch.bincount(at)
+            first = torch.cumsum(count, 0) - count  # where each position's corners start in ``order``
+            fan = count[at]
+            corner = torch.arange(len(at), device=at.device).repeat_interleave(fan)
+            within = torch.arange(len(corner), device=at.device) - (torch.cumsum(fan, 0) - fan).repeat_interleave(fan)
+            other = face[order[first[at[corner]] + within]]
+            cos = (unit[face[corner]] * unit[other]).sum(-1, keepdim=True)
+            weight = torch.where(cos >= math.cos(math.radians(CREASE_DEGREES)), area_normal[other], 0.0)
+            summed = torch.zeros(len(at), 3, dtype=tri.dtype, device=tri.device).index_add_(0, corner, weight)
+            normals = F.normalize(summed, dim=-1).reshape(-1, 3, 3).float()
+        mesh.cache.update(normals_key=key, normals=normals)
+    return mesh.cache["normals"]
+
+
+@dataclass
+class _Samples:
+    """The covered samples of a render as one flat list: flat index into ``[B·H·W]``, view, face and the
+    barycentric weights ``[N,3,1]`` of the face's corners."""
+
+    shape: tuple[int, int, int]  # B, H, W
+    pixel: Tensor
+    view: Tensor
+    face: Tensor
+    weights: Tensor
+
+    @classmethod
+    def of(cls, face_id: Tensor, bary: Tensor) -> "_Samples":
+        b, h, w = face_id.shape
+        pixel = (face_id >= 0).reshape(-1).nonzero()[:, 0]
+        bary = bary.reshape(-1, 2)[pixel]
+        weights = torch.cat([bary, 1 - bary.sum(-1, keepdim=True)], -1)[..., None]
+        view = torch.div(pixel, h * w, rounding_mode="floor")
+        return cls((b, h, w), pixel, view, face_id.reshape(-1)[pixel], weights)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-sample ``values [N,C]`` → ``[B,H,W,C]``, zero where nothing was hit."""
+        full = torch.zeros(math.prod(self.shape), values.shape[-1], dtype=values.dtype, device=values.device)
+        return full.index_copy(0, self.pixel, values).reshape(*self.shape, -1)
+
+
+def _normals(mesh: TexturedMesh, samples: _Samples, centers: Tensor) -> Tensor:
+    """World-space unit normals ``[N,3]`` of the surface at each sample: :func:`corner_normals` interpolated
+    with the barycentrics, turned to the side of the face that the camera at ``centers [B,3]`` sees (both
+    sides of a face are drawn, so an open surface seen from behind is lit on its back)."""
+    normal = F.normalize((corner_normals(mesh)[samples.face] * samples.weights).sum(-2), dim=-1)
+    tri = mesh.vertices[mesh.faces[samples.face]]  # [N,3,3]
+    facing = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    towards = ((centers.to(tri)[samples.view] - tri[:, 0]) * facing).sum(-1, keepdim=True)
+    return torch.where(towards < 0, -normal, normal)
 
 
 def _shade(
-    mesh: TexturedMesh, texture: Tensor | None, verts: Tensor, face_id: Tensor, bary: Tensor,
+    mesh: TexturedMesh, texture: Tensor | None, verts: Tensor, samples: _Samples,
     fx: float, fy: float, cx: float, cy: float,
 ) -> Tensor:
-    """Albedo ``[B,H,W,3]`` (zero off the mesh): base colour × texture(uv) × vertex colour, where present.
-
-    Only covered pixels are shaded; they are processed as one flat list.
-    """
-    b, h, w = face_id.shape
-    pixel = (face_id >= 0).reshape(-1).nonzero()[:, 0]  # flat indices of covered pixels
-    view = torch.div(pixel, h * w, rounding_mode="floor")
-    fid = face_id.reshape(-1)[pixel]
+    """Albedo ``[N,3]`` of the covered samples: base colour × texture(uv) × vertex colour, where present."""
+    _, h, w = samples.shape
+    pixel, view, fid, weights = samples.pixel, samples.view, samples.face, samples.weights
     corners = mesh.faces[fid]  # [N,3]
-    bary = bary.reshape(-1, 2)[pixel]
-    weights = torch.cat([bary, 1 - bary.sum(-1, keepdim=True)], -1)[..., None]  # [N,3,1]
     colour = mesh.base_color.expand(len(pixel), 3)
     texture = mesh.texture if texture is None else texture
     if texture is not None and mesh.uvs is not None:
@@ -130,8 +236,7 @@ def _shade(
         colour = colour * sample_texture(texture, uv, footprint, wrap, _pyramid(mesh, texture))
     if mesh.vertex_colors is not None:
         colour = colour * (mesh.vertex_colors[corners] * weights).sum(-2)
-    full = torch.zeros(b * h * w, 3, dtype=colour.dtype, device=colour.device)
-    return full.index_copy(0, pixel, colour).reshape(b, h, w, 3)
+    return colour
 
 
 def _uv_footprint(

@@ -26,6 +26,7 @@ from ..render.types import RenderOutput
 from ..sir.cameras import Cameras
 from .base import Representation
 from .densify import DensifyReport, DensifyState, DensifyStrategy, Params, keep, quaternion_to_matrix
+from .white_filter import white_floaters
 
 SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2·sqrt(pi))
 FIELDS = ("means", "f_dc", "f_rest", "opacity", "scale", "rotation")
@@ -126,6 +127,7 @@ class Gaussians(Representation):
         self.strategy = DensifyStrategy.from_config(cfg)
         self.densify_state = DensifyState.zeros(self.num_primitives, self.device)
         self.densify_log: list[DensifyReport] = []
+        self.cleanup: dict[str, int] = {}  # Gaussians removed by each step of finalize()
 
     @classmethod
     def load(cls, path: Path, cfg: GaussianConfig, device: torch.device | str,
@@ -193,10 +195,17 @@ class Gaussians(Representation):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Final prune: opacity below ``final_prune_opacity`` or largest scale above ``final_prune_scale``."""
+        """Final prune (opacity below ``final_prune_opacity`` or largest scale above ``final_prune_scale``),
+        then, with ``white_filter``, the white floaters (:mod:`.white_filter`); ``cleanup`` counts both."""
         drop = (self.opacities < self.cfg.final_prune_opacity) | \
                (self.scales.amax(-1) > self.cfg.final_prune_scale)
         keep(self.params, self.optimizer, ~drop)
+        self.cleanup = {"final_prune": int(drop.sum())}
+        if self.cfg.white_filter:
+            white = white_floaters(self.means, self.quats, self.scales, self.opacities, self.colors,
+                                   self.cfg.backend)
+            keep(self.params, self.optimizer, ~white)
+            self.cleanup["white_filter"] = int(white.sum())
         self.densify_state = DensifyState.zeros(self.num_primitives, self.device)
 
     def to_ply(self) -> GaussianPLY:

@@ -17,7 +17,7 @@ class RepresentationEntry:
     name: str
     output: str  # key of the saved file in run reports ("ply" for Gaussians, as before)
     suffix: str  # the saved file's suffix
-    primitives: str  # what num_primitives counts, for summaries
+    primitive: str  # what num_primitives counts (singular), for summaries
     build: Callable[[RunConfig, torch.device, torch.Generator], Representation]
 
 
@@ -36,8 +36,8 @@ def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> R
 REPRESENTATIONS: dict[str, RepresentationEntry] = {
     e.name: e
     for e in (
-        RepresentationEntry("gaussians", "ply", ".ply", "Gaussians", _gaussians),
-        RepresentationEntry("nerf", "nerf", ".safetensors", "occupied grid cells", _nerf),
+        RepresentationEntry("gaussians", "ply", ".ply", "Gaussian", _gaussians),
+        RepresentationEntry("nerf", "nerf", ".safetensors", "occupied grid cell", _nerf),
     )
 }
 

@@ -4,6 +4,7 @@ A model folder holds ``model_index.json`` and one sub-folder per component (``un
 ``config.json`` and its weights. We read every config ourselves, build the modules from a small whitelist of
 diffusers / transformers classes (never remote code), and load their weights from ``*.safetensors`` only,
 checking the key set strictly so that a wrong or truncated checkpoint fails with the offending key named.
+Single-file repositories (LGM) are folders that hold named safetensors files at the top instead.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ALLOW_PATTERNS = (
     "*/*.safetensors",
     "scheduler/*.json",
     "tokenizer/*",
-    "feature_extractor/*",
+    "feature_extractor*/*",  # feature_extractor/, or Zero123++'s feature_extractor_clip/ and _vae/
 )
 #: weight formats that can execute code when unpickled: never loaded
 REFUSED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -57,6 +58,13 @@ def _missing_model_help() -> str:
     )
 
 
+#: what to do when ``microdreamer models download`` itself cannot fetch a model
+DOWNLOAD_HELP = (
+    "check the network (and that HF_HUB_OFFLINE is not set) and try again; on a machine without network, "
+    "run the download on a connected one and copy its Hugging Face cache (HF_HOME) or the model folder here"
+)
+
+
 def require(package: str) -> ModuleType:
     """Import an optional dependency of the model teachers, or explain how to install it."""
     try:
@@ -77,60 +85,111 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 
 
 def resolve_model_dir(
-    model_id_or_path: str | Path, *, allow_download: bool, cache_dir: str | Path | None = None
+    model_id_or_path: str | Path,
+    *,
+    allow_download: bool,
+    cache_dir: str | Path | None = None,
+    files: tuple[str, ...] = (),
+    advice: str | None = None,
 ) -> Path:
     """A local model folder, or a Hugging Face id resolved to its cached snapshot.
 
-    The local cache is tried first (no network); a missing or incomplete snapshot is downloaded when
-    ``allow_download``, limited to :data:`ALLOW_PATTERNS`. Anything that cannot be resolved is a
-    :class:`UserError` saying how to provide the model.
+    The folder is in the diffusers layout, or, when ``files`` names them, holds just those files (a
+    single-file repository such as LGM's, of which only the named files are fetched). The local cache
+    is tried first (no network); a missing or incomplete snapshot is downloaded when
+    ``allow_download``, limited to :data:`ALLOW_PATTERNS` or ``files``. Anything that cannot be
+    resolved is a :class:`UserError` saying how to provide the model (``advice``, by default the ways to
+    get it here).
     """
+    advice = advice or _missing_model_help()
     text = str(model_id_or_path)
-    path = Path(text).expanduser()
-    if path.exists() or not _REPO_ID.match(text):
-        if not path.is_dir():
-            raise UserError(f"model folder not found: {path} (pass a folder in the diffusers layout, or a Hugging Face id)")
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is not a diffusers model folder: it has no model_index.json")
-        return path
+    local = local_model_dir(text, files)
+    if local is not None:
+        return local
     hub = require("huggingface_hub")
-    snapshot = _cached_snapshot(hub, text, cache_dir)
-    if snapshot is not None and not missing_files(snapshot):
+    patterns = list(files or ALLOW_PATTERNS)
+    snapshot = _cached_snapshot(hub, text, cache_dir, patterns)
+    missing = missing_files(snapshot, files) if snapshot is not None else []
+    if snapshot is not None and not missing:
         return snapshot
     if not allow_download:
-        state = "incomplete" if snapshot is not None else "not"
-        raise UserError(
-            f"model '{text}' is {state} in the Hugging Face cache and downloads are disabled; {_missing_model_help()}"
-        )
+        state = (f"is incomplete in the Hugging Face cache (missing {', '.join(missing[:3])})" if snapshot is not None
+                 else "is not in the Hugging Face cache")
+        raise UserError(f"model '{text}' {state} and downloads are disabled; {advice}")
     try:
-        snapshot = Path(
-            hub.snapshot_download(text, allow_patterns=list(ALLOW_PATTERNS), cache_dir=cache_dir)
-        )
+        snapshot = Path(hub.snapshot_download(text, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as exc:  # network, offline mode, missing or gated repository: all end the same way
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-        raise UserError(f"cannot download model '{text}' ({reason}); {_missing_model_help()}") from None
-    missing = missing_files(snapshot)
+        raise UserError(f"cannot download model '{text}' ({reason}); {advice}") from None
+    missing = missing_files(snapshot, files)
     if missing:
         raise UserError(
             f"model '{text}' is incomplete in the cache and the download did not complete it "
-            f"(missing {', '.join(missing[:3])}); {_missing_model_help()}"
+            f"(missing {', '.join(missing[:3])}); {advice}"
         )
     return snapshot
 
 
-def _cached_snapshot(hub: ModuleType, repo_id: str, cache_dir: str | Path | None) -> Path | None:
+def model_files(
+    model_id_or_path: str | Path, parts: tuple[str, ...], *, allow_download: bool, cache_dir: str | Path | None = None
+) -> Path | None:
+    """A folder holding ``parts`` of a model (files, or whole folders written ``name/``, relative to the
+    model folder) without its weights: the local folder, the cached snapshot, or with ``allow_download``
+    a snapshot of those parts alone (which the full download later completes). None when they cannot be had."""
+    def complete(folder: Path) -> bool:
+        return all((folder / p).is_dir() and any((folder / p).iterdir()) if p.endswith("/") else (folder / p).is_file()
+                   for p in parts)
+
+    text = str(model_id_or_path)
+    try:
+        local = local_model_dir(text)
+    except UserError:
+        return None
+    if local is not None:
+        return local if complete(local) else None
+    hub = require("huggingface_hub")
+    patterns = [p + "*" if p.endswith("/") else p for p in parts]
+    for offline in (True, False) if allow_download else (True,):
+        try:
+            folder = Path(hub.snapshot_download(text, allow_patterns=patterns, cache_dir=cache_dir,
+                                                local_files_only=offline))
+        except Exception:  # not cached; no network, offline mode, unknown repository
+            continue
+        if complete(folder):
+            return folder
+    return None
+
+
+def local_model_dir(text: str, files: tuple[str, ...] = ()) -> Path | None:
+    """``text`` as a local model folder (checked to be one: the diffusers layout, or holding ``files``), or
+    None when it is a Hugging Face id that names no local path."""
+    path = Path(text).expanduser()
+    if not path.exists() and _REPO_ID.match(text):
+        return None
+    layout = f"a folder holding {files[0]}" if files else "a folder in the diffusers layout"
+    if not path.is_dir():
+        raise UserError(f"model folder not found: {path} (pass {layout}, or a Hugging Face id)")
+    if files and missing_files(path, files):
+        raise UserError(f"{path} has no {missing_files(path, files)[0]}; is this the right model folder?")
+    if not files and not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers model folder: it has no model_index.json")
+    return path
+
+
+def _cached_snapshot(hub: ModuleType, repo_id: str, cache_dir: str | Path | None, patterns: list[str]) -> Path | None:
     try:
         return Path(
-            hub.snapshot_download(
-                repo_id, allow_patterns=list(ALLOW_PATTERNS), cache_dir=cache_dir, local_files_only=True
-            )
+            hub.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=True)
         )
     except require("huggingface_hub.errors").LocalEntryNotFoundError:  # also an incomplete snapshot
         return None
 
 
-def missing_files(model_dir: Path) -> list[str]:
-    """Files a complete model folder must have but ``model_dir`` lacks (relative paths)."""
+def missing_files(model_dir: Path, files: tuple[str, ...] = ()) -> list[str]:
+    """Files a complete model folder must have but ``model_dir`` lacks (relative paths): ``files``
+    when given, else those of the diffusers layout."""
+    if files:
+        return [name for name in files if not (model_dir / name).is_file()]
     if not (model_dir / "model_index.json").is_file():
         return ["model_index.json"]
     missing = []
@@ -334,9 +393,26 @@ def noise_schedule(model_dir: Path) -> tuple[dict[str, Any], Tensor]:
     for ok, what in checks:
         if not ok:
             raise UserError(f"{path}: unsupported {what} (need a DDIM-compatible scaled_linear epsilon schedule)")
+    return config, schedule_alphas_cumprod(config, path)
+
+
+def schedule_alphas_cumprod(config: dict[str, Any], path: Path) -> Tensor:
+    """ᾱ_t, t = 0..T-1 (float64), of a scheduler config's ``linear`` or ``scaled_linear`` betas.
+
+    ``linear`` spaces beta itself evenly from beta_start to beta_end; ``scaled_linear`` spaces sqrt(beta)
+    and squares (spec §0.1). Other schedules, trained betas and a zero-terminal-SNR rescale are refused.
+    """
+    schedule = config.get("beta_schedule", "linear")
+    if schedule not in ("linear", "scaled_linear") or config.get("trained_betas"):
+        raise UserError(f"{path}: unsupported beta_schedule {schedule!r} (need linear or scaled_linear betas)")
+    if config.get("rescale_betas_zero_snr", False):
+        raise UserError(f"{path}: unsupported rescale_betas_zero_snr")
     steps = int(config.get("num_train_timesteps", 1000))
     beta_start, beta_end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
     if steps < 2 or not 0.0 < beta_start < beta_end < 1.0:
         raise UserError(f"{path}: bad schedule (num_train_timesteps {steps}, betas {beta_start}..{beta_end})")
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-    return config, torch.cumprod(1.0 - betas, dim=0)
+    if schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    else:
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)

@@ -15,6 +15,8 @@ from ..sir.cameras import Cameras, orbit_camera
 
 #: azimuth (spec §0.4 convention) of the view MVDream/ImageDream treat as the front / input view
 FRONT_AZIMUTH = 90.0
+#: views denoised together per object (both models were trained on 4 views)
+VIEWS_PER_OBJECT = 4
 
 # y-up (OpenGL world) → z-up (Blender world), applied on the left of camera-to-world matrices
 _TO_BLENDER = torch.tensor(

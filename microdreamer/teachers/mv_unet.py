@@ -78,11 +78,16 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return F.pad(emb, (0, dim % 2))
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """fp16/bf16 upcast to float32 (as in the original LDM code); float32 and float64 kept as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as in the original LDM code)."""
+    """GroupNorm computed in at least float32 whatever the input dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(_at_least_float32(x)).type(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -247,7 +252,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class PerceiverAttention(nn.Module):
-    """Learned queries attend to the image features concatenated with themselves (softmax in fp32)."""
+    """Learned queries attend to the image features concatenated with themselves (softmax in at least fp32)."""
 
     def __init__(self, dim: int, head_dim: int, heads: int) -> None:
         super().__init__()
@@ -263,7 +268,7 @@ class PerceiverAttention(nn.Module):
         q = _heads(self.to_q(queries), self.heads)
         k, v = self.to_kv(torch.cat([features, queries], dim=1)).chunk(2, dim=-1)
         k, v = _heads(k, self.heads), _heads(v, self.heads)
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        out = F.scaled_dot_product_attention(_at_least_float32(q), _at_least_float32(k), _at_least_float32(v)).to(q.dtype)
         return self.to_out(_merge_heads(out))
 
 

@@ -20,23 +20,20 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..sir.cameras import Cameras
+from ..wording import plural
 from .base import Branch, Condition, Teacher, guide
-from .catalog import find_entry
+from .catalog import find_entry, open_model
 from .loading import (
     build_model,
-    expect_components,
     load_image_processor,
+    model_files,
     noise_schedule,
+    read_json,
     require,
-    resolve_dtype,
-    resolve_model_dir,
 )
-from .mv_cameras import FRONT_AZIMUTH, mvdream_camera, with_reference_frame
+from .mv_cameras import FRONT_AZIMUTH, VIEWS_PER_OBJECT, mvdream_camera, with_reference_frame
 from .mv_unet import MultiViewUNet
-from .sd_parts import clip_pixel_values, posterior_draw, reference_image
-
-#: views denoised together per object (both models were trained on 4 views)
-VIEWS_PER_OBJECT = 4
+from .sd_parts import clip_pixel_values, posterior_draw, reference_image, text_embedding
 
 #: model_index.json classes of an MVDream pipeline folder (spec §2.1); ImageDream adds the image encoder (§3.1)
 MVDREAM_COMPONENTS = {
@@ -50,6 +47,30 @@ IMAGEDREAM_COMPONENTS = {
     "image_encoder": "CLIPVisionModel",
     "feature_extractor": "CLIPImageProcessor",
 }
+
+
+#: the parts of a pipeline folder that say how a prompt is read, without the weights
+PROMPT_PARTS = ("tokenizer/", "text_encoder/config.json")
+
+
+def load_tokenizer(root: Path) -> Any:
+    return require("transformers").CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+
+
+class PromptReader:
+    """What the text encoder of a pipeline folder reads of a prompt, known before its weights load: the
+    CLIP tokens up to the encoder's length (77 for SD 2.1, start and end tokens included); the rest is cut."""
+
+    def __init__(self, root: Path) -> None:
+        self.tokenizer = load_tokenizer(root)
+        self.length = int(read_json(root / "text_encoder" / "config.json")["max_position_embeddings"])
+
+    def cut(self, prompt: str) -> str | None:
+        """The words read of ``prompt`` when the encoder cuts it (as the tokenizer spells them), else None."""
+        ids = self.tokenizer(prompt.strip(), verbose=False).input_ids
+        if len(ids) <= self.length:
+            return None
+        return self.tokenizer.decode(ids[1 : self.length - 1])
 
 
 def clean_prompt(prompt: str | None) -> str:
@@ -111,15 +132,13 @@ class MultiViewTeacher(Teacher):
         Without ``model_id_or_path`` the catalog weights are used. The UNet is built from its
         ``unet/config.json`` and loaded strictly from safetensors; no remote code runs.
         """
-        if model_id_or_path is None:
-            model_id_or_path = find_entry(cls.catalog_name).repo_id
-        device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
-        expect_components(root, cls.components)
+        root, device, torch_dtype = open_model(
+            model_id_or_path, cls.catalog_name, cls.components,
+            device=device, dtype=dtype, allow_download=allow_download, cache_dir=cache_dir,
+        )
         _, alphas_cumprod = noise_schedule(root)
         unet = MultiViewUNet.from_folder(root / "unet", dtype=torch_dtype, device=device).requires_grad_(False)
-        tokenizer = require("transformers").CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+        tokenizer = load_tokenizer(root)
         parts = dict(
             unet=unet,
             vae=build_model(root, "vae", device=device, dtype=torch_dtype),
@@ -128,6 +147,19 @@ class MultiViewTeacher(Teacher):
             alphas_cumprod=alphas_cumprod,
         )
         return cls(**parts, **cls._extra_parts(root, device, torch_dtype))
+
+    @classmethod
+    def prompt_reader(
+        cls, model_id_or_path: str | Path | None = None, allow_download: bool = True, cache_dir: str | Path | None = None
+    ) -> PromptReader | None:
+        """How this teacher (``model_id_or_path`` as for :meth:`from_pretrained`) reads prompts, from its
+        tokenizer alone; None when that cannot be had or read (loading the teacher then says why)."""
+        root = model_files(model_id_or_path or find_entry(cls.catalog_name).repo_id, PROMPT_PARTS,
+                           allow_download=allow_download, cache_dir=cache_dir)
+        try:
+            return None if root is None else PromptReader(root)
+        except (UserError, OSError, ValueError, KeyError):
+            return None
 
     @classmethod
     def _extra_parts(cls, root: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -153,9 +185,7 @@ class MultiViewTeacher(Teacher):
     def encode_text(self, text: str) -> Tensor:
         """Text tokens ``[1, 77, D]``: the last hidden state (after the final layer norm) of the text
         encoder for the prompt padded with the pad token to the encoder's length (spec §2.5)."""
-        length = int(self.text_encoder.config.max_position_embeddings)
-        ids = self.tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return self.text_encoder(ids.input_ids.to(self.device)).last_hidden_state
+        return text_embedding(self.tokenizer, self.text_encoder, text)
 
     @torch.no_grad()
     def prepare(self, condition: Condition, generator: torch.Generator | None = None) -> None:
@@ -191,7 +221,7 @@ class MultiViewTeacher(Teacher):
         if len(cameras) != b:
             raise ValueError(f"{b} latents but {len(cameras)} cameras")
         if b % VIEWS_PER_OBJECT:
-            raise UserError(f"the multi-view teachers denoise groups of {VIEWS_PER_OBJECT} views: got {b} views")
+            raise UserError(f"the multi-view teachers denoise groups of {VIEWS_PER_OBJECT} views: got {plural(b, 'view')}")
         if not self._text:
             raise RuntimeError(f"{type(self).__name__}.prepare(condition) must run before predicting noise")
         x = latents.to(self.device, self.dtype)

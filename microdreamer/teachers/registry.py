@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..wording import plural
 from .base import Teacher
+from .catalog import find_entry
+from .loading import local_model_dir, resolve_model_dir
+from .mv_cameras import VIEWS_PER_OBJECT
+
+if TYPE_CHECKING:
+    from .mvdream import MultiViewTeacher, PromptReader
 
 
 @dataclass(frozen=True)
@@ -18,15 +27,18 @@ class TeacherEntry:
     preset: str  # the preset a run with this teacher starts from
     inputs: str  # "image", "text" or "image+text"
     build: Callable[[RunConfig, torch.device, bool], Teacher]  # (config, device, allow_download)
+    views_multiple: int = 1  # --views must be a multiple of this (views the teacher denoises together)
+    weights: str | None = None  # the catalog entry of its default weights; None: it needs none
 
 
 def _reference(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
     from .reference import ReferenceTeacher
 
-    if not cfg.teacher.model:
-        raise UserError("the reference teacher needs a mesh: pass --model MESH (.obj, .glb or .gltf)")
+    check_teacher_config(cfg)
+    t = cfg.teacher
     return ReferenceTeacher(
-        cfg.teacher.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background
+        t.model, device=device, resolution=cfg.cameras.resolution, background=cfg.background, shading=t.shading,
+        imperfection=t.imperfection, full_at=cfg.schedule.t_start,
     )
 
 
@@ -34,6 +46,7 @@ def _zero123(variant: str) -> Callable[[RunConfig, torch.device, bool], Teacher]
     def build(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
         from .zero123 import Zero123Teacher
 
+        check_teacher_config(cfg)
         return Zero123Teacher.from_pretrained(
             cfg.teacher.model, variant=variant, device=device, dtype=cfg.teacher.dtype, allow_download=allow_download
         )
@@ -43,34 +56,86 @@ def _zero123(variant: str) -> Callable[[RunConfig, torch.device, bool], Teacher]
 
 def _multiview(name: str) -> Callable[[RunConfig, torch.device, bool], Teacher]:
     def build(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
-        from .mvdream import VIEWS_PER_OBJECT, ImageDreamTeacher, MVDreamTeacher
-
-        if cfg.cameras.views % VIEWS_PER_OBJECT:
-            raise UserError(
-                f"{name} denoises groups of {VIEWS_PER_OBJECT} views: --views must be a multiple of "
-                f"{VIEWS_PER_OBJECT}, got {cfg.cameras.views}"
-            )
-        cls = ImageDreamTeacher if name == "imagedream" else MVDreamTeacher
-        return cls.from_pretrained(
+        check_teacher_config(cfg)
+        return _multiview_class(name).from_pretrained(
             cfg.teacher.model, device=device, dtype=cfg.teacher.dtype, allow_download=allow_download
         )
 
     return build
 
 
+def _multiview_class(name: str) -> type[MultiViewTeacher]:
+    from .mvdream import ImageDreamTeacher, MVDreamTeacher
+
+    return ImageDreamTeacher if name == "imagedream" else MVDreamTeacher
+
+
 TEACHERS: dict[str, TeacherEntry] = {
     e.name: e
     for e in (
         TeacherEntry("reference", "reference", "image", _reference),
-        TeacherEntry("stable-zero123", "stable-zero123", "image", _zero123("stable")),
-        TeacherEntry("zero123-xl", "zero123-xl", "image", _zero123("xl")),
-        TeacherEntry("mvdream", "mvdream", "text", _multiview("mvdream")),
-        TeacherEntry("imagedream", "imagedream", "image+text", _multiview("imagedream")),
+        TeacherEntry("stable-zero123", "stable-zero123", "image", _zero123("stable"), weights="stable-zero123"),
+        TeacherEntry("zero123-xl", "zero123-xl", "image", _zero123("xl"), weights="zero123-xl"),
+        TeacherEntry("mvdream", "mvdream", "text", _multiview("mvdream"), views_multiple=VIEWS_PER_OBJECT,
+                     weights="mvdream"),
+        TeacherEntry("imagedream", "imagedream", "image+text", _multiview("imagedream"),
+                     views_multiple=VIEWS_PER_OBJECT, weights="imagedream"),
     )
 }
 
 
+#: known models that are not SIR teachers, and why a run cannot use them as one
+NOT_TEACHERS: dict[str, str] = {
+    "zero123plus": (
+        "'zero123plus' (Zero123++ v1.1) is a fixed-view multi-view generator, not an SIR teacher: its six views "
+        "have fixed poses, so it cannot refine renders from SIR's cameras (it feeds the multi-view "
+        "reconstruction path, --method lgm)"
+    ),
+}
+
+
 def teacher_entry(name: str) -> TeacherEntry:
+    if name in NOT_TEACHERS:
+        raise UserError(NOT_TEACHERS[name])
     if name not in TEACHERS:
         raise UserError(f"unknown teacher '{name}' (available: {', '.join(TEACHERS)})")
     return TEACHERS[name]
+
+
+def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
+    """The entry of ``cfg``'s teacher, once ``cfg`` is checked for what that teacher needs, before it loads:
+    the reference teacher a mesh file, a model folder given as a path its layout, the multi-view teachers
+    views in groups they denoise together."""
+    entry = teacher_entry(cfg.teacher.name)
+    model = cfg.teacher.model
+    if entry.name == "reference":
+        if not model:
+            raise UserError("the reference teacher needs a mesh: pass --model MESH (.obj, .glb or .gltf)")
+        if not Path(model).expanduser().is_file():
+            raise UserError(f"mesh file not found: {model} (--model)")
+    elif model:
+        local_model_dir(model)
+    views, multiple = cfg.cameras.views, entry.views_multiple
+    if views % multiple:
+        raise UserError(
+            f"{entry.name} denoises groups of {plural(multiple, 'view')}: --views must be a multiple of "
+            f"{multiple}, got {views}"
+        )
+    return entry
+
+
+def fetch_weights(cfg: RunConfig, allow_download: bool = True) -> Path | None:
+    """The folder of ``cfg``'s teacher weights on this machine, downloaded into the cache first when they are
+    missing and ``allow_download``; None for a teacher without weights (the reference teacher)."""
+    entry = teacher_entry(cfg.teacher.name)
+    if entry.weights is None:
+        return None
+    return resolve_model_dir(cfg.teacher.model or find_entry(entry.weights).repo_id, allow_download=allow_download)
+
+
+def prompt_reader(cfg: RunConfig, allow_download: bool = True) -> PromptReader | None:
+    """How ``cfg``'s teacher reads prompts, known before it loads; None for a teacher without prompts or
+    when its tokenizer cannot be had (see :meth:`MultiViewTeacher.prompt_reader`)."""
+    if teacher_entry(cfg.teacher.name).inputs == "image":
+        return None
+    return _multiview_class(cfg.teacher.name).prompt_reader(cfg.teacher.model, allow_download)

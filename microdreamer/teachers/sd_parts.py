@@ -1,4 +1,4 @@
-"""Pieces shared by the latent-diffusion teachers (Zero123, MVDream, ImageDream)."""
+"""Pieces shared by the latent-diffusion teachers (Zero123, MVDream, ImageDream) and generators (Zero123++)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def posterior_draw(posterior: Any, generator: torch.Generator | None) -> Tensor:
         return posterior.mean
     noise = torch.randn(posterior.mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return posterior.mean + posterior.std * noise.to(posterior.mean)
+
+
+@torch.no_grad()
+def text_embedding(tokenizer: Any, text_encoder: Any, text: str) -> Tensor:
+    """Text tokens ``[1, L, D]``: the last hidden state (after the final layer norm) of the CLIP text encoder
+    for ``text`` padded with the pad token to the encoder's length L (spec §2.5)."""
+    length = int(text_encoder.config.max_position_embeddings)
+    ids = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    device = text_encoder.get_input_embeddings().weight.device
+    return text_encoder(ids.input_ids.to(device)).last_hidden_state
 
 
 def clip_pixel_values(processor: Any, image: Tensor) -> Tensor:

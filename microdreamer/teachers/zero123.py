@@ -19,17 +19,14 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..sir.cameras import Cameras
 from .base import Branch, Condition, Teacher, guide
-from .catalog import find_entry
+from .catalog import open_model
 from .sd_parts import clip_pixel_values, posterior_draw, reference_image
 from .loading import (
     build_model,
-    expect_components,
     load_image_processor,
     load_module,
     noise_schedule,
     read_json,
-    resolve_dtype,
-    resolve_model_dir,
     weights_file,
 )
 
@@ -153,12 +150,10 @@ class Zero123Teacher(Teacher):
         Without ``model_id_or_path`` the variant's catalog weights are used.
         """
         check_variant(variant)
-        if model_id_or_path is None:
-            model_id_or_path = find_entry(CATALOG_NAMES[variant]).repo_id
-        device = torch.device(device)
-        torch_dtype = resolve_dtype(dtype, device)
-        root = resolve_model_dir(model_id_or_path, allow_download=allow_download, cache_dir=cache_dir)
-        expect_components(root, COMPONENTS)
+        root, device, torch_dtype = open_model(
+            model_id_or_path, CATALOG_NAMES[variant], COMPONENTS,
+            device=device, dtype=dtype, allow_download=allow_download, cache_dir=cache_dir,
+        )
         _, alphas_cumprod = noise_schedule(root)
         return cls(
             unet=build_model(root, "unet", device=device, dtype=torch_dtype),

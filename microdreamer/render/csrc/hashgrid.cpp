@@ -117,31 +117,39 @@ void transpose(float* level_major, float* point_major, int64_t n_levels, int64_t
   }
 }
 
-template <int F>
-void forward_impl(const float* x, const float* params, const std::vector<Level>& levels, int64_t n, float* out) {
-  const int64_t n_levels = static_cast<int64_t>(levels.size());
-  std::vector<float> level_major(static_cast<size_t>(n_levels * n * F));
-  for (int64_t l = 0; l < n_levels; ++l) {
+// Calls body(l, table, point, cell) for every point at every level, level after level; threads split
+// the points the same (static) way at every level, so each point is handled by one thread.
+template <int F, typename Body>
+void each_level_by_points(const float* x, const float* params, const std::vector<Level>& levels, int64_t n,
+                          Body body) {
+  for (int64_t l = 0; l < static_cast<int64_t>(levels.size()); ++l) {
     const Level& lv = levels[l];
     const float* table = params + lv.offset * F;
-    float* dst = level_major.data() + l * n * F;
 #pragma omp parallel for schedule(static)
     for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
       const int64_t m = std::min(BLOCK, n - i0);
       Cell cells[BLOCK];
       locate_block<F, false>(x, lv, i0, m, table, cells);
-      for (int64_t j = 0; j < m; ++j) {
-        float acc[F] = {};
-        for (int k = 0; k < 8; ++k) {
-          const float w = weight(cells[j], k);
-          const float* v = table + static_cast<int64_t>(cells[j].entry[k]) * F;
-          for (int f = 0; f < F; ++f) acc[f] = std::fma(w, v[f], acc[f]);
-        }
-        for (int f = 0; f < F; ++f) dst[(i0 + j) * F + f] = acc[f];
-      }
+      for (int64_t j = 0; j < m; ++j) body(l, table, i0 + j, cells[j]);
     }
   }
-  transpose<F, false>(level_major.data(), out, n_levels, n);
+}
+
+template <int F>
+void forward_impl(const float* x, const float* params, const std::vector<Level>& levels, int64_t n, float* out) {
+  const int64_t n_levels = static_cast<int64_t>(levels.size());
+  std::vector<float> level_major(static_cast<size_t>(n_levels * n * F));
+  float* dst = level_major.data();
+  each_level_by_points<F>(x, params, levels, n, [&](int64_t l, const float* table, int64_t i, const Cell& c) {
+    float acc[F] = {};
+    for (int k = 0; k < 8; ++k) {
+      const float w = weight(c, k);
+      const float* v = table + static_cast<int64_t>(c.entry[k]) * F;
+      for (int f = 0; f < F; ++f) acc[f] = std::fma(w, v[f], acc[f]);
+    }
+    for (int f = 0; f < F; ++f) dst[(l * n + i) * F + f] = acc[f];
+  });
+  transpose<F, false>(dst, out, n_levels, n);
 }
 
 template <int F>
@@ -171,32 +179,21 @@ void backward_impl(const float* x, const float* grad, const std::vector<Level>& 
 template <int F>
 void backward_x_impl(const float* x, const float* params, const float* grad, const std::vector<Level>& levels,
                      int64_t n, float* g_x) {
-  for (size_t l = 0; l < levels.size(); ++l) {
-    const Level& lv = levels[l];
-    const float* table = params + lv.offset * F;
-#pragma omp parallel for schedule(static)
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-      const int64_t m = std::min(BLOCK, n - i0);
-      Cell cells[BLOCK];
-      locate_block<F, false>(x, lv, i0, m, table, cells);
-      for (int64_t j = 0; j < m; ++j) {
-        const Cell& c = cells[j];
-        const float* g = grad + (static_cast<int64_t>(l) * n + i0 + j) * F;
-        float d[3] = {0.f, 0.f, 0.f};
-        for (int k = 0; k < 8; ++k) {
-          const float* v = table + static_cast<int64_t>(c.entry[k]) * F;
-          float gv = 0.f;
-          for (int f = 0; f < F; ++f) gv += g[f] * v[f];
-          const int bx = k & 1, by = (k >> 1) & 1, bz = k >> 2;
-          // d weight / d frac_d: the other two factors, signed by whether the corner is the +1 one
-          d[0] += gv * (bx ? 1.f : -1.f) * c.w[1][by] * c.w[2][bz];
-          d[1] += gv * (by ? 1.f : -1.f) * c.w[0][bx] * c.w[2][bz];
-          d[2] += gv * (bz ? 1.f : -1.f) * c.w[0][bx] * c.w[1][by];
-        }
-        for (int q = 0; q < 3; ++q) g_x[3 * (i0 + j) + q] += lv.scale * d[q];
-      }
+  each_level_by_points<F>(x, params, levels, n, [&](int64_t l, const float* table, int64_t i, const Cell& c) {
+    const float* g = grad + (l * n + i) * F;
+    float d[3] = {0.f, 0.f, 0.f};
+    for (int k = 0; k < 8; ++k) {
+      const float* v = table + static_cast<int64_t>(c.entry[k]) * F;
+      float gv = 0.f;
+      for (int f = 0; f < F; ++f) gv += g[f] * v[f];
+      const int bx = k & 1, by = (k >> 1) & 1, bz = k >> 2;
+      // d weight / d frac_d: the other two factors, signed by whether the corner is the +1 one
+      d[0] += gv * (bx ? 1.f : -1.f) * c.w[1][by] * c.w[2][bz];
+      d[1] += gv * (by ? 1.f : -1.f) * c.w[0][bx] * c.w[2][bz];
+      d[2] += gv * (bz ? 1.f : -1.f) * c.w[0][bx] * c.w[1][by];
     }
-  }
+    for (int q = 0; q < 3; ++q) g_x[3 * i + q] += levels[l].scale * d[q];
+  });
 }
 
 #define DISPATCH_F(F_VALUE, ...)                                             \
@@ -221,7 +218,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor params, torch::Tensor scale
   const auto levels = read_levels(scales, table);
   const int64_t n = x.size(0);
   auto out = torch::empty({n, static_cast<int64_t>(levels.size()) * n_features}, x.options());
-  DISPATCH_F(n_features, forward_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), levels, n, out.data_ptr<float>()));
+  DISPATCH_F(n_features,
+             forward_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), levels, n, out.data_ptr<float>()));
   return out;
 }
 
@@ -241,8 +239,9 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor x, torch::
   auto g_x = need_x ? torch::zeros_like(x) : torch::empty({0}, x.options());
   DISPATCH_F(n_features, {
     transpose<F, true>(level_major.data_ptr<float>(), grad.data_ptr<float>(), n_levels, n);
-    if (need_params) backward_impl<F>(x.data_ptr<float>(), level_major.data_ptr<float>(), levels, n, g_params.data_ptr<float>());
-    if (need_x) backward_x_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), level_major.data_ptr<float>(), levels, n, g_x.data_ptr<float>());
+    const float* g = level_major.data_ptr<float>();
+    if (need_params) backward_impl<F>(x.data_ptr<float>(), g, levels, n, g_params.data_ptr<float>());
+    if (need_x) backward_x_impl<F>(x.data_ptr<float>(), params.data_ptr<float>(), g, levels, n, g_x.data_ptr<float>());
   });
   return {g_params, g_x};
 }

@@ -1,0 +1,205 @@
+"""The LGM reconstructor: four views of an object → 3D Gaussians in one network pass.
+
+Facts from 3DTopia/LGM@fe8d12c (teachers spec §5, geco spec §2.7), in our words:
+
+- **Input** ``[B, 4, 9, 256, 256]``: per view, the RGB image over a white background (bilinearly
+  resized to 256² if needed, then ImageNet-normalised) followed by the Plücker embedding ``(o×d, d)``
+  of its camera's ray through every pixel centre (``core/utils.py get_rays``, ``core/models.py``).
+- **Cameras**: orbit cameras (our convention, spec §0.4, which is kiui's) at elevation ``e``, azimuths
+  0/90/180/270, radius 1.5, fovy 49.1°, then moved by the one rigid motion that puts view 0 at
+  ``[I | (0, 0, 1.5)]`` (``core/provider_objaverse.py``; the identity when ``e = 0``). View 0 is the
+  front (the input image); LGM's ``infer.py`` reorders MVDream/ImageDream outputs ``[1, 2, 3, 0]`` to
+  get this order, our callers pass views by azimuth.
+- **Output**: per pixel of each view's splatter image, 14 raw values activated as
+  (``core/models.py``): position = clamp(·, −1, 1) (3), opacity = sigmoid (1),
+  scale = 0.1·softplus (3), rotation = quaternion (w, x, y, z) normalised over its own 4 values (4),
+  colour = 0.5·tanh + 0.5 (3). Gaussians are ordered view, row, column.
+- **Rotation fix**: until LGM commit 9a0797c the quaternions were normalised over the Gaussian axis
+  instead; ``model.safetensors`` and ``model_fp16.safetensors`` were trained that way and are refused.
+  The ``*_fixrot`` files were fine-tuned with the fix.
+
+Frames: LGM's Gaussians live in its normalised frame (cameras at radius 1.5). :func:`lgm_to_world`
+maps them into ours: view 0 back to its orbit pose, then scaled by ``radius / 1.5`` so that our
+orbit cameras at ``radius`` (same field of view) see exactly what LGM's input cameras saw. The
+object's size is thus set by how the views frame it, as for every image input (a mesh teacher's
+"longest side 1" is a property of reference meshes, not of this frame).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UserError
+from ..io.ply import GaussianPLY
+from ..representations.gaussians import SH_C0
+from ..representations.similarity import Similarity
+from ..sir.cameras import orbit_camera
+from ..teachers.catalog import find_entry
+from ..teachers.loading import load_module, resolve_dtype, resolve_model_dir
+from .lgm_unet import NUM_VIEWS, OUT_CHANNELS, LGMConfig, LGMNetwork
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AZIMUTHS = (0.0, 90.0, 180.0, 270.0)  # degrees, views 0..3; view 0 is the front
+DEFAULT_FILE = "model_fp16_fixrot.safetensors"
+#: published checkpoints trained before the rotation fix (quaternions normalised across Gaussians)
+PRE_FIX_FILES = ("model.safetensors", "model_fp16.safetensors")
+#: LGM saves only Gaussians at least this opaque (``core/gs.py save_ply``)
+MIN_OPACITY = 0.005
+
+
+def _front_pose(radius: float) -> Tensor:
+    """``[I | (0, 0, radius)]``: where LGM's normalisation puts view 0 (float64)."""
+    pose = torch.eye(4, dtype=torch.float64)
+    pose[2, 3] = radius
+    return pose
+
+
+def input_cameras(config: LGMConfig, elevation: float = 0.0) -> Tensor:
+    """Camera-to-world ``[4, 4, 4]`` (OpenGL, float64) of LGM's input views in its normalised frame."""
+    c2w = orbit_camera([elevation] * NUM_VIEWS, AZIMUTHS, config.cam_radius).double()
+    return _front_pose(config.cam_radius) @ torch.linalg.inv(c2w[0]) @ c2w
+
+
+def plucker_rays(c2w: Tensor, size: int, fovy: float) -> Tensor:
+    """Plücker embedding ``(o×d, d)`` ``[V, 6, size, size]`` (float64) of OpenGL cameras ``c2w [V, 4, 4]``.
+
+    ``d`` is the unit direction through each pixel centre: camera-space
+    ``((x + 0.5 − size/2)/f, −(y + 0.5 − size/2)/f, −1)`` for column x, row y, rotated into the world,
+    with ``f = (size/2) / tan(fovy/2)``; ``o`` is the camera centre."""
+    c2w = c2w.double()
+    focal = 0.5 * size / math.tan(math.radians(fovy) / 2)
+    coords = (torch.arange(size, dtype=torch.float64) + 0.5 - size / 2) / focal
+    row, col = torch.meshgrid(coords, coords, indexing="ij")
+    dirs = torch.stack([col, -row, -torch.ones_like(col)], -1)  # [size, size, 3] camera space
+    d = torch.einsum("vij,hwj->vhwi", c2w[:, :3, :3], dirs)
+    d = d / d.norm(dim=-1, keepdim=True)
+    o = c2w[:, None, None, :3, 3].expand_as(d)
+    return torch.cat([torch.linalg.cross(o, d, dim=-1), d], -1).permute(0, 3, 1, 2)
+
+
+def lgm_to_world(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0) -> Similarity:
+    """LGM's normalised frame → ours, for input views at ``elevation``: undo the normalisation (a
+    rotation about x by the elevation), then scale by ``radius / cam_radius``."""
+    c2w0 = orbit_camera([elevation], [AZIMUTHS[0]], config.cam_radius)[0].double()
+    undo = c2w0 @ torch.linalg.inv(_front_pose(config.cam_radius))
+    scale = radius / config.cam_radius
+    return Similarity(scale, undo[:3, :3].float(), (scale * undo[:3, 3]).float())
+
+
+def _log_softplus(x: Tensor) -> Tensor:
+    """``log(softplus(x))``, finite for very negative x (where it equals x to float precision)."""
+    return torch.where(x > -15, F.softplus(x).log(), x)
+
+
+def splatter_to_gaussians(splats: Tensor, min_opacity: float = MIN_OPACITY) -> GaussianPLY:
+    """One object's raw splatter images ``[4, 14, s, s]`` → raw 3DGS parameters in LGM's frame.
+
+    The raw values LGM's activations imply, as a 3DGS PLY stores them: opacity logit (the raw value
+    itself), log scale ``log(0.1·softplus)``, the normalised quaternion, SH DC colour
+    ``(rgb − 0.5) / C0`` with ``rgb = 0.5·tanh + 0.5``. Gaussians with opacity below ``min_opacity``
+    are dropped."""
+    x = splats.float().permute(0, 2, 3, 1).reshape(-1, OUT_CHANNELS)  # Gaussian index: view, row, column
+    keep = torch.sigmoid(x[:, 3]) >= min_opacity
+    x = x[keep]
+    return GaussianPLY(
+        means=x[:, 0:3].clamp(-1.0, 1.0),
+        f_dc=0.5 * torch.tanh(x[:, 11:14]) / SH_C0,
+        f_rest=torch.zeros(x.shape[0], 0, 3, dtype=x.dtype, device=x.device),
+        opacity=x[:, 3].clone(),
+        scale=_log_softplus(x[:, 4:7]) + math.log(0.1),
+        rotation=F.normalize(x[:, 7:11], dim=-1),
+    )
+
+
+def _check_weights_name(name: str) -> None:
+    if name in PRE_FIX_FILES:
+        raise UserError(
+            f"{name} is LGM's checkpoint from before its rotation fix (quaternions normalised across Gaussians, "
+            "LGM commit 9a0797c); use model_fp16_fixrot.safetensors or model_fixrot.safetensors"
+        )
+    if not name.endswith(".safetensors"):
+        raise UserError(
+            f"{name}: only .safetensors weights are loaded (pickle files can run code); "
+            "use model_fp16_fixrot.safetensors from ashawkey/LGM"
+        )
+
+
+class LGMReconstructor:
+    """The LGM network with its input convention and its output turned into our Gaussians."""
+
+    def __init__(self, network: LGMNetwork) -> None:
+        self.network = network
+        self.config = network.config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | Path | None = None,
+        filename: str = DEFAULT_FILE,
+        *,
+        config: LGMConfig = LGMConfig(),
+        device: torch.device | str = "cpu",
+        dtype: str = "auto",
+        allow_download: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> "LGMReconstructor":
+        """Load LGM weights strictly from safetensors: a Hugging Face id (default ``ashawkey/LGM``,
+        only ``filename`` is fetched), a folder holding ``filename``, or the file itself.
+
+        ``dtype="auto"`` is fp16 on CUDA and fp32 elsewhere. The pre-fix checkpoints and pickle files
+        are refused before anything is read or downloaded."""
+        source = find_entry("lgm").repo_id if model_id_or_path is None else model_id_or_path
+        path = Path(str(source)).expanduser()
+        if path.is_file():
+            weights = path
+        else:
+            _check_weights_name(filename)
+            folder = resolve_model_dir(source, allow_download=allow_download, cache_dir=cache_dir, files=(filename,))
+            weights = folder / filename
+        _check_weights_name(weights.name)
+        device = torch.device(device)
+        network = load_module(lambda: LGMNetwork(config), weights, device=device, dtype=resolve_dtype(dtype, device))
+        return cls(network)
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.conv.weight.dtype
+
+    def prepare(self, images: Tensor, elevation: float = 0.0) -> Tensor:
+        """Views ``[4, 3, H, W]`` or ``[B, 4, 3, H, W]`` in [0, 1] over white, at azimuths 0/90/180/270
+        and ``elevation`` → the network input ``[B, 4, 9, S, S]`` (float32, on the images' device)."""
+        if images.dim() == 4:
+            images = images[None]
+        if images.dim() != 5 or images.shape[1] != NUM_VIEWS or images.shape[2] != 3:
+            raise ValueError(f"LGM takes [{NUM_VIEWS}, 3, H, W] or [B, {NUM_VIEWS}, 3, H, W] images, got {list(images.shape)}")
+        b, size = images.shape[0], self.config.input_size
+        x = images.reshape(b * NUM_VIEWS, *images.shape[2:]).float()
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+        x = ((x - mean) / std).reshape(b, NUM_VIEWS, 3, size, size)
+        rays = plucker_rays(input_cameras(self.config, elevation), size, self.config.fovy).to(x)
+        return torch.cat([x, rays.expand(b, -1, -1, -1, -1)], dim=2)
+
+    @torch.no_grad()
+    def splatter_images(self, inputs: Tensor) -> Tensor:
+        """Raw network output ``[B, 4, 14, s, s]`` (float32) for inputs from :meth:`prepare`."""
+        return self.network(inputs.to(self.device, self.dtype)).float()
+
+    def reconstruct(self, images: Tensor, elevation: float = 0.0, radius: float = 2.0,
+                    min_opacity: float = MIN_OPACITY) -> list[GaussianPLY]:
+        """One set of raw Gaussian parameters per object, in our frame (cameras at ``radius``)."""
+        splats = self.splatter_images(self.prepare(images.to(self.device), elevation))
+        to_world = lgm_to_world(self.config, elevation, radius)
+        return [to_world.apply(splatter_to_gaussians(s, min_opacity)) for s in splats]
