@@ -179,7 +179,7 @@ class GaussianResult:
 
     @property
     def gaussians(self):  # -> representations.gaussians.Gaussians
-        return self.reconstruction.gaussians
+        return self.reconstruction.model
 
     @property
     def views(self) -> np.ndarray:
@@ -373,7 +373,7 @@ class Pipeline:
         on_stage = None if on_progress is None else (
             lambda stage: on_progress(Progress("mesh", STAGES.index(stage), len(STAGES), stage)))
         r = result.reconstruction
-        return MeshResult(runner.make_mesh(r.input, r.gaussians, on_stage), self.device)
+        return MeshResult(runner.make_mesh(r.input, r.model, on_stage), self.device)
 
     def run_batch(
         self,
