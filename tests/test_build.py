@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,31 @@ def test_the_built_kernel_is_loaded_from_its_keyed_folder():
         pytest.skip(str(error))
     flags = _build.OPTIMISE + _build.cpu_baseline_flags()
     assert Path(module.__file__).parent == _build.build_directory("mesh", flags)
+
+
+def test_a_killed_build_s_leftover_lock_does_not_block_later_loads():
+    """torch waits forever on the ``lock`` file of a build that was killed; a fresh process loads anyway."""
+    try:
+        _build.load_extension("mesh")
+    except _build.ExtensionUnavailable as error:
+        pytest.skip(str(error))
+    folder = _build.build_directory("mesh", _build.OPTIMISE + _build.cpu_baseline_flags())
+    (folder / "lock").touch()  # as a build killed between taking and releasing torch's lock leaves it
+    done = subprocess.run([sys.executable, "-c", "from microdreamer.render._build import load_extension\n"
+                           "print(load_extension('mesh').__file__)"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).parent == folder and not (folder / "lock").exists()
+
+
+@pytest.mark.skipif(_build.fcntl is None, reason="POSIX file locks")
+def test_a_second_process_waits_for_the_build_in_progress(tmp_path):
+    waiter = ("import sys, time\nfrom pathlib import Path\nfrom microdreamer.render._build import exclusive_build\n"
+              "with exclusive_build(Path(sys.argv[1])):\n    print(time.monotonic())")
+    with _build.exclusive_build(tmp_path):
+        (tmp_path / "lock").touch()  # torch's lock of the build in progress: left alone while it runs
+        second = subprocess.Popen([sys.executable, "-c", waiter, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        time.sleep(3.0)
+        assert second.poll() is None and (tmp_path / "lock").exists()
+        released = time.monotonic()
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and float(out) >= released

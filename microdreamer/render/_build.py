@@ -9,12 +9,17 @@ the Python ABI. Two checkouts or virtual environments therefore keep their own b
 each other's, and a source change builds afresh. The code is compiled for a portable baseline, never
 ``-march=native``: on x86-64 with AVX2 and FMA (checked at run time) for those instructions, else for
 plain x86-64; elsewhere for the architecture's default. A cache shared between different CPUs (a network
-home) thus only ever holds libraries that run on the CPU that loads them. Concurrent builds of one key are
-serialised by torch's lock file in that folder.
+home) thus only ever holds libraries that run on the CPU that loads them.
+
+Concurrent builds of one key are serialised by an OS file lock on ``<folder>/build.lock``, which the
+kernel releases when its holder exits, however it exits. torch's own ``lock`` file in the folder is not:
+a build killed mid-way leaves it behind and every later load would wait on it forever. Holding our lock,
+no other build of the folder can be running, so a ``lock`` file found then is such a leftover and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -23,6 +28,11 @@ import sys
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+
+try:
+    import fcntl
+except ImportError:  # Windows: torch's lock file alone serialises builds
+    fcntl = None
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 # -ffast-math lets the compiler reassociate and vectorise the blending sums; the gradient tests hold the
@@ -93,6 +103,18 @@ def build_directory(name: str, flags: tuple[str, ...]) -> Path:
     return cache_root() / f"{name}-{key}"
 
 
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path):
+    """Hold ``build_dir``'s build lock (waiting for another process's build to end), with torch's leftover
+    ``lock`` file from a killed build removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "build.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released with the process, however it ends
+            (build_dir / "lock").unlink(missing_ok=True)
+        yield
+
+
 @cache
 def load_extension(name: str) -> ModuleType:
     """Build (once per cache key) and import ``csrc/<name>.cpp`` as a torch extension module."""
@@ -100,16 +122,16 @@ def load_extension(name: str) -> ModuleType:
 
     flags = OPTIMISE + cpu_baseline_flags()
     build_dir = build_directory(name, flags)
-    build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(
-            name=f"microdreamer_{name}",
-            sources=[str(CSRC / f"{name}.cpp")],
-            extra_cflags=list(flags),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with exclusive_build(build_dir):
+            return cpp_extension.load(
+                name=f"microdreamer_{name}",
+                sources=[str(CSRC / f"{name}.cpp")],
+                extra_cflags=list(flags),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as exc:  # compiler missing or build failure: callers fall back to plain torch
         raise ExtensionUnavailable(f"could not build the C++ kernel '{name}': {exc}") from exc
 
