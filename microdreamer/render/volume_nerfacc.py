@@ -24,7 +24,7 @@ def nerfacc_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     if importlib.util.find_spec("nerfacc") is None:
-        return "the nerfacc package is not installed (pip install nerfacc; it compiles on first use)"
+        return 'the nerfacc package is not installed (pip install "microdreamer[cuda]"; it compiles on first use)'
     return None
 
 
