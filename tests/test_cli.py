@@ -615,7 +615,7 @@ def test_piped_progress_is_plain_whole_lines_and_the_summary_is_not_cut(tmp_path
     first, second = shorten(str(folder / f"{long}.png")), shorten(str(folder / "b.png"))
     lines = _plain_lines(capsys.readouterr().err, [
         r"\[[12]/2\] .+", r"\S+: loading the teacher", r"\S+: teacher loaded in \d+\.\d s", ITERATION,
-        rf"done .+: {RESULT}", r"image2gs: 2 inputs", r"[┏┡└].*[┓┩┘]", rf"[┃│] .* [┃│]",
+        rf"done .+: {RESULT}", r"image2gs: 2 inputs", r"[┏┡└].*[┓┩┘]", r"[┃│] .* [┃│]",
         rf"2 done; manifest: {out / 'manifest.json'}",
     ])
     assert lines[0] == f"[1/2] {first}" and f"[2/2] {second}" in lines and len(first) == 60

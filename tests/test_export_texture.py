@@ -18,7 +18,6 @@ from microdreamer.export.texture import (
     texel_surface,
 )
 from microdreamer.export.uv import UVMesh, unwrap
-from microdreamer.io.mesh import TexturedMesh
 from microdreamer.render.mesh import rasterize_mesh
 from microdreamer.sir.cameras import Cameras
 from microdreamer.sir.engine import Reference

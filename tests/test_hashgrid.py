@@ -122,6 +122,7 @@ def test_indices_at_cell_boundaries_match_hand_computed(backend, level):
     for n, point in enumerate(points):
         corners = hand_corners(point, cfg, level)
         assert [e for e, _ in corners] == entries_torch[n].tolist()
+        assert all(0 <= e < size for e, _ in corners)  # every corner inside its level's table
         expected = sum(float(w) * table[offset + e] for e, w in corners)
         bound = 16 * U * sum(float(w) * table[offset + e].abs() for e, w in corners)  # weights (3u), sum (8u)
         feature = out[n, 2 * level: 2 * level + 2].double()
