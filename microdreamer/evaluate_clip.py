@@ -3,7 +3,7 @@ from, with a CLIP model the user points to (:mod:`microdreamer.metrics_clip`).
 
 Eight views at elevation 0 and azimuths 0°, 45°, …, 315° (the paper's: evenly spaced from 0; the set holds the
 front view of every teacher, 0° for Zero123 and 90° for the multi-view teachers), rendered at 512² over white as
-the result's albedo: the colours Gaussians or a NeRF learnt, a mesh's texture unlit. Each render, as 8-bit RGB, is
+the result's albedo: the colours the representation learnt, a mesh's texture unlit. Each render, as 8-bit RGB, is
 compared with the input image composited over white (image-to-3D) or with the prompt (text-to-3D); the score is
 the mean of the eight cosine similarities.
 

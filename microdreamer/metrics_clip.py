@@ -89,13 +89,17 @@ class ClipSimilarity:
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    @torch.no_grad()
-    def image_embeddings(self, images: np.ndarray) -> Tensor:
-        """Unit embeddings ``[B,D]`` of RGB images, ``uint8 [B,H,W,3]``."""
+    def pixel_values(self, images: np.ndarray) -> Tensor:
+        """The model's input ``[B,3,S,S]`` (float32, on the CPU) of RGB images ``uint8 [B,H,W,3]``."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 RGB images [B,H,W,3], got {images.dtype} {images.shape}")
         pixels = self.processor(images=[Image.fromarray(image) for image in images], return_tensors="pt")["pixel_values"]
-        pixels = torch.as_tensor(np.asarray(pixels)).to(self.device, self.model.dtype)
+        return torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: np.ndarray) -> Tensor:
+        """Unit embeddings ``[B,D]`` of RGB images, ``uint8 [B,H,W,3]``."""
+        pixels = self.pixel_values(images).to(self.device, self.model.dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
