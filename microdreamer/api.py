@@ -41,8 +41,8 @@ from .evaluate import (
 )
 from .evaluate_clip import CLIP_RESOLUTION, ClipEvalReport, ClipTarget, clip_cameras, clip_scores, score_result
 from .export import STAGES, MeshExportReport, TexturedMesh
-from .metrics_clip import load_clip
 from .io.mesh import load_mesh
+from .metrics_clip import load_clip
 from .pipeline import (
     ImagePreparer,
     ImageTask,

@@ -873,7 +873,7 @@ def _eval_clip(result: Path, clip_model: str, image: Path | None, prompt: str | 
     report = evaluate_clip(result, clip_model, image=image, prompt=prompt, device=device, radius=radius,
                            resolution=res or CLIP_RESOLUTION)
     against = f'"{shorten(report.target.prompt)}"' if report.target.text else Path(report.target.source).name
-    table = Table("view", "elevation", "azimuth", "CLIP similarity", title=f"{result.name} vs {against} (CLIP)")
+    table = Table("view", "elevation", "azimuth", "CLIP similarity", title=escape(f"{result.name} vs {against} (CLIP)"))
     for v in report.views:
         table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.1f}", f"{v.similarity:.4f}")
     table.add_row("mean", "", "", f"{report.similarity:.4f}", style="bold")

@@ -146,8 +146,11 @@ class ClipEvalReport:
         }
 
 
-def clip_scores(render: video.RenderFn, clip: ClipSimilarity, target: ClipTarget, cameras: Cameras) -> list[ClipViewScore]:
-    """The similarity of each view ``render`` draws (cameras → rgb ``[B,3,H,W]`` in [0, 1], over white) to ``target``."""
+def clip_scores(
+    render: video.RenderFn, clip: ClipSimilarity, target: ClipTarget, cameras: Cameras
+) -> list[ClipViewScore]:
+    """The similarity to ``target`` of each view ``render`` draws (cameras → rgb ``[B,3,H,W]`` in [0, 1], over
+    white)."""
     views = video.render_frames(render, cameras)  # 8-bit, as the paper's saved PNGs
     wanted = clip.text_embedding(target.prompt) if target.text else clip.image_embeddings(target.image[None])
     similarity = cosine(clip.image_embeddings(views), wanted).tolist()

@@ -45,7 +45,9 @@ ADVICE = (
 )
 
 
-def find_clip(model: str | Path, *, text: bool, allow_download: bool = True, cache_dir: str | Path | None = None) -> Path:
+def find_clip(
+    model: str | Path, *, text: bool, allow_download: bool = True, cache_dir: str | Path | None = None
+) -> Path:
     """The folder of CLIP checkpoint ``model`` (a folder or a Hugging Face id), checked to hold what the similarity
     reads (the tokenizer too when ``text``) before anything loads; a one-line :class:`UserError` otherwise."""
     folder = resolve_model_dir(model, allow_download=allow_download, cache_dir=cache_dir, files=REQUIRED,
@@ -70,7 +72,9 @@ class ClipSimilarity:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | str, *, text: bool = False, dtype: str = "auto") -> "ClipSimilarity":
+    def load(
+        cls, folder: Path, device: torch.device | str, *, text: bool = False, dtype: str = "auto"
+    ) -> "ClipSimilarity":
         """The checkpoint in ``folder`` (see :func:`find_clip`); ``text`` loads its tokenizer too. ``auto`` dtype is
         fp16 on CUDA, fp32 elsewhere."""
         transformers = require("transformers")
@@ -93,8 +97,8 @@ class ClipSimilarity:
         """The model's input ``[B,3,S,S]`` (float32, on the CPU) of RGB images ``uint8 [B,H,W,3]``."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 RGB images [B,H,W,3], got {images.dtype} {images.shape}")
-        pixels = self.processor(images=[Image.fromarray(image) for image in images], return_tensors="pt")["pixel_values"]
-        return torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
+        pixels = self.processor(images=[Image.fromarray(image) for image in images], return_tensors="pt")
+        return torch.as_tensor(np.asarray(pixels["pixel_values"]), dtype=torch.float32)
 
     @torch.no_grad()
     def image_embeddings(self, images: np.ndarray) -> Tensor:
@@ -115,7 +119,9 @@ class ClipSimilarity:
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
 
-def load_clip(model: str | Path, device: torch.device | str, *, text: bool, allow_download: bool = True) -> ClipSimilarity:
+def load_clip(
+    model: str | Path, device: torch.device | str, *, text: bool, allow_download: bool = True
+) -> ClipSimilarity:
     """:func:`find_clip`, then :meth:`ClipSimilarity.load`."""
     return ClipSimilarity.load(find_clip(model, text=text, allow_download=allow_download), device, text=text)
 

@@ -23,7 +23,7 @@ RUN_CONFIG = (
     "[schedule]\niterations = 1\nsteps = 1\ninit_steps = 1\ndenoise_steps = 4\n"
     "[cameras]\nviews = 1\nresolution = 32\nradius = 2.4\nfovy = 40.0\n[gaussians]\nnum_points = 100\n"
 )
-#: |1 − x·x| for a unit float32 vector x of D = 32 entries: at most D roundings of 2⁻²⁴ in the norm and the dot each
+#: |1 − x·x| for a unit float32 vector x of D = 32 entries: at most D roundings of 2⁻²⁴ in the norm, D in the dot
 UNIT_EPS = 2 * 32 * 2.0**-24
 #: the same embeddings reached by two code paths (ours, transformers' from_pretrained): float32 sums over ≤ 64 terms
 #: of magnitude ≤ ~3 (normalised pixels), so a few hundred ulps of 1
@@ -252,9 +252,19 @@ def test_a_folder_that_is_not_a_usable_clip_checkpoint_is_one_line(tmp_path, cli
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_sharded_checkpoint_missing_a_shard_names_it(tmp_path):
+    folder = build_tiny_clip(tmp_path / "sharded", shard_size="20KB")
+    shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1
+    (folder / shards[-1]).unlink()
+    with pytest.raises(UserError, match=f"names the shard {shards[-1]}, which is missing"):
+        load_clip(folder, "cpu", text=False)
+
+
 def test_a_processor_of_another_checkpoint_is_refused_when_loading(tmp_path, clip_dir):
     config = json.loads((clip_dir / "preprocessor_config.json").read_text())
-    folder = _folder(tmp_path, clip_dir, preprocessor_config__json=json.dumps({**config, "crop_size": 336, "size": 336}))
+    bigger = json.dumps({**config, "crop_size": 336, "size": 336})
+    folder = _folder(tmp_path, clip_dir, preprocessor_config__json=bigger)
     with pytest.raises(UserError, match="crops 336x336 but the model reads 224x224"):
         load_clip(folder, "cpu", text=False)
 
