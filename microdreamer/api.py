@@ -39,8 +39,10 @@ from .io.atomic import check_output_dir, check_output_file
 from .evaluate import (
     HELD_OUT_VIEWS, EvalReport, MeshEvalReport, evaluate_gaussians, evaluate_mesh, held_out_scores, is_gaussian_ply,
 )
+from .evaluate_clip import CLIP_RESOLUTION, ClipEvalReport, ClipTarget, clip_cameras, clip_scores, score_result
 from .export import STAGES, MeshExportReport, TexturedMesh
 from .io.mesh import load_mesh
+from .metrics_clip import load_clip
 from .pipeline import (
     ImagePreparer,
     ImageTask,
@@ -215,6 +217,29 @@ class GaussianResult:
         views = held_out_scores(self.gaussians.render, truth, r.device, r.cfg.cameras.radius, resolution,
                                 tuple(r.cfg.background), shading)
         return EvalReport(self.stem, str(reference), views, shading)
+
+    def evaluate_clip(self, clip_model: str | Path, *, image: str | Path | np.ndarray | None = None,
+                      prompt: str | None = None, resolution: int = CLIP_RESOLUTION,
+                      allow_download: bool = True) -> ClipEvalReport:
+        """MicroDreamer's CLIP similarity (as ``microdreamer eval --protocol clip``) of 8 views at elevation 0,
+        from the run's reference distance, to ``image`` or ``prompt``, by default to the run's preprocessed input
+        or its prompt; ``clip_model`` a transformers CLIP folder or Hugging Face id."""
+        if image is not None and prompt is not None:
+            raise UserError("compare with an image or a prompt, not both")
+        r = self.reconstruction
+        if image is not None:
+            target = ClipTarget.from_image(image)
+        elif prompt is None and r.input.rgba is not None:
+            target = ClipTarget.from_image(r.input.rgba, f"{self.stem}_rgba.png")
+        elif (prompt or r.input.prompt) is not None:
+            target = ClipTarget.from_prompt(prompt or r.input.prompt)
+        else:
+            raise UserError("this run had no input image and no prompt: pass image= or prompt=")
+        clip = load_clip(clip_model, r.device, text=target.text, allow_download=allow_download)
+        c, white = r.cfg.cameras, torch.ones(3, device=r.device)
+        views = clip_scores(lambda cams: r.model.render(cams.to(r.device), white).rgb, clip, target,
+                            clip_cameras(c.radius, c.fovy, resolution))
+        return ClipEvalReport(self.stem, str(clip_model), target, c.radius, c.fovy, resolution, views)
 
 
 class MeshResult:
@@ -573,6 +598,27 @@ def evaluate(
         raise UserError(f"result not found: {result}")
     score = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
     return score(result, reference, resolve_device(device), radius=radius, resolution=resolution, shading=shading)
+
+
+def evaluate_clip(
+    result: str | Path,
+    clip_model: str | Path,
+    *,
+    image: str | Path | None = None,
+    prompt: str | None = None,
+    device: str = "auto",
+    radius: float | None = None,
+    resolution: int = CLIP_RESOLUTION,
+    allow_download: bool = True,
+) -> ClipEvalReport:
+    """``microdreamer eval --protocol clip``: MicroDreamer's CLIP similarity of a saved result (Gaussians, mesh)
+    to ``image`` or ``prompt``, by default to what its run report names (:mod:`microdreamer.evaluate_clip`);
+    ``clip_model`` a transformers CLIP folder or Hugging Face id, ``radius`` replaces the run's distance."""
+    result = Path(result)
+    if not result.is_file():
+        raise UserError(f"result not found: {result}")
+    return score_result(result, clip_model, resolve_device(device), image=image, prompt=prompt, radius=radius,
+                        resolution=resolution, allow_download=allow_download)
 
 
 def render_video(

@@ -42,6 +42,8 @@ from .wording import plural, shorten
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .evaluate import EvalReport
+    from .evaluate_clip import ClipEvalReport
     from .executors import Shard
     from .video import VideoOptions
 
@@ -781,34 +783,69 @@ def render(
     console.print(f"[green]wrote[/] {escape(str(target))} ({plural(frames, 'frame')}, {res}x{res}, {fps} fps)")
 
 
+EVAL_PROTOCOLS = ("held-out", "clip")
+
+
 @app.command("eval")
 def eval_(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
-    reference: Annotated[Path, typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf).")],
+    reference: Annotated[Optional[Path], typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf) of the held-out protocol.")] = None,
+    protocol: Annotated[str, typer.Option(help="held-out: PSNR/SSIM on 16 held-out views against --reference; clip: CLIP similarity of 8 views at elevation 0 to the run's input image or prompt (MicroDreamer's Table III).")] = "held-out",
+    clip_model: Annotated[Optional[str], typer.Option(help="The CLIP checkpoint of --protocol clip: a folder in the transformers layout or a Hugging Face id (the paper's: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="--protocol clip: compare with this image (default: the run's preprocessed input, else its input image).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="--protocol clip: compare with this text (default: the run's prompt when it had no input image).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
-    radius: Annotated[float, typer.Option(help="Camera distance of the held-out views.", callback=_POSITIVE)] = 2.0,
-    res: Annotated[int, typer.Option(help="Render resolution.", callback=_within(*RESOLUTION))] = 256,
+    radius: Annotated[Optional[float], typer.Option(help="Camera distance (default: 2 for the held-out views; the run's reference-view distance for clip).", callback=_POSITIVE)] = None,
+    res: Annotated[Optional[int], typer.Option(help="Render resolution (default: 256 for held-out, 512 for clip).", callback=_within(*RESOLUTION))] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     shading: Annotated[Optional[str], typer.Option(help="Render the reference lit or albedo (default: as the run's report beside the result says, else lit).")] = None,
 ) -> None:
     """PSNR and SSIM on 16 held-out views against a reference mesh; for a mesh result also Chamfer
     distance, F-score at 0.01 and 0.05 and normal consistency. The reference is fitted into the unit
     box; a mesh goes back into its run's frame through the <stem>_mesh.json beside it, else it is
-    fitted into the unit box too."""
-    from .api import evaluate
-    from .evaluate import MeshEvalReport
-    from .io.atomic import atomic_path
-    from .render.mesh import shading_light
+    fitted into the unit box too. With --protocol clip: the CLIP similarity of 8 albedo renders to the
+    run's input image or prompt, per view and their mean."""
+    from .metrics_clip import PAPER_MODEL
 
     if not result.is_file():
         raise UserError(f"result not found: {result}")
+    if protocol not in EVAL_PROTOCOLS:
+        raise UserError(f"unknown protocol '{protocol}' (use {' or '.join(EVAL_PROTOCOLS)})")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
     if json_out is not None:
         check_output_file(json_out, "--json")
+    if protocol == "clip":
+        if reference is not None or shading is not None:
+            raise UserError("--reference and --shading belong to the held-out protocol; --protocol clip compares "
+                            "with the run's input image or prompt (--image, --prompt)")
+        if clip_model is None:
+            raise UserError("--protocol clip needs --clip-model: a CLIP checkpoint folder in the transformers layout "
+                            f"or a Hugging Face id (the paper's: {PAPER_MODEL})")
+        report = _eval_clip(result, clip_model, image, prompt, radius, res, device)
+    else:
+        if clip_model is not None or image is not None or prompt is not None:
+            raise UserError("--clip-model, --image and --prompt belong to --protocol clip")
+        if reference is None:
+            raise UserError("eval needs --reference MESH (the ground truth of the held-out views), or --protocol clip")
+        report = _eval_held_out(result, reference, shading, radius, res, device)
+    if json_out is not None:
+        from .io.atomic import atomic_path
+
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def _eval_held_out(result: Path, reference: Path, shading: str | None, radius: float | None, res: int | None,
+                   device: str) -> "EvalReport":
+    from .api import evaluate
+    from .evaluate import MeshEvalReport
+    from .render.mesh import shading_light
+
     if shading is not None:
         shading_light(shading)  # one line for an unknown mode
-    report = evaluate(result, reference, device=device, radius=radius, resolution=res, shading=shading)
+    report = evaluate(result, reference, device=device, radius=2.0 if radius is None else radius,
+                      resolution=res or 256, shading=shading)
     table = Table("view", "elevation", "azimuth", "PSNR (dB)", "SSIM", "albedo PSNR",
                   title=f"{result.name} vs {reference.name} ({report.shading})")
     for v in report.views:
@@ -825,9 +862,26 @@ def eval_(
             f"F-score@0.01 {s.fscore[0.01]:.3f}, "
             f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
         )
-    if json_out is not None:
-        with atomic_path(json_out) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _eval_clip(result: Path, clip_model: str, image: Path | None, prompt: str | None, radius: float | None,
+               res: int | None, device: str) -> "ClipEvalReport":
+    from .api import evaluate_clip
+    from .evaluate_clip import CLIP_RESOLUTION
+
+    report = evaluate_clip(result, clip_model, image=image, prompt=prompt, device=device, radius=radius,
+                           resolution=res or CLIP_RESOLUTION)
+    against = f'"{shorten(report.target.prompt)}"' if report.target.text else Path(report.target.source).name
+    table = Table("view", "elevation", "azimuth", "CLIP similarity", title=escape(f"{result.name} vs {against} (CLIP)"))
+    for v in report.views:
+        table.add_row(str(v.view), f"{v.elevation:.1f}", f"{v.azimuth:.1f}", f"{v.similarity:.4f}")
+    table.add_row("mean", "", "", f"{report.similarity:.4f}", style="bold")
+    console = _console(stderr=False)
+    console.print(table)
+    console.print(f"CLIP model: {escape(report.model)}; views from distance {report.radius:g} at fovy "
+                  f"{report.fovy:g}, {report.resolution}x{report.resolution}")
+    return report
 
 
 @app.command("selftest")

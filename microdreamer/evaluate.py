@@ -90,12 +90,13 @@ class EvalReport:
 
 def run_shading(result: Path) -> str:
     """The reference teacher's shading in the run that wrote ``result`` (its ``<stem>.json``), else ``lit``."""
-    result = Path(result)
-    report = result.with_name(f"{result.stem.removesuffix('_mesh')}.json")
+    from .pipeline import SavedRun
+
+    run = SavedRun.beside(Path(result))
     try:
-        teacher = json.loads(report.read_text())["config"]["teacher"]
+        teacher = run.data["config"]["teacher"]
         return teacher["shading"] if teacher["name"] == "reference" else "lit"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (AttributeError, KeyError, TypeError):
         return "lit"
 
 
@@ -165,6 +166,17 @@ def export_frame(mesh_path: Path) -> OutputFrame | None:
         return None
 
 
+def load_result_mesh(mesh_path: Path, run_frame: bool = True) -> tuple[TexturedMesh, bool]:
+    """A result mesh and whether it is in its run's frame: with ``run_frame``, put back there by the frame its
+    export report records; otherwise (or without that report) fitted into the unit box."""
+    frame = export_frame(mesh_path) if run_frame else None
+    if frame is None:
+        return load_mesh(mesh_path), False
+    mesh = load_mesh(mesh_path, normalize=False)
+    mesh.vertices = torch.from_numpy(frame.to_world(mesh.vertices.double().numpy())).float()
+    return mesh, True
+
+
 @dataclass
 class MeshEvalReport(EvalReport):
     surface: SurfaceScores | None = None
@@ -199,12 +211,7 @@ def evaluate_mesh(
     goes back into its run's frame; otherwise it is fitted into the unit box. The result is rendered
     with its texture alone (its colours carry the light it learnt); ``shading`` is the reference's."""
     shading = shading or run_shading(mesh_path)
-    frame = export_frame(mesh_path) if run_frame else None
-    if frame is None:
-        result = load_mesh(mesh_path)
-    else:
-        result = load_mesh(mesh_path, normalize=False)
-        result.vertices = torch.from_numpy(frame.to_world(result.vertices.double().numpy())).float()
+    result, in_run_frame = load_result_mesh(mesh_path, run_frame)
     truth = load_mesh(reference_path)
     surface = compare_surfaces(result.vertices.double().numpy(), result.faces.numpy(),
                                truth.vertices.double().numpy(), truth.faces.numpy(), samples=samples)
@@ -214,4 +221,4 @@ def evaluate_mesh(
         shading,
     )
     return MeshEvalReport(str(mesh_path), str(reference_path), views, shading, surface,
-                          "unit box" if frame is None else "run")
+                          "run" if in_run_frame else "unit box")

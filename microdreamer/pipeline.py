@@ -248,13 +248,18 @@ class SavedRun:
 
     @classmethod
     def beside(cls, result: Path) -> "SavedRun | None":
-        """The report of the run that wrote ``result`` (``<stem>.json`` beside it, holding a ``config``)."""
-        path = result.with_suffix(".json")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
-            return None
-        return cls(path, data) if isinstance(data, dict) and isinstance(data.get("config"), dict) else None
+        """The report of the run that wrote ``result``, or whose export wrote it: ``<stem>.json`` beside it
+        (for an exported ``<stem>_mesh.ply`` too), holding a ``config``."""
+        result = Path(result)
+        names = (result.with_suffix(".json"), result.with_name(f"{result.stem.removesuffix('_mesh')}.json"))
+        for path in dict.fromkeys(names):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and isinstance(data.get("config"), dict):
+                return cls(path, data)
+        return None
 
     @property
     def prompt(self) -> str | None:

@@ -130,11 +130,12 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> Path:
     return Path(path)
 
 
-def result_renderer(path: Path, device: torch.device, normalize: bool = True) -> RenderFn:
+def result_renderer(path: Path, device: torch.device, normalize: bool = True, run_frame: bool = False) -> RenderFn:
     """A render function for a saved result: a 3DGS ``.ply`` or a mesh (``.obj``, ``.glb``, ``.gltf``, …).
 
-    A mesh is rendered unlit with 2×2 supersampling; ``normalize`` fits it into the unit box first. The
-    background is white.
+    A mesh is rendered unlit (its albedo) with 2×2 supersampling; ``normalize`` fits it into the unit box
+    first, unless ``run_frame`` puts it back into its run's frame by its export report
+    (:func:`~microdreamer.evaluate.load_result_mesh`). The background is white.
     """
     path = Path(path)
     if not path.is_file():
@@ -146,10 +147,11 @@ def result_renderer(path: Path, device: torch.device, normalize: bool = True) ->
 
         gaussians = Gaussians.load(path, GaussianConfig(), device)
         return lambda cameras: gaussians.render(cameras.to(device), background).rgb
+    from .evaluate import load_result_mesh
     from .io.mesh import load_mesh
     from .render.mesh import rasterize_mesh
 
-    mesh = load_mesh(path, normalize=normalize).to(device)
+    mesh = (load_result_mesh(path)[0] if run_frame else load_mesh(path, normalize=normalize)).to(device)
     return lambda cameras: rasterize_mesh(mesh, cameras.to(device), background, supersample=2).rgb
 
 

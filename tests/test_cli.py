@@ -70,7 +70,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 def _no_work(monkeypatch) -> None:
     """Fail the test if a command starts what a refusal must come before: a teacher, a mesh export, a
     render, an evaluation or a download."""
-    from microdreamer import api, evaluate, pipeline, video
+    from microdreamer import api, evaluate, metrics_clip, pipeline, video
     from microdreamer.teachers import catalog
 
     def refuse(*args, **kwargs):
@@ -80,7 +80,7 @@ def _no_work(monkeypatch) -> None:
     for name in ("export_saved_run", "result_renderer", "evaluate_gaussians", "evaluate_mesh"):
         monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
     for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_gaussians"),
-                         (evaluate, "evaluate_mesh"), (catalog, "download")]:
+                         (evaluate, "evaluate_mesh"), (catalog, "download"), (metrics_clip.ClipSimilarity, "load")]:
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -164,6 +164,18 @@ REFUSALS = [
     (["text2gs", "a cat", *OUT, "--model", "{tmp}/no-model"], "model folder not found"),
     (["export", "{tmp}/none.ply"], "result not found"),
     (["eval", "{tmp}/none.ply", "--reference", "{spot}"], "result not found"),
+    (["eval", "{file}"], "eval needs --reference MESH"),
+    (["eval", "{file}", "--protocol", "psnr"], "unknown protocol 'psnr' (use held-out or clip)"),
+    (["eval", "{file}", "--reference", "{spot}", "--prompt", "a cat"], "--clip-model, --image and --prompt belong to --protocol clip"),
+    # eval --protocol clip: the CLIP model, what the result is compared with
+    (["eval", "{file}", "--protocol", "clip"], "--protocol clip needs --clip-model"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}", "--reference", "{spot}"], "belong to the held-out protocol"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}"], "nothing to compare afile.txt with"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}", "--image", "{tmp}/gone.png"], "{tmp}/gone.png: no such file"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}", "--image", "{tmp}/notes.png"], "not an image"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}", "--prompt", " "], "empty prompt"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}", "--prompt", "a cat"], "{tmp} has no config.json"),
+    (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}/nothing", "--prompt", "a cat"], "model folder not found: {tmp}/nothing"),
     (["models", "download", "nope"], "unknown model 'nope'"),
     (["presets", "show", "nope"], "unknown preset 'nope'"),
 ]

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from test_loading import _fake_cache
-from tiny_models import build_tiny_mvdream, build_tiny_zero123
+from tiny_models import build_tiny_clip, build_tiny_mvdream, build_tiny_zero123
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -74,6 +74,7 @@ def sandbox(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     hub = root / "hub"
     _fake_cache(hub, build_tiny_zero123(root / "zero123"), "ashawkey/stable-zero123-diffusers")
     _fake_cache(hub, build_tiny_mvdream(root / "mvdream"), "ashawkey/mvdream-sd2.1-diffusers")
+    _fake_cache(hub, build_tiny_clip(root / "clip"), "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")
     work = root / "work"
     _photo(work / "photo.png")
     _photo(work / "cat.png", 30.0)

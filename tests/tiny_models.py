@@ -78,19 +78,25 @@ def tiny_unet(in_channels: int = 8, cross_attention_dim: int = TINY_CONTEXT, **o
     )
 
 
-def tiny_clip_vision(projection_dim: int = TINY_CONTEXT, with_projection: bool = True) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+def tiny_clip_vision_config(projection_dim: int = TINY_CONTEXT, image_size: int = TINY_CLIP_IMAGE, patch_size: int = 8):
+    from transformers import CLIPVisionConfig
 
-    config = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        image_size=TINY_CLIP_IMAGE,
-        patch_size=8,
+        image_size=image_size,
+        patch_size=patch_size,
         projection_dim=projection_dim,
         hidden_act="quick_gelu",
     )
+
+
+def tiny_clip_vision(projection_dim: int = TINY_CONTEXT, with_projection: bool = True) -> nn.Module:
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+    config = tiny_clip_vision_config(projection_dim)
     return (CLIPVisionModelWithProjection if with_projection else CLIPVisionModel)(config)
 
 
@@ -132,8 +138,9 @@ def write_scheduler(root: Path, **changes) -> None:
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SCHEDULER_CONFIG, **changes}, indent=2))
 
 
-def write_feature_extractor(root: Path, size: int = TINY_CLIP_IMAGE) -> None:
-    """The CLIP preprocessor config in the older style the published checkpoints use (size as an int)."""
+def write_feature_extractor(root: Path, size: int = TINY_CLIP_IMAGE, folder: str = "feature_extractor") -> None:
+    """The CLIP preprocessor config in the older style the published checkpoints use (size as an int), in
+    ``root/folder``."""
     config = {
         "crop_size": size,
         "do_center_crop": True,
@@ -145,8 +152,8 @@ def write_feature_extractor(root: Path, size: int = TINY_CLIP_IMAGE) -> None:
         "resample": 3,
         "size": size,
     }
-    (root / "feature_extractor").mkdir(parents=True, exist_ok=True)
-    (root / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_image_processor(root: Path, folder: str, size: int, mean: list[float], std: list[float], resample: int) -> None:
@@ -261,15 +268,15 @@ def byte_symbols() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def write_tiny_tokenizer(root: Path) -> int:
-    """``root/tokenizer``: a byte-level CLIP BPE vocabulary (single bytes, their word-final forms, a few
+def write_tiny_tokenizer(root: Path, folder: str = "tokenizer") -> int:
+    """``root/folder``: a byte-level CLIP BPE vocabulary (single bytes, their word-final forms, a few
     merges, the two special tokens) with the SD-2.1 settings (77 tokens, pad "!"). Returns the vocab size."""
     symbols = byte_symbols()
     symbols = [s for s in symbols if ord(s) < 256] + [s for s in symbols if ord(s) >= 256]  # "!" gets id 0
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in TINY_MERGES]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
-    folder = root / "tokenizer"
+    folder = root / folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
@@ -281,9 +288,15 @@ def write_tiny_tokenizer(root: Path) -> int:
 
 
 def tiny_clip_text(vocab_size: int) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    config = CLIPTextConfig(
+    return CLIPTextModel(tiny_clip_text_config(vocab_size))
+
+
+def tiny_clip_text_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TINY_CONTEXT,
         intermediate_size=37,
@@ -296,7 +309,31 @@ def tiny_clip_text(vocab_size: int) -> nn.Module:
         eos_token_id=vocab_size - 1,
         pad_token_id=0,
     )
-    return CLIPTextModel(config)
+
+
+#: the published CLIP checkpoints' input size; a tiny CLIP reads it in 7×7 patches
+CLIP_IMAGE = 224
+
+
+def build_tiny_clip(root: Path, seed: int = 0, shard_size: str | None = None) -> Path:
+    """A tiny ``transformers.CLIPModel`` in the layout of the Hugging Face CLIP repositories: ``config.json`` and
+    ``model.safetensors`` as ``save_pretrained`` writes them (``shard_size``: split into shards with their
+    ``model.safetensors.index.json``), the published ``preprocessor_config.json`` (224 pixels) and the
+    tokenizer files beside them."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab_size = write_tiny_tokenizer(root, folder="")
+    config = CLIPConfig(
+        text_config=tiny_clip_text_config(vocab_size).to_dict(),
+        vision_config=tiny_clip_vision_config(image_size=CLIP_IMAGE, patch_size=32).to_dict(),
+        projection_dim=TINY_CONTEXT,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    model.save_pretrained(root, **({} if shard_size is None else {"max_shard_size": shard_size}))
+    write_feature_extractor(root, CLIP_IMAGE, folder="")
+    return root
 
 
 def tiny_mv_unet(config: dict) -> nn.Module:

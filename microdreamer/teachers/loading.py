@@ -38,6 +38,8 @@ ALLOW_PATTERNS = (
 REFUSED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: preferred weight file names, by library
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+#: how a checkpoint split into shards names them: ``<weight name>.index.json`` maps each tensor to its shard
+SHARD_INDEX = ".index.json"
 #: model classes we build, by (library, class name) as written in model_index.json
 MODEL_CLASSES = {
     ("diffusers", "UNet2DConditionModel"),
@@ -91,15 +93,16 @@ def resolve_model_dir(
     cache_dir: str | Path | None = None,
     files: tuple[str, ...] = (),
     advice: str | None = None,
+    fetch_also: tuple[str, ...] = (),
 ) -> Path:
     """A local model folder, or a Hugging Face id resolved to its cached snapshot.
 
     The folder is in the diffusers layout, or, when ``files`` names them, holds just those files (a
-    single-file repository such as LGM's, of which only the named files are fetched). The local cache
-    is tried first (no network); a missing or incomplete snapshot is downloaded when
-    ``allow_download``, limited to :data:`ALLOW_PATTERNS` or ``files``. Anything that cannot be
-    resolved is a :class:`UserError` saying how to provide the model (``advice``, by default the ways to
-    get it here).
+    single-file repository such as LGM's, of which only the named files are fetched, with whatever the
+    globs ``fetch_also`` match). The local cache is tried first (no network); a missing or incomplete
+    snapshot is downloaded when ``allow_download``, limited to :data:`ALLOW_PATTERNS` or ``files`` and
+    ``fetch_also``. Anything that cannot be resolved is a :class:`UserError` saying how to provide the
+    model (``advice``, by default the ways to get it here).
     """
     advice = advice or _missing_model_help()
     text = str(model_id_or_path)
@@ -107,7 +110,7 @@ def resolve_model_dir(
     if local is not None:
         return local
     hub = require("huggingface_hub")
-    patterns = list(files or ALLOW_PATTERNS)
+    patterns = list(files or ALLOW_PATTERNS) + list(fetch_also)
     snapshot = _cached_snapshot(hub, text, cache_dir, patterns)
     missing = missing_files(snapshot, files) if snapshot is not None else []
     if snapshot is not None and not missing:
@@ -243,10 +246,11 @@ def expect_components(model_dir: Path, expected: dict[str, str]) -> dict[str, tu
 
 
 def weights_file(component_dir: Path) -> Path:
-    """The component's safetensors file; pickle-based formats are refused."""
+    """The component's safetensors file, or the index of its shards; pickle-based formats are refused."""
     for name in WEIGHT_NAMES:
-        if (component_dir / name).is_file():
-            return component_dir / name
+        for candidate in (component_dir / name, component_dir / f"{name}{SHARD_INDEX}"):
+            if candidate.is_file():
+                return candidate
     candidates = sorted(component_dir.glob("*.safetensors"))
     if len(candidates) == 1:
         return candidates[0]
@@ -262,16 +266,33 @@ def weights_file(component_dir: Path) -> Path:
     raise UserError(f"no weights in {component_dir} (expected {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[1]})")
 
 
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or of every shard a ``*.safetensors.index.json`` names."""
+    files = [path]
+    if path.name.endswith(SHARD_INDEX):
+        shards = read_json(path).get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            raise UserError(f"{path} has no weight_map: not the index of a sharded safetensors checkpoint")
+        files = [path.parent / name for name in sorted(set(map(str, shards.values())))]
+    state: dict[str, Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{path} names the shard {file.name}, which is missing; download the whole checkpoint")
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"cannot read {file}: {exc}") from None
+    return state
+
+
 def load_weights(module: nn.Module, path: Path) -> nn.Module:
-    """Load a safetensors state dict into ``module`` with strict key and shape checks.
+    """Load a safetensors state dict (one file, or the shards of an index) into ``module`` with strict key
+    and shape checks.
 
     Keys of non-persistent buffers (which older exports sometimes saved) are ignored: the module
     computes those itself. Tensors are cast to each parameter's dtype and device.
     """
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    state = read_weights(path)
     expected = module.state_dict()
     ignorable = {
         f"{prefix}.{name}" if prefix else name
