@@ -77,9 +77,9 @@ def _no_work(monkeypatch) -> None:
         raise AssertionError("the command started working before refusing its input")
 
     monkeypatch.setattr(pipeline.ImageTo3D, "__init__", refuse)
-    for name in ("export_saved_run", "result_renderer", "evaluate_gaussians", "evaluate_mesh"):
+    for name in ("export_saved_run", "result_renderer", "evaluate_model", "evaluate_mesh"):
         monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
-    for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_gaussians"),
+    for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_model"),
                          (evaluate, "evaluate_mesh"), (catalog, "download")]:
         monkeypatch.setattr(module, name, refuse)
 
@@ -273,7 +273,7 @@ def test_selftest_clears_its_threshold_on_the_bundled_cow_and_fails_below_a_high
     import torch
 
     from microdreamer.cli import SELFTEST_MIN_PSNR
-    from microdreamer.evaluate import evaluate_gaussians
+    from microdreamer.evaluate import evaluate_model
 
     assert main(["selftest", "--device", "cpu", "--min-psnr", "99", "--out", str(tmp_path)]) == 1
     err = " ".join(capsys.readouterr().err.split())
@@ -281,7 +281,7 @@ def test_selftest_clears_its_threshold_on_the_bundled_cow_and_fails_below_a_high
     assert line is not None, err
     printed = float(line.group(1))
     assert printed >= SELFTEST_MIN_PSNR
-    again = evaluate_gaussians(tmp_path / "spot.ply", SPOT, torch.device("cpu"))
+    again = evaluate_model(tmp_path / "spot.ply", SPOT, torch.device("cpu"))
     assert again.shading == "lit" and again.mean_psnr == pytest.approx(printed, abs=0.005)
 
 
