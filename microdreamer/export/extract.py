@@ -8,7 +8,8 @@ boxes touch it, and all its quadratic forms are one batched matrix product. A fi
 the point (a NeRF's σ) is sampled by :func:`sample_grid`, coarse to fine as threestudio's isosurface.
 
 3DGS reconstructions are shells with holes around a hollow, so before marching cubes the deep
-interior is made solid (see :func:`solidify`) and only the outer surface remains.
+interior is made solid (see :func:`solidify`) and only the outer surface remains; a NeRF's field is solid
+inside, and only the cavities its surface encloses are filled (:func:`fill_cavities`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class DensityGrid:
     values: np.ndarray  # [R,R,R] float32
     origin: np.ndarray  # [3]
     spacing: float
+    # a shell with holes around a hollow (3DGS), solidified through its halo (:func:`solidify`); else a field
+    # solid inside (a NeRF's σ), whose enclosed cavities alone are filled
+    shell: bool = True
 
     def to_world(self, index_coords: np.ndarray) -> np.ndarray:
         return self.origin + self.spacing * index_coords
@@ -257,7 +261,7 @@ def _sample_cube(density: Callable[[Tensor], Tensor], origin: Tensor, side: floa
         xyz = torch.stack(torch.meshgrid(axis[first:first + planes], axis, axis, indexing="ij"), -1) + origin
         chunk = density(xyz.reshape(-1, 3).float()).reshape(xyz.shape[:3])
         values[first:first + planes] = chunk.detach().float().cpu().numpy()
-    return DensityGrid(values, origin.numpy(), spacing)
+    return DensityGrid(values, origin.numpy(), spacing, shell=False)
 
 
 def _core_cells(field: GaussianField, level: float, origin: Tensor, spacing: float, cells: int) -> Tensor:
@@ -308,6 +312,13 @@ def solidify(grid: DensityGrid, threshold: float) -> np.ndarray:
     return np.where(deep, np.maximum(grid.values, 2 * threshold), grid.values)
 
 
+def fill_cavities(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values`` raised above ``threshold`` in every region below it that the field above it encloses: the
+    surface keeps its outer wall alone, no walls of inner bubbles."""
+    above = values > threshold
+    return np.where(enclosed(above) & ~above, 2 * threshold, values)
+
+
 def marching_cubes(grid: DensityGrid, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The closed outer surface ``σ = threshold`` in world units, faces oriented outwards."""
     import mcubes
@@ -317,7 +328,8 @@ def marching_cubes(grid: DensityGrid, threshold: float) -> tuple[np.ndarray, np.
             f"empty density field: the density peaks at {float(grid.values.max()):.3g}, below "
             f"the meshing threshold {threshold:g} (lower mesh.threshold)"
         )
-    padded = np.pad(solidify(grid, threshold), 1)  # zero border: surfaces touching the grid edge still close
+    values = solidify(grid, threshold) if grid.shell else fill_cavities(grid.values, threshold)
+    padded = np.pad(values, 1)  # zero border: surfaces touching the grid edge still close
     vertices, faces = mcubes.marching_cubes(padded, threshold)
     return grid.to_world(vertices - 1.0), faces.astype(np.int64)
 
