@@ -32,7 +32,7 @@ from .io.provenance import FileRef, record_path
 from .preprocess import MODES, has_alpha, load_input, new_rembg_session, preprocess, preprocessed_path
 from .representations.base import Representation
 from .representations.registry import representation_entry, representation_for_file
-from .sir.cameras import camera_sampler, turntable
+from .sir.cameras import Cameras, camera_sampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
 from .teachers.registry import fetch_weights, teacher_entry
@@ -438,7 +438,7 @@ class ImageTo3D:
         start = time.perf_counter()
         c = self.cfg.cameras
         background = torch.tensor(self.cfg.background, device=self.device)
-        sheet_cams = turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0).to(self.device)
+        sheet_cams = sheet_cameras(self.cfg).to(self.device)
         with torch.no_grad():
             views = model.render(sheet_cams, background).rgb
         frames = None
@@ -486,6 +486,13 @@ class ImageTo3D:
         if not self.cfg.loss.reference_rgb:
             reference = None
         return make_mesh(model, prepared.stem, self.cfg, self.teacher, reference, self.device, on_stage=on_stage)
+
+
+def sheet_cameras(cfg: RunConfig) -> Cameras:
+    """The 8 views of ``<stem>_views.png``: around the object at elevation 0 from azimuth −180°, as the run's
+    reference camera (distance, fov, resolution)."""
+    c = cfg.cameras
+    return turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0)
 
 
 def front_view_stem(cfg: RunConfig) -> str:
