@@ -14,7 +14,7 @@ A NeRF instead of Gaussians: ``Pipeline.from_preset(teacher=..., representation=
 ``<stem>.safetensors`` and meshes the same way.
 
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
-``elevation``, ``backend``, ``device``, ``model``, ``negative_prompt``, ``representation``, ``mesh_format``,
+``elevation``, ``backend``, ``nerf_backend``, ``device``, ``model``, ``negative_prompt``, ``representation``, ``mesh_format``,
 ``faces``, ``texture_size``, ``grid``, ``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a
 preset and an optional saved config exactly as the CLI applies its flags. Everything the CLI would report in one line is
 raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an
@@ -80,6 +80,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "res": ("cameras", "resolution"),
     "elevation": ("cameras", "elevation"),
     "backend": ("gaussians", "backend"),
+    "nerf_backend": ("nerf", "backend"),
     "negative_prompt": ("guidance", "negative_prompt"),
     "representation": ("representation",),
     "mesh_format": ("mesh", "format"),

@@ -292,6 +292,7 @@ Steps = Annotated[Optional[int], typer.Option(help="Reconstruction steps I per i
 TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")]
 Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
 Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
+NerfBackend = Annotated[Optional[str], typer.Option("--backend", help="NeRF ray marcher: auto, cpu, torch, nerfacc.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
 Video = Annotated[bool, _flag("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
 VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
@@ -452,6 +453,7 @@ def image2nerf(
     views: Views = None,
     res: Res = None,
     elevation: Elevation = None,
+    nerf_backend: NerfBackend = None,
     device: Device = None,
     border_ratio: BorderRatio = None,
     rembg: Rembg = None,
@@ -478,7 +480,8 @@ def image2nerf(
         border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
-        iters=iters, steps=steps, views=views, res=res, elevation=elevation, device=device, representation="nerf",
+        iters=iters, steps=steps, views=views, res=res, elevation=elevation, nerf_backend=nerf_backend, device=device,
+        representation="nerf",
     )
 
 
@@ -718,6 +721,7 @@ def text2nerf(
     steps: Steps = None,
     views: TextViews = None,
     res: Res = None,
+    nerf_backend: NerfBackend = None,
     device: Device = None,
     video: Video = False,
     video_format: VideoFormat = None,
@@ -740,8 +744,8 @@ def text2nerf(
         "text2nerf", prompts, out, mesh=False, teacher=teacher, preset=preset, config=config, video=video,
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
         json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
-        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res, device=device,
-        negative_prompt=negative_prompt, representation="nerf",
+        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res, nerf_backend=nerf_backend,
+        device=device, negative_prompt=negative_prompt, representation="nerf",
     )
 
 

@@ -308,7 +308,8 @@ class RunConfig:
             (n.occupancy_resolution >= 1 and n.occupancy_interval >= 1 and n.samples_per_ray >= 1,
              "nerf.occupancy_resolution, occupancy_interval and samples_per_ray must be at least 1"),
             (n.ray_budget >= 0 and n.chunk >= 1, "nerf.ray_budget must be >= 0 and nerf.chunk >= 1"),
-            (n.backend in ("auto", "torch", "cpu", "nerfacc"), "nerf.backend must be auto, torch, cpu or nerfacc"),
+            (n.backend in ("auto", "torch", "cpu", "nerfacc"),
+             f"--backend (nerf.backend) must be auto, torch, cpu or nerfacc, got '{n.backend}'"),
             (n.encoding_backend in ("auto", "torch", "cpu", "tcnn"),
              "nerf.encoding_backend must be auto, torch, cpu or tcnn"),
         ]
