@@ -14,11 +14,12 @@ A NeRF instead of Gaussians: ``Pipeline.from_preset(teacher=..., representation=
 ``<stem>.safetensors`` and meshes the same way.
 
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
-``elevation``, ``backend``, ``nerf_backend``, ``device``, ``model``, ``negative_prompt``, ``representation``, ``mesh_format``,
-``faces``, ``texture_size``, ``grid``, ``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a
-preset and an optional saved config exactly as the CLI applies its flags. Everything the CLI would report in one line is
-raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an
-optional callback.
+``elevation``, ``backend``, ``nerf_backend`` (the NeRF commands' ``--backend``), ``device``, ``model``,
+``negative_prompt``, ``representation``, ``mesh_format``, ``faces``, ``texture_size``, ``grid``,
+``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a preset and an optional saved config
+exactly as the CLI applies its flags. Everything the CLI would report in one line is raised as
+:class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an optional
+callback.
 """
 
 from __future__ import annotations
@@ -232,14 +233,14 @@ class ReconstructionResult:
         background = torch.tensor(r.cfg.background, dtype=torch.float32, device=r.device)
         return render_frames(lambda cam: self.model.render(cam.to(r.device), background).rgb, cams)
 
-    def evaluate(self, reference: str | Path, resolution: int = 256) -> EvalReport:
-        """PSNR/SSIM on the 16 held-out views against a reference mesh (as ``microdreamer eval``), rendered
-        with the run's teacher shading; albedo PSNR apart."""
+    def evaluate(self, reference: str | Path, resolution: int = 256, radius: float = 2.0) -> EvalReport:
+        """PSNR/SSIM on the 16 held-out views (at ``radius``, whatever cameras the run trained with) against a
+        reference mesh (as ``microdreamer eval``), rendered with the run's teacher shading; albedo PSNR apart."""
         r = self.reconstruction
         shading = r.cfg.teacher.shading  # scored as its teacher saw it (lit or albedo)
         truth = load_mesh(Path(reference))
-        views = held_out_scores(self.model.render, truth, r.device, r.cfg.cameras.radius, resolution,
-                                tuple(r.cfg.background), shading)
+        views = held_out_scores(self.model.render, truth, r.device, radius, resolution, tuple(r.cfg.background),
+                                shading)
         return EvalReport(self.stem, str(reference), views, shading)
 
 
@@ -497,7 +498,8 @@ def _single(plain: bool, stop_on_error: bool | None, shard: Shard | None) -> boo
 
 def _command(text: bool, mesh: bool, representation: str) -> str:
     """The command line's name for a run: text2gs, image2nerf, text2mesh, …"""
-    return ("text2" if text else "image2") + ("mesh" if mesh else {"gaussians": "gs"}.get(representation, representation))
+    made = "mesh" if mesh else {"gaussians": "gs"}.get(representation, representation)
+    return ("text2" if text else "image2") + made
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -597,7 +599,8 @@ def evaluate(
     resolution: int = 256,
     shading: str | None = None,
 ) -> EvalReport:
-    """``microdreamer eval``: a 3DGS ``.ply`` or a NeRF ``.safetensors`` is scored on the 16 held-out views; a mesh also by its surface
+    """``microdreamer eval``: a 3DGS ``.ply`` or a NeRF ``.safetensors`` is scored on the 16 held-out views;
+    a mesh also by its surface
     (a :class:`~microdreamer.evaluate.MeshEvalReport`). The reference is rendered ``shading`` (lit or
     albedo; default: the mode the run's report names, else lit), albedo PSNR reported apart."""
     result, reference = Path(result), Path(reference)

@@ -473,8 +473,9 @@ def image2nerf(
     quiet: Quiet = False,
 ) -> None:
     """Image(s) → a NeRF (OUT/<stem>.safetensors, <stem>_views.png, <stem>_rgba.png, <stem>.json), with the
-    paper's Table I NeRF settings for the teacher (stable-zero123-nerf by default). --res is the reference
-    view's and the teacher's size; renders grow to it (the preset's cameras.resolutions)."""
+    paper's Table I NeRF settings for the teacher (stable-zero123-nerf by default). --res is the size of the
+    reference view and the teacher's images; the renders follow the preset's progressive sizes
+    (cameras.resolutions)."""
     _run_images(
         "image2nerf", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
         border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,

@@ -230,8 +230,9 @@ def report_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SavedRun:
-    """A run's JSON report read back (``--config RUN.json``, ``export RUN.ply``, ``export RUN.safetensors``). The files it names are
-    looked for relative to its folder first, then where they were, and checked against their hashes."""
+    """A run's JSON report read back (``--config RUN.json``, ``export RUN.ply``/``RUN.safetensors``). The
+    files it names are looked for relative to its folder first, then where they were, and checked against
+    their hashes."""
 
     path: Path
     data: dict[str, Any]
@@ -303,7 +304,7 @@ class Reconstruction:
         )
 
     def save(self, out_dir: Path, overwrite: bool = False) -> RunReport:
-        """Write ``<stem>.ply`` (a NeRF: ``<stem>.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (and ``<stem>_rgba.png``,
+        """Write ``<stem>.ply`` (a NeRF: ``.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (and ``<stem>_rgba.png``,
         ``<stem>_turntable.*``) into ``out_dir``: all appear together, once all of them are complete."""
         out_dir = Path(out_dir)
         outputs = self.outputs(out_dir)
@@ -386,7 +387,7 @@ class ImageTo3D:
         preprocess: PreprocessOptions | None = None,
         video: VideoOptions | None = None,
     ) -> RunReport:
-        """Reconstruct one input and write ``<stem>.ply`` (or ``.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (plus
+        """Reconstruct one input and write ``<stem>.ply`` (a NeRF: ``.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (plus
         ``<stem>_rgba.png`` for an image input and ``<stem>_turntable.*`` with ``video``), all at once."""
         preprocess = preprocess or PreprocessOptions()
         prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)

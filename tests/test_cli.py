@@ -177,7 +177,7 @@ REFUSALS = [
     (["image2nerf", "{image}", *OUT, "--video", "true"], "--video is a flag and takes no value"),
     (["text2nerf", "a cat", *OUT, "--views", "6"], "--views must be a multiple of 4, got 6"),
     (["text2nerf", "a cat", *OUT, "--iters", "0"], "--iters"),
-    (["image2nerf", "{image}", *OUT, "--backend", "gsplat"], "--backend (nerf.backend) must be auto, torch, cpu or nerfacc"),
+    (["image2nerf", "{image}", *OUT, "--backend", "gsplat"], "--backend (nerf.backend) must be auto, torch, cpu"),
     (["image2nerf", "{tmp}/missing.png", *OUT], "input image not found"),
     (["image2nerf", "{tmp}/notes.png", *OUT], "not an image"),
     (["image2nerf", "{image}", *OUT, "--teacher", "nope"], "unknown teacher 'nope'"),

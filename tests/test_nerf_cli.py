@@ -16,7 +16,7 @@ from microdreamer.api import resolve_config
 from microdreamer.cli import main
 from microdreamer.config import resolve
 from microdreamer.errors import UserError
-from microdreamer.evaluate import held_out_scores
+from microdreamer.evaluate import evaluate_model, held_out_scores
 from microdreamer.io.images import image_grid
 from microdreamer.io.mesh import load_mesh
 from microdreamer.pipeline import sheet_cameras
@@ -154,7 +154,8 @@ def test_image2nerf_then_export_render_and_eval_of_its_nerf(tmp_path, capsys, ti
     assert sorted(p.name for p in out.iterdir()) == ["photo.json", "photo.safetensors", "photo_rgba.png",
                                                       "photo_views.png"]
     report = json.loads((out / "photo.json").read_text())
-    assert (report["config"]["preset"], report["config"]["teacher"]["name"]) == ("stable-zero123-nerf", "stable-zero123")
+    assert (report["config"]["preset"], report["config"]["teacher"]["name"]) == ("stable-zero123-nerf",
+                                                                                 "stable-zero123")
     assert report["config"]["nerf"]["radius"] == 2.0 and report["config"]["loss"]["reference_rgb"] == 0.1
     nerf = out / "photo.safetensors"
     _renders_the_sheet(nerf, out / "photo_views.png")
@@ -187,7 +188,13 @@ def test_image2mesh_of_a_nerf_resumes_the_mesh_stage_of_a_run_the_api_saved(tmp_
     assert isinstance(result.model, NerfField) and result.representation == "nerf"
     out = tmp_path / "out"
     report = result.save(out)
-    assert set(report.outputs) == {"nerf", "views", "report"} and Path(report.outputs["nerf"]).name == "spot.safetensors"
+    assert set(report.outputs) == {"nerf", "views", "report"}
+    assert Path(report.outputs["nerf"]).name == "spot.safetensors"
+    # scored in memory as `eval` scores the saved file: the held-out views at radius 2, not the run's 3.8
+    in_memory = result.evaluate(SPOT, resolution=32)
+    saved = evaluate_model(out / "spot.safetensors", SPOT, torch.device("cpu"), resolution=32)
+    assert saved.shading == in_memory.shading == "lit"
+    assert [v.psnr for v in in_memory.views] == pytest.approx([v.psnr for v in saved.views], abs=1e-6)
     pipe.to_mesh(result).save(tmp_path / "api")
 
     argv = ["image2mesh", "--teacher", "reference", "--model", str(SPOT), "--config", str(tiny), "--representation",

@@ -101,7 +101,7 @@ def test_nerf_mesh_is_the_iso_sphere_wearing_the_colour_field(tmp_path, one_thre
     # changes by at most GAIN/8 = 2 per unit, and storage rounds to 8 bits: 0.01 apart at most. Only lookups
     # at chart corners reach into the padding, which holds the nearest chart texel's colour (a few vertices).
     error = (colour - expected_colour(world)).abs().amax(1)
-    assert float(error.median()) < 0.004 and float(error.quantile(0.99)) < 0.02, error.quantile(torch.tensor([0.5, 0.99]))
+    assert float(error.median()) < 0.004 and float(error.quantile(0.99)) < 0.02, float(error.quantile(0.99))
     assert float(colour[:, 0].max() - colour[:, 0].min()) > 0.6  # the whole gradient, 0.12 → 0.88
 
 
