@@ -32,7 +32,7 @@ from pathlib import Path
 from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
 
 from microdreamer.config import resolve
-from microdreamer.evaluate import evaluate_gaussians, evaluate_mesh
+from microdreamer.evaluate import evaluate_mesh, evaluate_model
 from microdreamer.export import STAGES, MeshExportReport
 from microdreamer.export.extract import (
     GaussianField,
@@ -100,7 +100,7 @@ def one_run(args, name: str, level: str, seed: int, device) -> list[dict]:
             ply = Path(pipeline.run(prepared, folder, overwrite=True).outputs["ply"])
             run = json.loads(ply.with_suffix(".json").read_text())
         gaussians = Gaussians.load(ply, cfg.gaussians, device)
-        gs_scores = evaluate_gaussians(ply, mesh_path, device, shading=args.shading)
+        gs_scores = evaluate_model(ply, mesh_path, device, shading=args.shading)
         for method in args.methods:
             start, cpu = time.perf_counter(), time.process_time()
             report = METHODS[method](pipeline, prepared, gaussians, folder / method)

@@ -20,7 +20,7 @@ from pathlib import Path
 from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
 
 from microdreamer.config import resolve
-from microdreamer.evaluate import evaluate_gaussians
+from microdreamer.evaluate import evaluate_model
 from microdreamer.pipeline import ImageTo3D, resolve_device
 
 
@@ -44,7 +44,7 @@ def main() -> None:
                     start = time.perf_counter()
                     report = ImageTo3D(cfg, device).run(None, Path(tmp), overwrite=True)
                     wall = time.perf_counter() - start
-                    scores = evaluate_gaussians(Path(report.outputs["ply"]), mesh, device, shading=args.shading)
+                    scores = evaluate_model(Path(report.outputs["ply"]), mesh, device, shading=args.shading)
                 row = {
                     "asset": name,
                     "teacher": report.teacher_mode,

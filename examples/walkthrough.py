@@ -37,7 +37,7 @@ def show(event: Progress) -> None:
 
 
 result = pipe.image_to_3d(on_progress=show)
-print(result.stem, result.gaussians.num_primitives, "Gaussians")
+print(result.stem, result.model.num_primitives, "Gaussians")
 
 # %% Look at it: the contact sheet and a short turntable, as arrays
 OUT.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ The Python API (:mod:`microdreamer.api`): ``from microdreamer import Pipeline``.
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["GaussianResult", "MeshResult", "Pipeline", "Progress", "UserError", "__version__"]
+__all__ = ["MeshResult", "Pipeline", "Progress", "ReconstructionResult", "UserError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

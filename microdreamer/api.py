@@ -9,12 +9,17 @@
     mesh.save("out")                              # out/cow.glb, cow_mesh.json
     manifest = pipe.run_batch(["photos/"], "out") # many inputs, one manifest
 
+A NeRF instead of Gaussians: ``Pipeline.from_preset(teacher=..., representation="nerf")`` (the teacher's
+``-nerf`` preset, the paper's Table I NeRF column) or a ``-nerf`` preset by name; the result then saves
+``<stem>.safetensors`` and meshes the same way.
+
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
-``elevation``, ``backend``, ``device``, ``model``, ``negative_prompt``, ``mesh_format``, ``faces``,
-``texture_size``, ``grid``, ``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a preset and an
-optional saved config exactly as the CLI applies its flags. Everything the CLI would report in one line is
-raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an
-optional callback.
+``elevation``, ``backend``, ``nerf_backend`` (the NeRF commands' ``--backend``), ``device``, ``model``,
+``negative_prompt``, ``representation``, ``mesh_format``, ``faces``, ``texture_size``, ``grid``,
+``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a preset and an optional saved config
+exactly as the CLI applies its flags. Everything the CLI would report in one line is raised as
+:class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an optional
+callback.
 """
 
 from __future__ import annotations
@@ -32,13 +37,11 @@ from .batch import (
     BatchObserver, BatchRunner, Executor, Job, Manifest, batch_manifest_path, expand_inputs, ignored_files,
     is_single_input,
 )
-from .config import RunConfig, read_config_file, resolve
+from .config import RunConfig, load_preset, read_config_file, resolve
 from .errors import UserError
 from .executors import Shard, make_executor
 from .io.atomic import check_output_dir, check_output_file
-from .evaluate import (
-    HELD_OUT_VIEWS, EvalReport, MeshEvalReport, evaluate_gaussians, evaluate_mesh, held_out_scores, is_gaussian_ply,
-)
+from .evaluate import HELD_OUT_VIEWS, EvalReport, MeshEvalReport, evaluate_mesh, evaluate_model, held_out_scores
 from .evaluate_clip import CLIP_RESOLUTION, ClipEvalReport, ClipTarget, clip_cameras, clip_scores, score_result
 from .export import STAGES, MeshExportReport, TexturedMesh
 from .io.mesh import load_mesh
@@ -64,6 +67,8 @@ from .pipeline import (
     resolve_device,
 )
 from .preprocess import is_preprocessed_output
+from .representations.base import Representation
+from .representations.registry import representation_entry, representation_for_file, saved_representation
 from .sir.cameras import Cameras
 from .teachers.registry import check_teacher_config, teacher_entry
 from .video import VideoOptions, render_frames, result_renderer, turntable_cameras, write_video
@@ -78,7 +83,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "res": ("cameras", "resolution"),
     "elevation": ("cameras", "elevation"),
     "backend": ("gaussians", "backend"),
+    "nerf_backend": ("nerf", "backend"),
     "negative_prompt": ("guidance", "negative_prompt"),
+    "representation": ("representation",),
     "mesh_format": ("mesh", "format"),
     "faces": ("mesh", "faces"),
     "texture_size": ("mesh", "texture"),
@@ -121,8 +128,10 @@ def resolve_config(
     keys, e.g. ``{"mesh": {"bake_resolution": 256}}``) < ``settings``.
 
     The preset is ``preset``, else the one a saved config names (when ``teacher`` does not change the
-    teacher), else the teacher's own. Without ``needs_teacher`` a model file named by a run report is not
-    looked for (a mesh export without refinement needs none).
+    teacher, nor the ``representation`` setting the representation), else the teacher's own for the
+    representation (the setting's, else the saved config's, else Gaussians: ``stable-zero123`` or
+    ``stable-zero123-nerf``). Without ``needs_teacher`` a model file named by a run report is not looked
+    for (a mesh export without refinement needs none).
     """
     config = None if config is None else Path(config)
     saved = read_config_file(config) if config is not None else {}
@@ -130,8 +139,17 @@ def resolve_config(
     entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
     same_teacher = teacher is None or teacher == saved_teacher
     chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
+    wanted = settings.get("representation") or saved.get("representation")
+    if isinstance(wanted, str):
+        representation_entry(wanted)  # one line for an unknown name
+    if chosen is None or (preset is None and isinstance(wanted, str) and _representation_of(chosen) != wanted):
+        chosen = entry.preset_for(wanted if isinstance(wanted, str) else "gaussians")
     flags = settings_to_config(teacher=teacher, **settings)
-    return resolve(chosen or entry.preset, config, _deep_merge(overrides or {}, flags), needs_teacher=needs_teacher)
+    return resolve(chosen, config, _deep_merge(overrides or {}, flags), needs_teacher=needs_teacher)
+
+
+def _representation_of(preset: str) -> str:
+    return load_preset(preset).get("representation", "gaussians")
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -167,8 +185,9 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-class GaussianResult:
-    """3D Gaussians made by :meth:`Pipeline.image_to_3d` / :meth:`Pipeline.text_to_3d`, in memory until saved."""
+class ReconstructionResult:
+    """What :meth:`Pipeline.image_to_3d` / :meth:`Pipeline.text_to_3d` made: the representation SIR optimised
+    (3D Gaussians or a NeRF, as the configuration says), in memory until saved."""
 
     def __init__(self, reconstruction: Reconstruction) -> None:
         self.reconstruction = reconstruction
@@ -180,8 +199,15 @@ class GaussianResult:
         return self.reconstruction.input.stem
 
     @property
-    def gaussians(self):  # -> representations.gaussians.Gaussians
+    def model(self) -> Representation:
+        """The trained representation (a :class:`~microdreamer.representations.gaussians.Gaussians` or a
+        :class:`~microdreamer.representations.nerf.NerfField`)."""
         return self.reconstruction.model
+
+    @property
+    def representation(self) -> str:
+        """``gaussians`` or ``nerf``."""
+        return self.reconstruction.cfg.representation
 
     @property
     def views(self) -> np.ndarray:
@@ -189,7 +215,8 @@ class GaussianResult:
         return _to_uint8(self.reconstruction.views)
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> RunReport:
-        """Write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (+ ``_rgba.png``, ``_turntable.*``)."""
+        """Write ``<stem>.ply`` (a NeRF: ``<stem>.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (+
+        ``_rgba.png``, ``_turntable.*``)."""
         self.report = self.reconstruction.save(Path(out_dir), overwrite)
         return self.report
 
@@ -198,7 +225,7 @@ class GaussianResult:
         r = self.reconstruction
         background = torch.tensor(r.cfg.background, dtype=torch.float32, device=r.device)
         with torch.no_grad():
-            return _to_uint8(self.gaussians.render(cameras.to(r.device), background).rgb)
+            return _to_uint8(self.model.render(cameras.to(r.device), background).rgb)
 
     def turntable(self, frames: int = 90, elevation: float = 0.0, resolution: int = 256) -> np.ndarray:
         """``frames`` views over 360° from the input view's side, ``[F,H,W,3]`` uint8."""
@@ -206,16 +233,16 @@ class GaussianResult:
         cams = turntable_cameras(frames, elevation, c.radius, resolution, c.fovy)
         r = self.reconstruction
         background = torch.tensor(r.cfg.background, dtype=torch.float32, device=r.device)
-        return render_frames(lambda cam: self.gaussians.render(cam.to(r.device), background).rgb, cams)
+        return render_frames(lambda cam: self.model.render(cam.to(r.device), background).rgb, cams)
 
-    def evaluate(self, reference: str | Path, resolution: int = 256) -> EvalReport:
-        """PSNR/SSIM on the 16 held-out views against a reference mesh (as ``microdreamer eval``), rendered
-        with the run's teacher shading; albedo PSNR apart."""
+    def evaluate(self, reference: str | Path, resolution: int = 256, radius: float = 2.0) -> EvalReport:
+        """PSNR/SSIM on the 16 held-out views (at ``radius``, whatever cameras the run trained with) against a
+        reference mesh (as ``microdreamer eval``), rendered with the run's teacher shading; albedo PSNR apart."""
         r = self.reconstruction
         shading = r.cfg.teacher.shading  # scored as its teacher saw it (lit or albedo)
         truth = load_mesh(Path(reference))
-        views = held_out_scores(self.gaussians.render, truth, r.device, r.cfg.cameras.radius, resolution,
-                                tuple(r.cfg.background), shading)
+        views = held_out_scores(self.model.render, truth, r.device, radius, resolution, tuple(r.cfg.background),
+                                shading)
         return EvalReport(self.stem, str(reference), views, shading)
 
     def evaluate_clip(self, clip_model: str | Path, *, image: str | Path | np.ndarray | None = None,
@@ -327,7 +354,8 @@ class Pipeline:
     def check_prompt(self, prompt: str | None) -> None:
         """An image teacher takes no prompt; an image+text teacher an optional one, not blank."""
         if self.inputs == "text":
-            raise UserError(f"teacher '{self.config.teacher.name}' generates from text alone: use text2gs PROMPT")
+            raise UserError(f"teacher '{self.config.teacher.name}' generates from text alone: use "
+                            f"{_command(True, False, self.config.representation)} PROMPT")
         if prompt is not None and self.inputs != "image+text":
             raise UserError(f"--prompt needs an image+text teacher (imagedream); '{self.config.teacher.name}' "
                             "reads only the image")
@@ -366,8 +394,8 @@ class Pipeline:
         video: VideoOptions | None = None,
         stem: str | None = None,
         on_progress: ProgressCallback | None = None,
-    ) -> GaussianResult:
-        """Image (file or array; None: the reference teacher's front view) → 3D Gaussians, in memory.
+    ) -> ReconstructionResult:
+        """Image (file or array; None: the reference teacher's front view) → 3D Gaussians or a NeRF, in memory.
         The input is checked and preprocessed before the teacher loads."""
         prepared = self.prepare(image, prompt=prompt, preprocess=preprocess, stem=stem)
         return self._reconstruct(prepared, preprocess, video, on_progress)
@@ -378,20 +406,20 @@ class Pipeline:
         *,
         video: VideoOptions | None = None,
         on_progress: ProgressCallback | None = None,
-    ) -> GaussianResult:
-        """Prompt → 3D Gaussians with a text teacher (mvdream), in memory."""
+    ) -> ReconstructionResult:
+        """Prompt → 3D Gaussians or a NeRF with a text teacher (mvdream), in memory."""
         if self.inputs != "text":
             raise UserError(f"text_to_3d needs a text-to-3D teacher (mvdream), not '{self.config.teacher.name}'")
         return self._reconstruct(self.prepare(prompt=prompt), None, video, on_progress)
 
     def _reconstruct(self, prepared: PreparedInput, preprocess: PreprocessOptions | None,
-                     video: VideoOptions | None, on_progress: ProgressCallback | None) -> GaussianResult:
+                     video: VideoOptions | None, on_progress: ProgressCallback | None) -> ReconstructionResult:
         runner = self.load(on_progress)
         iteration = None if on_progress is None else (
             lambda log, total: on_progress(Progress("sir", log.iteration + 1, total, describe_iteration(log))))
-        return GaussianResult(runner.reconstruct(prepared, iteration, preprocess=preprocess, video=video))
+        return ReconstructionResult(runner.reconstruct(prepared, iteration, preprocess=preprocess, video=video))
 
-    def to_mesh(self, result: GaussianResult, *, on_progress: ProgressCallback | None = None) -> MeshResult:
+    def to_mesh(self, result: ReconstructionResult, *, on_progress: ProgressCallback | None = None) -> MeshResult:
         """The textured mesh of ``result`` (settings in ``config.mesh``), its texture refined by this
         pipeline's teacher conditioned as in the run."""
         runner = self.load(on_progress)
@@ -439,7 +467,7 @@ class Pipeline:
         runs_on = make_executor(executor)
         shard = _as_shard(shard)
         text = self.inputs == "text"
-        command = command or _command(text, mesh)
+        command = command or _command(text, mesh, self.config.representation)
         # the tasks get no device: each resolves the config's where it runs (a Ray worker's own GPU)
         if text:
             if prompt is not None:
@@ -493,8 +521,10 @@ def _single(plain: bool, stop_on_error: bool | None, shard: Shard | None) -> boo
     return shard is None and (plain if stop_on_error is None else stop_on_error)
 
 
-def _command(text: bool, mesh: bool) -> str:
-    return ("text2" if text else "image2") + ("mesh" if mesh else "gs")
+def _command(text: bool, mesh: bool, representation: str) -> str:
+    """The command line's name for a run: text2gs, image2nerf, text2mesh, …"""
+    made = "mesh" if mesh else {"gaussians": "gs"}.get(representation, representation)
+    return ("text2" if text else "image2") + made
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -562,9 +592,11 @@ def export_run(
     on_stage: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> ExportOutcome:
-    """A saved 3DGS run → textured mesh beside it (or in ``out_dir``). The run's report (``config``, else the
-    ``<stem>.json`` beside ``result``) supplies the teacher, input image, prompt and settings; ``settings``
-    (:data:`SETTINGS` names) go over it. Without a report or a ``teacher`` the texture is baked, not refined."""
+    """A saved run (a 3DGS ``.ply`` or a NeRF ``.safetensors``) → textured mesh beside it (or in ``out_dir``).
+    The run's report (``config``, else the ``<stem>.json`` beside ``result``) supplies the teacher, input
+    image, prompt and settings; ``settings`` (:data:`SETTINGS` names) go over it. Without a report or a
+    ``teacher`` the texture is baked, not refined, with the mesh settings of the teacher's preset for the
+    file's representation."""
     result = Path(result)
     if not result.is_file():
         raise UserError(f"result not found: {result}")
@@ -572,6 +604,8 @@ def export_run(
     run = SavedRun.read(config_path) if config_path is not None else SavedRun.beside(result)
     config_path = config_path if run is None else run.path
     refined = refine and not (config_path is None and teacher is None)
+    kind = representation_for_file(result)  # the file's, whatever a report or a setting says
+    settings["representation"] = None if kind is None else kind.name
     cfg = resolve_config(teacher, None, config_path, needs_teacher=refined, **settings)
     target = Path(out_dir) if out_dir is not None else result.parent
     report = export_saved_run(
@@ -590,13 +624,14 @@ def evaluate(
     resolution: int = 256,
     shading: str | None = None,
 ) -> EvalReport:
-    """``microdreamer eval``: a 3DGS ``.ply`` is scored on the 16 held-out views; a mesh also by its surface
+    """``microdreamer eval``: a 3DGS ``.ply`` or a NeRF ``.safetensors`` is scored on the 16 held-out views;
+    a mesh also by its surface
     (a :class:`~microdreamer.evaluate.MeshEvalReport`). The reference is rendered ``shading`` (lit or
     albedo; default: the mode the run's report names, else lit), albedo PSNR reported apart."""
     result, reference = Path(result), Path(reference)
     if not result.is_file():
         raise UserError(f"result not found: {result}")
-    score = evaluate_gaussians if is_gaussian_ply(result) else evaluate_mesh
+    score = evaluate_model if saved_representation(result) is not None else evaluate_mesh
     return score(result, reference, resolve_device(device), radius=radius, resolution=resolution, shading=shading)
 
 
@@ -634,7 +669,7 @@ def render_video(
     device: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    """A turntable video (mp4 or gif, by ``target``'s suffix) of a saved 3DGS ``.ply`` or mesh."""
+    """A turntable video (mp4 or gif, by ``target``'s suffix) of a saved 3DGS ``.ply``, NeRF or mesh."""
     target = Path(target)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists: pass --overwrite to replace it, or choose another --video")
@@ -669,6 +704,6 @@ def selftest(
         report = result.save(Path(out_dir) if out_dir is not None else Path(tmp), overwrite=True)
         if on_progress is not None:
             on_progress(Progress("score", 0, 1, f"scoring {HELD_OUT_VIEWS} held-out views"))
-        scores = evaluate_gaussians(Path(report.outputs["ply"]), SELFTEST_MESH, pipe.device,
+        scores = evaluate_model(Path(report.outputs["ply"]), SELFTEST_MESH, pipe.device,
                                     shading=pipe.config.teacher.shading)
     return SelftestOutcome(report, scores, pipe.device)

@@ -285,6 +285,8 @@ TextTeacher = Annotated[Optional[str], typer.Option(help="Teacher: mvdream (defa
 NegativePrompt = Annotated[Optional[str], typer.Option(help="Negative prompt (default: the preset's).")]
 TextModel = Annotated[Optional[str], typer.Option(help="Hugging Face id or local folder.")]
 Preset = Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's).")]
+NerfPreset = Annotated[Optional[str], typer.Option(help="Preset name (default: the teacher's NeRF preset, e.g. stable-zero123-nerf).")]
+MeshRepresentation = Annotated[Optional[str], typer.Option(help="What SIR optimises before meshing: gaussians or nerf (default: the --config's, else gaussians; nerf takes the teacher's NeRF preset).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config, or the JSON saved by an earlier run.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed.")]
 Iters = Annotated[Optional[int], typer.Option(help="SIR iterations K (after the init iteration).")]
@@ -292,6 +294,7 @@ Steps = Annotated[Optional[int], typer.Option(help="Reconstruction steps I per i
 TextViews = Annotated[Optional[int], typer.Option(help="Views B per iteration (a multiple of 4).")]
 Res = Annotated[Optional[int], typer.Option(help="Render resolution.")]
 Backend = Annotated[Optional[str], typer.Option(help="Gaussian rasterizer: auto, cpu, torch, gsplat.")]
+NerfBackend = Annotated[Optional[str], typer.Option("--backend", help="NeRF ray marcher: auto, cpu, torch, nerfacc.")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
 Video = Annotated[bool, _flag("--video", help="Also write a 360° turntable <stem>_turntable.mp4 (gif without ffmpeg).")]
 VideoFormat = Annotated[Optional[str], typer.Option(help="Turntable format: mp4 or gif (implies --video).")]
@@ -433,6 +436,55 @@ def image2gs(
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
+        representation="gaussians",
+    )
+
+
+@app.command("image2nerf")
+def image2nerf(
+    images: Inputs = None,
+    out: Out = Path("out"),
+    teacher: ImageTeacher = None,
+    prompt: ImagePrompt = None,
+    model: Model = None,
+    preset: NerfPreset = None,
+    config: ConfigFile = None,
+    seed: Seed = None,
+    iters: Iters = None,
+    steps: Steps = None,
+    views: Views = None,
+    res: Res = None,
+    elevation: Elevation = None,
+    nerf_backend: NerfBackend = None,
+    device: Device = None,
+    border_ratio: BorderRatio = None,
+    rembg: Rembg = None,
+    video: Video = False,
+    video_format: VideoFormat = None,
+    overwrite: Overwrite = False,
+    skip_existing: SkipExisting = False,
+    manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Image(s) → a NeRF (OUT/<stem>.safetensors, <stem>_views.png, <stem>_rgba.png, <stem>.json), with the
+    paper's Table I NeRF settings for the teacher (stable-zero123-nerf by default). --res is the size of the
+    reference view and the teacher's images; the renders follow the preset's progressive sizes
+    (cameras.resolutions)."""
+    _run_images(
+        "image2nerf", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
+        border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
+        skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
+        iters=iters, steps=steps, views=views, res=res, elevation=elevation, nerf_backend=nerf_backend, device=device,
+        representation="nerf",
     )
 
 
@@ -441,7 +493,7 @@ MeshFormat = Annotated[Optional[str], typer.Option("--format", help="Mesh file: 
 Faces = Annotated[Optional[int], typer.Option(help="Face budget after decimation (default 50000).")]
 TextureSize = Annotated[Optional[int], typer.Option(help="Texture side in texels, a power of two (default 1024).")]
 Grid = Annotated[Optional[int], typer.Option(help="Density grid points per axis (default 256).")]
-Threshold = Annotated[Optional[float], typer.Option(help="Iso-level of the Gaussians' summed-opacity field (default 0.5).")]
+Threshold = Annotated[Optional[float], typer.Option(help="Iso-level of the density field (default: the preset's; 0.5 of the Gaussians' summed opacity, 25 of a NeRF's density).")]
 RefineSteps = Annotated[Optional[int], typer.Option(help="Steps of the SIR texture refinement (default: the preset's, 30 for Zero123, 0 for the multi-view teachers; 0 = bake only).")]
 Up = Annotated[Optional[str], typer.Option(help="Up axis of the file: y (default; glTF) or z (obj/ply only).")]
 Scale = Annotated[Optional[float], typer.Option(help="Longest side of the object's box, centred at the origin (default 1).")]
@@ -466,6 +518,7 @@ def image2mesh(
     device: Device = None,
     border_ratio: BorderRatio = None,
     rembg: Rembg = None,
+    representation: MeshRepresentation = None,
     mesh_format: MeshFormat = None,
     faces: Faces = None,
     texture_size: TextureSize = None,
@@ -487,10 +540,12 @@ def image2mesh(
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
-    """Image(s) → 3D Gaussians → textured mesh (image2gs outputs plus OUT/<stem>.glb and <stem>_mesh.json).
+    """Image(s) → 3D Gaussians (or a NeRF) → textured mesh (image2gs or image2nerf outputs plus
+    OUT/<stem>.glb and <stem>_mesh.json).
 
     The mesh is centred at the origin in a box of side --scale, Y-up with the input view's camera on +z
-    (glTF convention). Its texture is baked from the Gaussians and refined with one SIR pass of the teacher.
+    (glTF convention). Its texture is baked from the Gaussians (sampled from a NeRF's colour field) and
+    refined with one SIR pass of the teacher.
     """
     _run_images(
         "image2mesh", images or [], out, mesh=True, teacher=teacher, preset=preset, config=config, prompt=prompt,
@@ -499,13 +554,13 @@ def image2mesh(
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
         mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
-        refine_steps=refine_steps, up=up, scale=scale,
+        refine_steps=refine_steps, up=up, scale=scale, representation=representation,
     )
 
 
 @app.command("export")
 def export(
-    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs.")],
+    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs/text2gs, or a NeRF .safetensors written by image2nerf/text2nerf.")],
     to: Annotated[str, typer.Option("--to", help="What to make of it: mesh.")] = "mesh",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: beside RESULT).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="The run's JSON report or a TOML config (default: RESULT's <stem>.json when present).")] = None,
@@ -527,7 +582,7 @@ def export(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """A saved 3DGS run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
+    """A saved 3DGS or NeRF run → textured mesh (<stem>.glb, or .obj+.mtl+_albedo.png, or _mesh.ply; <stem>_mesh.json)."""
     from .api import export_run
 
     if to != "mesh":
@@ -651,7 +706,49 @@ def text2gs(
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
         json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
         model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
-        backend=backend, device=device, negative_prompt=negative_prompt,
+        backend=backend, device=device, negative_prompt=negative_prompt, representation="gaussians",
+    )
+
+
+@app.command("text2nerf")
+def text2nerf(
+    prompts: Prompts,
+    out: Out = Path("out"),
+    teacher: TextTeacher = None,
+    negative_prompt: NegativePrompt = None,
+    model: TextModel = None,
+    preset: NerfPreset = None,
+    config: ConfigFile = None,
+    seed: Seed = None,
+    iters: Iters = None,
+    steps: Steps = None,
+    views: TextViews = None,
+    res: Res = None,
+    nerf_backend: NerfBackend = None,
+    device: Device = None,
+    video: Video = False,
+    video_format: VideoFormat = None,
+    overwrite: Overwrite = False,
+    skip_existing: SkipPrompts = False,
+    manifest: BatchManifest = None,
+    executor: ExecutorName = "local",
+    address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    max_attempts: MaxAttempts = None,
+    shard: ShardSpec = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+) -> None:
+    """Prompt(s) → a NeRF (OUT/<prompt words>.safetensors, _views.png, .json), MVDream with the paper's
+    Table I NeRF settings (the mvdream-nerf preset)."""
+    _run_prompts(
+        "text2nerf", prompts, out, mesh=False, teacher=teacher, preset=preset, config=config, video=video,
+        video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
+        json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
+        model=model, seed=seed, iters=iters, steps=steps, views=views, res=res, nerf_backend=nerf_backend,
+        device=device, negative_prompt=negative_prompt, representation="nerf",
     )
 
 
@@ -671,6 +768,7 @@ def text2mesh(
     res: Res = None,
     backend: Backend = None,
     device: Device = None,
+    representation: MeshRepresentation = None,
     mesh_format: MeshFormat = None,
     faces: Faces = None,
     texture_size: TextureSize = None,
@@ -694,11 +792,12 @@ def text2mesh(
     json_out: JsonOut = False,
     quiet: Quiet = False,
 ) -> None:
-    """Prompt(s) → 3D Gaussians → textured mesh (text2gs outputs plus OUT/<prompt words>.glb and _mesh.json).
+    """Prompt(s) → 3D Gaussians (or a NeRF) → textured mesh (text2gs or text2nerf outputs plus
+    OUT/<prompt words>.glb and _mesh.json).
 
     The mesh is centred at the origin in a box of side --scale, Y-up (glTF convention). Its texture is
-    baked from the Gaussians; the mvdream preset does not refine it (as the reference), --refine-steps N
-    refines it with one SIR pass of the teacher.
+    baked from the Gaussians (sampled from a NeRF's colour field); the mvdream presets do not refine it (as
+    the reference), --refine-steps N refines it with one SIR pass of the teacher.
     """
     _run_prompts(
         "text2mesh", prompts, out, mesh=True, teacher=teacher, preset=preset, config=config, video=video,
@@ -707,6 +806,7 @@ def text2mesh(
         model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt, mesh_format=mesh_format, faces=faces,
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+        representation=representation,
     )
 
 
@@ -749,7 +849,7 @@ def preprocess_(
 
 @app.command("render")
 def render(
-    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh (.obj, .glb, .gltf).")],
+    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, a NeRF .safetensors written by image2nerf, or a mesh (.obj, .glb, .gltf).")],
     video: Annotated[Optional[Path], typer.Option(help="Output .mp4 or .gif (default: RESULT_turntable.mp4).")] = None,
     frames: Annotated[int, typer.Option(help="Frames over 360°.", callback=_within(*TURNTABLE_FRAMES))] = 90,
     fps: Annotated[int, typer.Option(help="Frames per second.", callback=_within(*TURNTABLE_FPS))] = 30,
@@ -788,7 +888,7 @@ EVAL_PROTOCOLS = ("held-out", "clip")
 
 @app.command("eval")
 def eval_(
-    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
+    result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, a NeRF .safetensors written by image2nerf, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Optional[Path], typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf) of the held-out protocol.")] = None,
     protocol: Annotated[str, typer.Option(help="held-out: PSNR/SSIM on 16 held-out views against --reference; clip: CLIP similarity of 8 views at elevation 0 to the run's input image or prompt (MicroDreamer's Table III).")] = "held-out",
     clip_model: Annotated[Optional[str], typer.Option(help="The CLIP checkpoint of --protocol clip: a folder in the transformers layout or a Hugging Face id (the paper's: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).")] = None,

@@ -179,11 +179,13 @@ class MeshConfig:
     """Textured-mesh export (paper §V; spec §6.7–6.8): geometry, UV atlas, bake, SIR texture refinement."""
 
     resolution: int = 256  # density grid points per axis
-    threshold: float = 0.5  # iso-level of the summed-opacity field Σ o_i G_i(x)
+    # iso-level of the representation's density: the Gaussians' summed opacity Σ o_i G_i(x) (0.5), a NeRF's σ
+    # (its presets: 25, threestudio's)
+    threshold: float = 0.5
     min_component: float = 0.05  # drop connected parts with less than this share of the largest's area
     faces: int = 50_000  # face budget after decimation
     texture: int = 1024  # texture side in texels (a power of two)
-    bake_resolution: int = 512  # Gaussian renders the initial texture is baked from
+    bake_resolution: int = 512  # renders the initial texture is baked from (without a colour field: Gaussians)
     refine_steps: int = 30  # optimisation steps of the one SIR texture iteration (0 = bake only)
     refine_views: int = 8
     refine_t: int = 181  # noise-adding timestep: DDIM(50) index 40, as the reference
@@ -306,7 +308,8 @@ class RunConfig:
             (n.occupancy_resolution >= 1 and n.occupancy_interval >= 1 and n.samples_per_ray >= 1,
              "nerf.occupancy_resolution, occupancy_interval and samples_per_ray must be at least 1"),
             (n.ray_budget >= 0 and n.chunk >= 1, "nerf.ray_budget must be >= 0 and nerf.chunk >= 1"),
-            (n.backend in ("auto", "torch", "cpu", "nerfacc"), "nerf.backend must be auto, torch, cpu or nerfacc"),
+            (n.backend in ("auto", "torch", "cpu", "nerfacc"),
+             f"--backend (nerf.backend) must be auto, torch, cpu or nerfacc, got '{n.backend}'"),
             (n.encoding_backend in ("auto", "torch", "cpu", "tcnn"),
              "nerf.encoding_backend must be auto, torch, cpu or tcnn"),
         ]

@@ -2,12 +2,13 @@
 
 The 16 evaluation cameras sit at half-integer azimuths and elevations, which the training sampler
 (integer azimuth offsets and integer elevation offsets) can never draw, so no view was seen in training.
-A result is 3D Gaussians (a 3DGS PLY) or a mesh (an exported GLB/OBJ/PLY); a mesh is also compared as
-a surface (:mod:`microdreamer.mesh_metrics`). The reference is fitted into the unit box, the frame
-reference-teacher runs reconstruct in. Gaussians are compared in their own frame; so is a mesh whose
-export report (``<stem>_mesh.json``, with the centring, scale and up axis of the export) lies beside
-it. Any other mesh is fitted into the unit box by its own bounding box, which is sensitive to thin
-parts that the reconstruction lost or thickened (a 1 % longer box shifts every point by ~0.005).
+A result is 3D Gaussians (a 3DGS PLY), a NeRF (its safetensors) or a mesh (an exported GLB/OBJ/PLY); a
+mesh is also compared as a surface (:mod:`microdreamer.mesh_metrics`). The reference is fitted into the
+unit box, the frame reference-teacher runs reconstruct in. Gaussians and NeRFs are compared in their own
+frame; so is a mesh whose export report (``<stem>_mesh.json``, with the centring, scale and up axis of the
+export) lies beside it. Any other mesh is fitted into the unit box by its own bounding box, which is
+sensitive to thin parts that the reconstruction lost or thickened (a 1 % longer box shifts every point by
+~0.005).
 
 The reference is rendered as the run's reference teacher rendered it: ``lit`` (the default teacher
 mode; the result's colours carry the light it learnt) or ``albedo``. Without a mode given, the run's
@@ -26,14 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import GaussianConfig
 from .export.writers import OutputFrame
 from .io.mesh import TexturedMesh, load_mesh
 from .mesh_metrics import DEFAULT_SAMPLES, SurfaceScores, compare_surfaces
 from .metrics import psnr, ssim
 from .render.mesh import rasterize_mesh, shading_light
 from .render.types import RenderOutput
-from .representations.gaussians import Gaussians
+from .representations.registry import load_saved
 from .sir.cameras import Cameras
 
 HELD_OUT_VIEWS = 16
@@ -100,8 +100,8 @@ def run_shading(result: Path) -> str:
         return "lit"
 
 
-def evaluate_gaussians(
-    ply: Path,
+def evaluate_model(
+    path: Path,
     mesh_path: Path,
     device: torch.device,
     radius: float = 2.0,
@@ -109,12 +109,12 @@ def evaluate_gaussians(
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
     shading: str | None = None,
 ) -> EvalReport:
-    """PSNR/SSIM of the Gaussians' renders against the mesh's renders on the held-out views (``shading``:
-    see the module docstring)."""
-    shading = shading or run_shading(ply)
-    gaussians = Gaussians.load(ply, GaussianConfig(), device)
-    views = held_out_scores(gaussians.render, load_mesh(mesh_path), device, radius, resolution, background, shading)
-    return EvalReport(str(ply), str(mesh_path), views, shading)
+    """PSNR/SSIM of a saved representation's renders (a 3DGS PLY, a NeRF's safetensors) against the mesh's
+    renders on the held-out views (``shading``: see the module docstring)."""
+    shading = shading or run_shading(path)
+    model = load_saved(path, device)
+    views = held_out_scores(model.render, load_mesh(mesh_path), device, radius, resolution, background, shading)
+    return EvalReport(str(path), str(mesh_path), views, shading)
 
 
 def held_out_scores(
@@ -140,15 +140,6 @@ def held_out_scores(
         ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]), float(a[i]))
         for i in range(len(cams))
     ]
-
-
-def is_gaussian_ply(path: Path) -> bool:
-    """Whether ``path`` is a PLY whose header declares 3D Gaussian properties (else: a mesh file)."""
-    if Path(path).suffix.lower() != ".ply":
-        return False
-    with open(path, "rb") as f:
-        header = f.read(4096).split(b"end_header")[0]
-    return all(f"property float {name}".encode() in header for name in ("opacity", "scale_0", "rot_0"))
 
 
 def export_frame(mesh_path: Path) -> OutputFrame | None:

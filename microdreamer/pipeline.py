@@ -31,9 +31,8 @@ from .io.images import image_grid, load_image, save_image, to_reference
 from .io.provenance import FileRef, record_path
 from .preprocess import MODES, has_alpha, load_input, new_rembg_session, preprocess, preprocessed_path
 from .representations.base import Representation
-from .representations.gaussians import Gaussians
-from .representations.registry import representation_entry
-from .sir.cameras import camera_sampler, turntable
+from .representations.registry import representation_entry, representation_for_file
+from .sir.cameras import Cameras, camera_sampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
 from .teachers.registry import fetch_weights, teacher_entry
@@ -231,8 +230,9 @@ def report_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SavedRun:
-    """A run's JSON report read back (``--config RUN.json``, ``export RUN.ply``). The files it names are
-    looked for relative to its folder first, then where they were, and checked against their hashes."""
+    """A run's JSON report read back (``--config RUN.json``, ``export RUN.ply``/``RUN.safetensors``). The
+    files it names are looked for relative to its folder first, then where they were, and checked against
+    their hashes."""
 
     path: Path
     data: dict[str, Any]
@@ -309,7 +309,7 @@ class Reconstruction:
         )
 
     def save(self, out_dir: Path, overwrite: bool = False) -> RunReport:
-        """Write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (and ``<stem>_rgba.png``,
+        """Write ``<stem>.ply`` (a NeRF: ``.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (and ``<stem>_rgba.png``,
         ``<stem>_turntable.*``) into ``out_dir``: all appear together, once all of them are complete."""
         out_dir = Path(out_dir)
         outputs = self.outputs(out_dir)
@@ -350,7 +350,8 @@ class Reconstruction:
 
 
 class ImageTo3D:
-    """Image (or a reference mesh's front view) → 3D Gaussians, with the teacher loaded once."""
+    """Image (or a reference mesh's front view), or a prompt → the configured representation (3D Gaussians,
+    a NeRF), with the teacher loaded once."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, allow_download: bool = True) -> None:
         self.cfg = cfg
@@ -391,7 +392,7 @@ class ImageTo3D:
         preprocess: PreprocessOptions | None = None,
         video: VideoOptions | None = None,
     ) -> RunReport:
-        """Reconstruct one input and write ``<stem>.ply``, ``<stem>_views.png``, ``<stem>.json`` (plus
+        """Reconstruct one input and write ``<stem>.ply`` (a NeRF: ``.safetensors``), ``<stem>_views.png``, ``<stem>.json`` (plus
         ``<stem>_rgba.png`` for an image input and ``<stem>_turntable.*`` with ``video``), all at once."""
         preprocess = preprocess or PreprocessOptions()
         prepared = image if isinstance(image, PreparedInput) else prepare_input(image, self.cfg, preprocess)
@@ -443,7 +444,7 @@ class ImageTo3D:
         start = time.perf_counter()
         c = self.cfg.cameras
         background = torch.tensor(self.cfg.background, device=self.device)
-        sheet_cams = turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0).to(self.device)
+        sheet_cams = sheet_cameras(self.cfg).to(self.device)
         with torch.no_grad():
             views = model.render(sheet_cams, background).rgb
         frames = None
@@ -463,19 +464,19 @@ class ImageTo3D:
     def export_mesh(
         self,
         prepared: PreparedInput,
-        gaussians: Gaussians,
+        model: Representation,
         out_dir: Path,
         overwrite: bool = False,
         on_stage: StageCallback | None = None,
     ) -> MeshExportReport:
         """:meth:`make_mesh`, written to ``out_dir`` (outputs checked before any work)."""
         check_outputs_free(mesh_output_paths(Path(out_dir), prepared.stem, self.cfg.mesh.format), overwrite)
-        return self.make_mesh(prepared, gaussians, on_stage).save(out_dir, overwrite)
+        return self.make_mesh(prepared, model, on_stage).save(out_dir, overwrite)
 
     def make_mesh(
-        self, prepared: PreparedInput, gaussians: Gaussians, on_stage: StageCallback | None = None
+        self, prepared: PreparedInput, model: Representation, on_stage: StageCallback | None = None
     ) -> TexturedMesh:
-        """The textured mesh of ``gaussians`` (a run on ``prepared``), its texture refined with this teacher
+        """The textured mesh of ``model`` (a run on ``prepared``), its texture refined with this teacher
         conditioned as in the run (and on the reference view when the run's loss used it)."""
         reference = None if self.text_only else self.reference_view(prepared)
         self.teacher.prepare(
@@ -490,7 +491,14 @@ class ImageTo3D:
         )
         if not self.cfg.loss.reference_rgb:
             reference = None
-        return make_mesh(gaussians, prepared.stem, self.cfg, self.teacher, reference, self.device, on_stage=on_stage)
+        return make_mesh(model, prepared.stem, self.cfg, self.teacher, reference, self.device, on_stage=on_stage)
+
+
+def sheet_cameras(cfg: RunConfig) -> Cameras:
+    """The 8 views of ``<stem>_views.png``: around the object at elevation 0 from azimuth −180°, as the run's
+    reference camera (distance, fov, resolution)."""
+    c = cfg.cameras
+    return turntable(8, 0.0, c.radius, c.resolution, c.fovy, offset=-180.0)
 
 
 def front_view_stem(cfg: RunConfig) -> str:
@@ -632,20 +640,20 @@ class PromptTask(ImageTask):
 
 @dataclass
 class MeshInput:
-    """A :class:`MeshTask` job ready to run; a job resumed at the mesh stage also holds the Gaussians an
-    earlier run saved and what that run reported."""
+    """A :class:`MeshTask` job ready to run; a job resumed at the mesh stage also holds the representation
+    an earlier run saved and what that run reported."""
 
     input: PreparedInput
-    gaussians: Gaussians | None = None
+    model: Representation | None = None
     earlier: JobResult | None = None
 
 
 class MeshTask(ImageTask):
     """The batch task of ``image2mesh``: :class:`ImageTask`, then the textured mesh of the trained
-    Gaussians with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``).
+    representation with the same loaded teacher (``<stem>.glb`` or the ``mesh.format`` files, ``<stem>_mesh.json``).
 
-    With ``skip_existing``, a job whose Gaussians' outputs exist without its mesh (an earlier run stopped in
-    the mesh stage) makes the mesh alone, from the saved PLY, with the teacher conditioned as in that run (on
+    With ``skip_existing``, a job whose run outputs exist without its mesh (an earlier run stopped in the
+    mesh stage) makes the mesh alone, from the saved PLY or NeRF, with the teacher conditioned as in that run (on
     its saved ``<stem>_rgba.png`` and prompt): the same mesh an uninterrupted run makes. That run's settings
     must be this one's, apart from the mesh export's.
     """
@@ -657,10 +665,7 @@ class MeshTask(ImageTask):
         return super().outputs(job) + self._mesh_outputs(job)
 
     def prepare(self, job: Job) -> MeshInput:
-        if self.cfg.representation != "gaussians":
-            raise UserError(f"mesh export from a {self.cfg.representation} run is not available yet: "
-                            "use representation = \"gaussians\"")
-        first, mesh = self._outputs(job).all(), self._mesh_outputs(job)  # the Gaussians' stage, the mesh's
+        first, mesh = self._outputs(job).all(), self._mesh_outputs(job)  # the SIR run's stage, the mesh's
         if not self.overwrite and all(p.exists() for p in first) and not any(p.exists() for p in mesh):
             if not self.skip_existing:
                 raise UserError(
@@ -685,36 +690,39 @@ class MeshTask(ImageTask):
         if run.prompt != prepared.prompt:
             raise UserError(f"{outputs.report} holds a run on another prompt ({run.prompt!r}, here "
                             f"{prepared.prompt!r}): give its prompt to make its mesh, {redo}")
-        gaussians = Gaussians.load(outputs.ply, self.cfg.gaussians, self.device)
+        model = self._load(outputs.model)
         data = run.data
         earlier = JobResult(
             outputs={name: str(path) for name, path in outputs.named().items()}, seed=data.get("seed"),
             config=config, timings=dict(data.get("timings") or {}), evaluations=dict(data.get("evaluations") or {}),
-            note="mesh stage only (Gaussians from the earlier run)",
+            note=f"mesh stage only ({outputs.model.name} from the earlier run)",
         )
-        return MeshInput(prepared, gaussians, earlier)
+        return MeshInput(prepared, model, earlier)
+
+    def _load(self, path: Path) -> Representation:
+        return representation_entry(self.cfg.representation).load(path, self.cfg, self.device)
 
     def run(self, pipeline: ImageTo3D, job: Job, prepared: MeshInput, progress: StepCallback) -> JobResult:
         if prepared.earlier is None:
             result = super().run(pipeline, job, prepared.input, progress)
-            gaussians = Gaussians.load(Path(result.outputs["ply"]), self.cfg.gaussians, self.device)
+            model = self._load(Path(result.outputs[representation_entry(self.cfg.representation).output]))
         else:
-            result, gaussians = prepared.earlier, prepared.gaussians
+            result, model = prepared.earlier, prepared.model
             reset_peak_memory(self.device)
             result.timings.update({f"mesh.{k}": round(v, 4) for k, v in pipeline.load_timing().items()})
         mesh = pipeline.export_mesh(
-            prepared.input, gaussians, self.out_dir, self.overwrite,
+            prepared.input, model, self.out_dir, self.overwrite,
             on_stage=lambda stage: progress(STAGES.index(stage), len(STAGES), f"mesh: {stage}"),
         )
         result.outputs.update({"mesh": mesh.outputs[0], "mesh_report": mesh.outputs[-1]})
         result.timings.update({f"mesh.{k}": v for k, v in mesh.timings.items()})
-        result.peak_memory = peak_memory(self.device)  # the Gaussians' run (if any) and the mesh export together
+        result.peak_memory = peak_memory(self.device)  # the SIR run (if any) and the mesh export together
         result.note += f"; mesh {plural(mesh.faces, 'face')} in {sum(mesh.timings.values()):.1f} s" + _gpu_note(result.peak_memory)
         return result
 
 
 def _run_settings(config: Any) -> dict[str, Any]:
-    """What made a run's Gaussians: its report's config without the mesh export and the device, a model file
+    """What made a run's representation: its report's config without the mesh export and the device, a model file
     or folder by its hash."""
     settings = {k: v for k, v in json.loads(json.dumps(config or {})).items() if k not in ("mesh", "device")}
     teacher = settings.get("teacher")
@@ -740,7 +748,7 @@ class PromptMeshTask(MeshTask, PromptTask):
 
 
 def export_saved_run(
-    ply: Path,
+    result: Path,
     cfg: RunConfig,
     device: torch.device,
     out_dir: Path,
@@ -752,20 +760,25 @@ def export_saved_run(
     overwrite: bool = False,
     on_stage: StageCallback | None = None,
 ) -> MeshExportReport:
-    """``microdreamer export RUN.ply --to mesh``: the textured mesh of a saved 3DGS file.
+    """``microdreamer export RUN.ply --to mesh``: the textured mesh of a saved run's 3DGS PLY or NeRF
+    (``.safetensors``), with the mesh settings of ``cfg``.
 
     With ``refine``, the run's teacher (from ``cfg``) is loaded and conditioned as in the run: on ``image``,
     else the input image that the run's report ``run`` names (found as :class:`SavedRun` finds it), prepared
     with the report's preprocessing options, and on ``prompt``, else the report's. Without, the texture is
-    the bake alone. The PLY is read, the outputs checked and the image prepared before any model is loaded.
+    the bake alone. The file is read, the outputs checked and the image prepared before any model is loaded.
     """
-    gaussians = Gaussians.load(ply, cfg.gaussians, device)
-    stem = ply.stem
+    kind = representation_for_file(result)
+    if kind is None:
+        raise UserError(f"{result} is not a saved run: export takes the .ply of image2gs/text2gs or the "
+                        ".safetensors of image2nerf/text2nerf")
+    model = kind.load(result, cfg, device)
+    stem = result.stem
     taken = [p for p in mesh_output_paths(out_dir, stem, cfg.mesh.format) if p.exists()]
     if taken and not overwrite:
         raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
     if not refine or cfg.mesh.refine_steps == 0:
-        return export_mesh(gaussians, out_dir, stem, cfg, device=device, overwrite=overwrite, on_stage=on_stage)
+        return export_mesh(model, out_dir, stem, cfg, device=device, overwrite=overwrite, on_stage=on_stage)
     entry = teacher_entry(cfg.teacher.name)
     prompt = prompt or (run.prompt if run is not None else None)
     if image is None and run is not None and entry.inputs != "text":
@@ -779,7 +792,7 @@ def export_saved_run(
     options = PreprocessOptions.resolve(None if run is None else run.path)
     rgba = None if image is None else ImagePreparer(options)(image)
     pipeline = ImageTo3D(cfg, device)
-    return pipeline.export_mesh(PreparedInput(stem, image, rgba, prompt), gaussians, out_dir, overwrite, on_stage)
+    return pipeline.export_mesh(PreparedInput(stem, image, rgba, prompt), model, out_dir, overwrite, on_stage)
 
 
 class PreprocessTask:

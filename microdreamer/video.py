@@ -131,32 +131,25 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> Path:
 
 
 def result_renderer(path: Path, device: torch.device, normalize: bool = True, run_frame: bool = False) -> RenderFn:
-    """A render function for a saved result: a 3DGS ``.ply`` or a mesh (``.obj``, ``.glb``, ``.gltf``, …).
+    """A render function for a saved result: a 3DGS ``.ply``, a NeRF's ``.safetensors`` or a mesh (``.obj``,
+    ``.glb``, ``.gltf``, …).
 
     A mesh is rendered unlit (its albedo) with 2×2 supersampling; ``normalize`` fits it into the unit box
     first, unless ``run_frame`` puts it back into its run's frame by its export report
     (:func:`~microdreamer.evaluate.load_result_mesh`). The background is white.
     """
+    from .representations.registry import load_saved, saved_representation
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"result not found: {path}")
     background = torch.ones(3, device=device)
-    if path.suffix.lower() == ".ply" and _is_gaussian_ply(path):
-        from .config import GaussianConfig
-        from .representations.gaussians import Gaussians
-
-        gaussians = Gaussians.load(path, GaussianConfig(), device)
-        return lambda cameras: gaussians.render(cameras.to(device), background).rgb
+    if saved_representation(path) is not None:
+        model = load_saved(path, device)
+        return lambda cameras: model.render(cameras.to(device), background).rgb
     from .evaluate import load_result_mesh
     from .io.mesh import load_mesh
     from .render.mesh import rasterize_mesh
 
     mesh = (load_result_mesh(path)[0] if run_frame else load_mesh(path, normalize=normalize)).to(device)
     return lambda cameras: rasterize_mesh(mesh, cameras.to(device), background, supersample=2).rgb
-
-
-def _is_gaussian_ply(path: Path) -> bool:
-    """Whether a PLY's header declares 3DGS properties (a mesh PLY has faces and no opacity)."""
-    with open(path, "rb") as stream:
-        header = stream.read(4096).split(b"end_header")[0]
-    return b"property float opacity" in header and b"element face" not in header

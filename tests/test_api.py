@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from microdreamer import GaussianResult, Pipeline, Progress, UserError
+from microdreamer import ReconstructionResult, Pipeline, Progress, UserError
 from microdreamer.cli import main
 from microdreamer.io.ply import read_gaussian_ply
 
@@ -35,7 +35,7 @@ def pipe() -> Pipeline:
 
 
 @pytest.fixture(scope="module")
-def result(pipe) -> GaussianResult:
+def result(pipe) -> ReconstructionResult:
     return pipe.image_to_3d()
 
 
@@ -57,7 +57,7 @@ def test_results_render_evaluate_and_load_back(tmp_path, pipe, result):
     assert (views < 250).any(axis=-1).mean() > 0.02  # the cow covers part of every sheet, not a blank image
     report = result.save(tmp_path)
     ply = read_gaussian_ply(Path(report.outputs["ply"]))
-    assert len(ply.means) == report.primitives == result.gaussians.num_primitives
+    assert len(ply.means) == report.primitives == result.model.num_primitives
     scores = result.evaluate(SPOT, resolution=32)
     assert len(scores.views) == 16 and 10.0 < scores.mean_psnr < 60.0
     with pytest.raises(UserError, match="already exists"):

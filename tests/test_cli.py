@@ -77,9 +77,9 @@ def _no_work(monkeypatch) -> None:
         raise AssertionError("the command started working before refusing its input")
 
     monkeypatch.setattr(pipeline.ImageTo3D, "__init__", refuse)
-    for name in ("export_saved_run", "result_renderer", "evaluate_gaussians", "evaluate_mesh"):
+    for name in ("export_saved_run", "result_renderer", "evaluate_model", "evaluate_mesh"):
         monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
-    for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_gaussians"),
+    for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_model"),
                          (evaluate, "evaluate_mesh"), (catalog, "download"), (metrics_clip.ClipSimilarity, "load")]:
         monkeypatch.setattr(module, name, refuse)
 
@@ -178,6 +178,31 @@ REFUSALS = [
     (["eval", "{file}", "--protocol", "clip", "--clip-model", "{tmp}/nothing", "--prompt", "a cat"], "model folder not found: {tmp}/nothing"),
     (["models", "download", "nope"], "unknown model 'nope'"),
     (["presets", "show", "nope"], "unknown preset 'nope'"),
+    # the NeRF commands refuse as the Gaussian ones do (the same code paths)
+    (["image2nerf", "{image}", "--out", "{file}"], "--out {file} is a file, not a folder"),
+    (["text2nerf", "a cat", "--out", "{locked}/sub"], "cannot write in {locked}"),
+    (["text2nerf", "a cat", *OUT, "--manifest", "{tmp}"], "--manifest {tmp} is a folder"),
+    (["image2nerf", "{image}", *OUT, "--seed", "-1"], "--seed must be a whole number in 0.."),
+    (["image2nerf", "{image}", *OUT, "--res", "7"], "--res (cameras.resolution) must lie in 16..2048, got 7"),
+    (["image2nerf", "{image}", *OUT, "--elevation", "nan"], "--elevation"),
+    (["image2nerf", "{image}", *OUT, "--video-format", "avi"], "avi"),
+    (["image2nerf", "{image}", *OUT, "--video", "true"], "--video is a flag and takes no value"),
+    (["text2nerf", "a cat", *OUT, "--views", "6"], "--views must be a multiple of 4, got 6"),
+    (["text2nerf", "a cat", *OUT, "--iters", "0"], "--iters"),
+    (["image2nerf", "{image}", *OUT, "--backend", "gsplat"], "--backend (nerf.backend) must be auto, torch, cpu"),
+    (["image2nerf", "{tmp}/missing.png", *OUT], "input image not found"),
+    (["image2nerf", "{tmp}/notes.png", *OUT], "not an image"),
+    (["image2nerf", "{image}", *OUT, "--teacher", "nope"], "unknown teacher 'nope'"),
+    (["image2nerf", "{image}", *OUT, "--teacher", "mvdream"], "generates from text alone: use text2nerf PROMPT"),
+    (["image2nerf", "{image}", *OUT, "--prompt", "a cat"], "--prompt needs an image+text teacher"),
+    (["image2nerf", "{image}", *OUT, "--preset", "nope"], "unknown preset 'nope'"),
+    (["image2nerf", *OUT], "needs an input image"),
+    (["text2nerf", "a cat", *OUT, "--teacher", "stable-zero123"], "text2nerf needs a text-to-3D teacher (mvdream)"),
+    (["text2nerf", " ", *OUT], "empty prompt"),
+    (["image2mesh", "{image}", *OUT, "--representation", "voxels"], "unknown representation 'voxels'"),
+    (["text2mesh", "a cat", *OUT, "--representation", "nerf", "--threshold", "0"], "--threshold"),
+    (["export", "{tmp}/none.safetensors"], "result not found"),
+    (["eval", "{tmp}/none.safetensors", "--reference", "{spot}"], "result not found"),
 ]
 
 
@@ -285,7 +310,7 @@ def test_selftest_clears_its_threshold_on_the_bundled_cow_and_fails_below_a_high
     import torch
 
     from microdreamer.cli import SELFTEST_MIN_PSNR
-    from microdreamer.evaluate import evaluate_gaussians
+    from microdreamer.evaluate import evaluate_model
 
     assert main(["selftest", "--device", "cpu", "--min-psnr", "99", "--out", str(tmp_path)]) == 1
     err = " ".join(capsys.readouterr().err.split())
@@ -293,7 +318,7 @@ def test_selftest_clears_its_threshold_on_the_bundled_cow_and_fails_below_a_high
     assert line is not None, err
     printed = float(line.group(1))
     assert printed >= SELFTEST_MIN_PSNR
-    again = evaluate_gaussians(tmp_path / "spot.ply", SPOT, torch.device("cpu"))
+    again = evaluate_model(tmp_path / "spot.ply", SPOT, torch.device("cpu"))
     assert again.shading == "lit" and again.mean_psnr == pytest.approx(printed, abs=0.005)
 
 

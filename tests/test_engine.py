@@ -54,6 +54,9 @@ class Inert(Representation):
     def density(self, points):
         return torch.zeros(len(points))
 
+    def density_grid(self, resolution, threshold):
+        raise NotImplementedError
+
     @property
     def num_primitives(self):
         return 1

@@ -260,7 +260,7 @@ def test_image2mesh_stopped_in_the_mesh_stage_resumes_there(tmp_path, monkeypatc
     # --skip-existing makes the mesh alone, from the saved Gaussians: the mesh an uninterrupted run makes
     assert main([*RUN, "--out", "out", "--skip-existing", "--json"]) == 0
     (entry,) = json.loads(capsys.readouterr().out)["entries"]
-    assert entry["status"] == "done" and entry["note"].startswith("mesh stage only (Gaussians from the earlier run); ")
+    assert entry["status"] == "done" and entry["note"].startswith("mesh stage only (cow.ply from the earlier run); ")
     earlier = json.loads(Path("out/cow.json").read_text())
     assert {k: entry["timings"][k] for k in earlier["timings"]} == earlier["timings"]  # the Gaussians' run, kept
     assert "mesh.refine" in entry["timings"] and "mesh.load_teacher" in entry["timings"]

@@ -1,9 +1,11 @@
-"""Trained Gaussians → a clean, textured mesh file (paper §V "3DGS settings and mesh refinement").
+"""A trained representation → a clean, textured mesh file (paper §V "3DGS settings and mesh refinement";
+for a NeRF threestudio's mesh exporter, spec nerf §1.8).
 
-Stages, each timed: ``grid`` (opacity field) → ``marching_cubes`` → ``cleanup`` (floaters,
-orientation, smoothing) → ``decimation`` (face budget) → ``uv`` (xatlas) → ``bake`` (texture from
-Gaussian renders, padded across chart borders) → ``refine`` (one SIR iteration on the texture, when a
-teacher is given) → ``write`` (GLB, OBJ+MTL+PNG or PLY, plus ``<stem>_mesh.json`` with this report).
+Stages, each timed: ``grid`` (the representation's density field) → ``marching_cubes`` → ``cleanup``
+(floaters, orientation, smoothing) → ``decimation`` (face budget) → ``uv`` (xatlas) → ``bake`` (texture
+sampled from the representation's colour field, or without one baked from its renders, padded across
+chart borders) → ``refine`` (one SIR iteration on the texture, when a teacher is given) → ``write`` (GLB,
+OBJ+MTL+PNG or PLY, plus ``<stem>_mesh.json`` with this report).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..render.mesh import rasterize_mesh
-from ..representations.gaussians import Gaussians
+from ..representations.base import Representation
 from ..sir.engine import Reference
 from ..teachers.base import Teacher
-from .extract import GaussianField, clean, decimate, density_grid, marching_cubes, smooth
+from .extract import clean, decimate, marching_cubes, smooth
 from .texture import RefineLog, bake, bake_cameras, dilate, refine_texture, texel_surface
 from .uv import UVMesh, unwrap
 from .writers import MeshAsset, output_frame, output_paths, write_mesh
@@ -86,7 +88,7 @@ class TexturedMesh:
 
 
 def export_mesh(
-    gaussians: Gaussians,
+    model: Representation,
     out_dir: Path,
     stem: str,
     cfg: RunConfig,
@@ -97,18 +99,18 @@ def export_mesh(
     backend: str = "auto",
     on_stage: StageCallback | None = None,
 ) -> MeshExportReport:
-    """Mesh, unwrap, texture and write ``gaussians`` (:func:`make_mesh`, then :meth:`TexturedMesh.save`).
+    """Mesh, unwrap, texture and write ``model`` (:func:`make_mesh`, then :meth:`TexturedMesh.save`).
     Nothing is written unless every stage succeeds; an existing output is an error unless ``overwrite``
     (checked before any work)."""
     taken = [p for p in mesh_output_paths(Path(out_dir), stem, cfg.mesh.format) if p.exists()]
     if taken and not overwrite:
         raise UserError(f"{taken[0]} already exists: pass --overwrite to replace it, or choose another --out")
-    mesh = make_mesh(gaussians, stem, cfg, teacher, reference, device, backend, on_stage)
+    mesh = make_mesh(model, stem, cfg, teacher, reference, device, backend, on_stage)
     return mesh.save(out_dir, overwrite)
 
 
 def make_mesh(
-    gaussians: Gaussians,
+    model: Representation,
     stem: str,
     cfg: RunConfig,
     teacher: Teacher | None = None,
@@ -117,7 +119,8 @@ def make_mesh(
     backend: str = "auto",
     on_stage: StageCallback | None = None,
 ) -> TexturedMesh:
-    """The textured mesh of ``gaussians`` (settings in ``cfg.mesh``), in memory.
+    """The textured mesh of ``model`` (settings in ``cfg.mesh``: the density field's iso-level
+    ``threshold`` is the representation's own scale, 0.5 for Gaussians, 25 for a NeRF), in memory.
 
     The texture is refined with ``teacher`` (and the ``reference`` view, when given) unless
     ``cfg.mesh.refine_steps`` is 0 or there is no teacher. Randomness (refinement cameras and noise)
@@ -139,7 +142,7 @@ def make_mesh(
         timings[name] = round(time.perf_counter() - start, 3)
 
     with stage("grid"):
-        grid = density_grid(GaussianField.from_gaussians(gaussians), m.resolution, m.threshold)
+        grid = model.density_grid(m.resolution, m.threshold)
     with stage("marching_cubes"):
         vertices, tris = marching_cubes(grid, m.threshold)
         faces["marching_cubes"] = len(tris)
@@ -154,7 +157,7 @@ def make_mesh(
         mesh = unwrap(vertices, tris, m.texture, padding=max(2, m.texture // 256))
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
     with stage("bake"):
-        texture, covered = _bake(gaussians, mesh, cfg, background, device, backend)
+        texture, covered = _bake(model, mesh, cfg, background, device, backend)
     refine_log: RefineLog | None = None
     if teacher is not None and m.refine_steps > 0:
         with stage("refine"):
@@ -178,15 +181,20 @@ def make_mesh(
     return TexturedMesh(asset, report)
 
 
-def _bake(gaussians: Gaussians, mesh: UVMesh, cfg: RunConfig, background: torch.Tensor, device: torch.device,
+def _bake(model: Representation, mesh: UVMesh, cfg: RunConfig, background: torch.Tensor, device: torch.device,
           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial texture from Gaussian renders around the object, padded across chart borders."""
+    """Initial texture: ``model``'s colour field at the surface point behind each texel, or without one
+    its renders around the object; padded across chart borders."""
     m = cfg.mesh
     surface = texel_surface(mesh, m.texture, backend, device)
+    if model.colour_field:
+        texture = torch.zeros(m.texture * m.texture, 3, device=device)
+        texture[surface.index.to(device)] = model.colour(surface.position).to(device)
+        return dilate(texture.reshape(m.texture, m.texture, 3), surface.covered), surface.covered
     cameras = bake_cameras(cfg.cameras.radius, m.bake_resolution, cfg.cameras.fovy).to(device)
     textured = mesh.textured().to(device)
     with torch.no_grad():
-        images = gaussians.render(cameras, background).rgb
+        images = model.render(cameras, background).rgb
         depth = rasterize_mesh(textured, cameras, background, backend).depth
     extent = float(np.ptp(mesh.vertices, axis=0).max())
     texture = bake(surface, m.texture, images, depth, cameras, depth_tolerance=0.01 * extent)

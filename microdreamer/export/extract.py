@@ -1,17 +1,21 @@
-"""Geometry from trained Gaussians: opacity field on a grid → marching cubes → clean-up → decimation.
+"""Geometry from a trained representation: density on a grid → marching cubes → clean-up → decimation.
 
-The field is the one :meth:`Gaussians.density` defines, ``σ(x) = Σ_i o_i exp(−½ dᵀΣ_i⁻¹d)``, each term
-cut off outside the box around its 3-sigma ellipsoid. The grid is computed coarse to fine (see
-:func:`density_grid`); evaluation is point-block centric: each block of ``BLOCK³`` grid points meets
-only the Gaussians whose boxes touch it, and all its quadratic forms are one batched matrix product.
+A representation puts its density on a grid (:meth:`~microdreamer.representations.base.Representation.density_grid`).
+Gaussians use the block evaluator here: their field is ``σ(x) = Σ_i o_i exp(−½ dᵀΣ_i⁻¹d)``, each term
+cut off outside the box around its 3-sigma ellipsoid, computed coarse to fine (see :func:`density_grid`);
+evaluation is point-block centric: each block of ``BLOCK³`` grid points meets only the Gaussians whose
+boxes touch it, and all its quadratic forms are one batched matrix product. A field that is a function of
+the point (a NeRF's σ) is sampled by :func:`sample_grid`, coarse to fine as threestudio's isosurface.
 
 3DGS reconstructions are shells with holes around a hollow, so before marching cubes the deep
-interior is made solid (see :func:`solidify`) and only the outer surface remains.
+interior is made solid (see :func:`solidify`) and only the outer surface remains; a NeRF's field is solid
+inside, and only the cavities its surface encloses are filled (:func:`fill_cavities`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,12 @@ SMOOTH_ERROR = 0.02
 SMOOTH_ITERATIONS = 10
 #: entries of the [blocks, points, Gaussians] product evaluated at once
 _BATCH_ENTRIES = 1 << 22
+#: points per axis of :func:`sample_grid`'s coarse pass over the whole field, which finds the object's box
+COARSE_POINTS = 64
+#: that box grows by this share of its side on each side before the fine pass (threestudio's 10 %)
+BOX_MARGIN = 0.1
+#: grid points per density call of :func:`sample_grid`
+_SAMPLE_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,9 @@ class DensityGrid:
     values: np.ndarray  # [R,R,R] float32
     origin: np.ndarray  # [3]
     spacing: float
+    # a shell with holes around a hollow (3DGS), solidified through its halo (:func:`solidify`); else a field
+    # solid inside (a NeRF's σ), whose enclosed cavities alone are filled
+    shell: bool = True
 
     def to_world(self, index_coords: np.ndarray) -> np.ndarray:
         return self.origin + self.spacing * index_coords
@@ -219,6 +232,38 @@ def density_grid(field: GaussianField, resolution: int, threshold: float) -> Den
     return DensityGrid(values.numpy(), origin.numpy(), spacing)
 
 
+def sample_grid(density: Callable[[Tensor], Tensor], radius: float, resolution: int, threshold: float) -> DensityGrid:
+    """``density`` (world points ``[P,3]`` → ``[P]``, a field living in ``[-radius, radius]³``) on
+    ``resolution³`` points spanning a cube around the object, coarse to fine as threestudio's isosurface:
+    a pass of :data:`COARSE_POINTS`³ over the whole box finds the points above ``threshold``; their box,
+    grown by :data:`BOX_MARGIN` of its side and one coarse spacing on each side, becomes the cube (its
+    longest side, centred on it) of the fine pass. A field that nowhere exceeds the threshold gives the
+    coarse grid (marching cubes then says how high it peaks)."""
+    coarse = _sample_cube(density, torch.full((3,), -radius, dtype=torch.float64), 2 * radius, COARSE_POINTS)
+    above = np.argwhere(coarse.values > threshold)
+    if len(above) == 0:
+        return coarse
+    lo, hi = coarse.to_world(above.min(0)), coarse.to_world(above.max(0))
+    grow = BOX_MARGIN * (hi - lo) + coarse.spacing
+    lo, hi = np.maximum(lo - grow, -radius), np.minimum(hi + grow, radius)
+    side = float((hi - lo).max())
+    origin = torch.from_numpy((lo + hi) / 2 - side / 2)
+    return _sample_cube(density, origin, side, resolution)
+
+
+def _sample_cube(density: Callable[[Tensor], Tensor], origin: Tensor, side: float, size: int) -> DensityGrid:
+    """``density`` at the ``size³`` points ``origin + side/(size − 1)·(i, j, k)``, a few planes per call."""
+    spacing = side / (size - 1)
+    axis = torch.arange(size, dtype=torch.float64) * spacing
+    planes = max(1, _SAMPLE_CHUNK // size**2)
+    values = np.empty((size, size, size), np.float32)
+    for first in range(0, size, planes):
+        xyz = torch.stack(torch.meshgrid(axis[first:first + planes], axis, axis, indexing="ij"), -1) + origin
+        chunk = density(xyz.reshape(-1, 3).float()).reshape(xyz.shape[:3])
+        values[first:first + planes] = chunk.detach().float().cpu().numpy()
+    return DensityGrid(values, origin.numpy(), spacing, shell=False)
+
+
 def _core_cells(field: GaussianField, level: float, origin: Tensor, spacing: float, cells: int) -> Tensor:
     """Cells ``[cells³]`` (of the grid with that ``spacing``) touched by the box around the region where
     some Gaussian alone exceeds ``level``: ``o·exp(−½m²) ≥ level`` for ``m ≤ sqrt(2 ln(o/level))``."""
@@ -267,16 +312,24 @@ def solidify(grid: DensityGrid, threshold: float) -> np.ndarray:
     return np.where(deep, np.maximum(grid.values, 2 * threshold), grid.values)
 
 
+def fill_cavities(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values`` raised above ``threshold`` in every region below it that the field above it encloses: the
+    surface keeps its outer wall alone, no walls of inner bubbles."""
+    above = values > threshold
+    return np.where(enclosed(above) & ~above, 2 * threshold, values)
+
+
 def marching_cubes(grid: DensityGrid, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The closed outer surface ``σ = threshold`` in world units, faces oriented outwards."""
     import mcubes
 
     if not (grid.values > threshold).any():
         raise UserError(
-            f"empty density field: the Gaussians' density peaks at {float(grid.values.max()):.3g}, below "
+            f"empty density field: the density peaks at {float(grid.values.max()):.3g}, below "
             f"the meshing threshold {threshold:g} (lower mesh.threshold)"
         )
-    padded = np.pad(solidify(grid, threshold), 1)  # zero border: surfaces touching the grid edge still close
+    values = solidify(grid, threshold) if grid.shell else fill_cavities(grid.values, threshold)
+    padded = np.pad(values, 1)  # zero border: surfaces touching the grid edge still close
     vertices, faces = mcubes.marching_cubes(padded, threshold)
     return grid.to_world(vertices - 1.0), faces.astype(np.int64)
 

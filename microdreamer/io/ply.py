@@ -56,6 +56,15 @@ class GaussianPLY:
         return math.isqrt(self.f_rest.shape[1] + 1) - 1
 
 
+def is_gaussian_ply(path: Path) -> bool:
+    """Whether ``path`` is a PLY whose header declares 3D Gaussian properties (else: a mesh file)."""
+    if Path(path).suffix.lower() != ".ply":
+        return False
+    with open(path, "rb") as f:
+        header = f.read(4096).split(b"end_header")[0]
+    return all(f"property float {name}".encode() in header for name in ("opacity", "scale_0", "rot_0"))
+
+
 def _property_names(num_rest: int) -> list[str]:
     return (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
             + [f"f_rest_{i}" for i in range(num_rest)]

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from ..render.types import RenderOutput
 from ..sir.cameras import Cameras
 
+if TYPE_CHECKING:
+    from ..export.extract import DensityGrid
+
 
 class Representation(ABC):
     #: the most pixels one optimisation step should render (0: whole images); a representation with a
     #: budget renders random pixel subsets through :meth:`render_pixels`
     pixel_budget: int = 0
+    #: whether :meth:`colour` gives the colour renders show at a surface point (a NeRF's colour field); an
+    #: exported mesh's texture is sampled from it, else baked from renders
+    colour_field: bool = False
 
     @abstractmethod
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
@@ -47,6 +54,15 @@ class Representation(ABC):
     @abstractmethod
     def density(self, points: Tensor) -> Tensor:
         """Density (opacity field) at world ``points [P,3]`` for mesh extraction."""
+
+    @abstractmethod
+    def density_grid(self, resolution: int, threshold: float) -> DensityGrid:
+        """:meth:`density` on ``resolution³`` points spanning a cube around the object, for marching cubes
+        at ``threshold``."""
+
+    def colour(self, points: Tensor) -> Tensor:
+        """Colour ``[P,3]`` in [0,1] at world ``points [P,3]`` (with :attr:`colour_field`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no colour field: its colours exist in renders")
 
     @property
     @abstractmethod

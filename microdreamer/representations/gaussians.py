@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from ..sir.cameras import Cameras
 from .base import Representation
 from .densify import DensifyReport, DensifyState, DensifyStrategy, Params, keep, quaternion_to_matrix
 from .white_filter import white_floaters
+
+if TYPE_CHECKING:
+    from ..export.extract import DensityGrid
 
 SH_C0 = 0.28209479177387814  # the degree-0 real spherical harmonic, 1 / (2·sqrt(pi))
 FIELDS = ("means", "f_dc", "f_rest", "opacity", "scale", "rotation")
@@ -256,6 +260,13 @@ class Gaussians(Representation):
             maha = (monomials @ coef.T).clamp_min(0).float()  # dᵀΣ⁻¹d for every pair [p,g]
             out[idx] = torch.exp(-0.5 * maha) @ opacity[near]
         return out
+
+    def density_grid(self, resolution: int, threshold: float) -> DensityGrid:
+        """The opacity field on a grid around the Gaussians by the block evaluator of
+        :func:`~microdreamer.export.extract.density_grid` (far faster than :meth:`density` point by point)."""
+        from ..export.extract import GaussianField, density_grid
+
+        return density_grid(GaussianField.from_gaussians(self), resolution, threshold)
 
 
 def _spatial_order(points: Tensor, chunk: int) -> Tensor:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +45,9 @@ from .envmap import EnvironmentMap
 from .mlp import VanillaMLP
 from .nerf_heads import nerf_density, nerf_heads
 from .nerf_heads import unavailable_reason as heads_unavailable_reason
+
+if TYPE_CHECKING:
+    from ..export.extract import DensityGrid
 
 FILE_FORMAT = "microdreamer-nerf"
 #: our parameter names → threestudio's state-dict names
@@ -133,6 +137,22 @@ class NerfField(Representation):
             idx = inside[start:start + chunk]
             out[idx] = self._sample_density(pts[idx])
         return out
+
+    def density_grid(self, resolution: int, threshold: float) -> DensityGrid:
+        """σ sampled coarse to fine in the field's box (:func:`~microdreamer.export.extract.sample_grid`)."""
+        from ..export.extract import sample_grid
+
+        return sample_grid(self.density, self.cfg.radius, resolution, threshold)
+
+    #: the colour network's output is the colour renders composite (no view dependence, no shading)
+    colour_field = True
+
+    @torch.no_grad()
+    def colour(self, points: Tensor, chunk: int = 262144) -> Tensor:
+        """``sigmoid(feature_network(encoding))`` at world ``points [P,3]`` → ``[P,3]``."""
+        pts = points.to(self.device, torch.float32).reshape(-1, 3)
+        return torch.cat([torch.sigmoid(self.feature_network(self._encode(pts[i:i + chunk])))
+                          for i in range(0, pts.shape[0], chunk)] or [pts.new_zeros(0, 3)])
 
     # rendering ------------------------------------------------------------------------------------
     def _rays(self, rays_o: Tensor, rays_d: Tensor) -> VolumeOutput:

@@ -1,14 +1,17 @@
-"""The representation registry: ``representation`` in the run configuration → the class SIR optimises."""
+"""The representation registry: ``representation`` in the run configuration → the class SIR optimises, and
+a saved file → the representation it holds."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..io.ply import is_gaussian_ply
 from .base import Representation
 
 
@@ -19,6 +22,8 @@ class RepresentationEntry:
     suffix: str  # the saved file's suffix
     primitive: str  # what num_primitives counts (singular), for summaries
     build: Callable[[RunConfig, torch.device, torch.Generator], Representation]
+    load: Callable[[Path, RunConfig, torch.device], Representation]  # a saved file, ready to render
+    holds: Callable[[Path], bool]  # whether a file with its suffix is one this representation saved (header)
 
 
 def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
@@ -27,17 +32,30 @@ def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator)
     return Gaussians(cfg.gaussians, device, generator)
 
 
+def _load_gaussians(path: Path, cfg: RunConfig, device: torch.device) -> Representation:
+    from .gaussians import Gaussians
+
+    return Gaussians.load(path, cfg.gaussians, device)
+
+
 def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
     from .nerf import NerfField
 
     return NerfField(cfg.nerf, device, generator)
 
 
+def _load_nerf(path: Path, cfg: RunConfig, device: torch.device) -> Representation:
+    from .nerf import NerfField
+
+    return NerfField.load(path, device)  # its configuration travels in the file
+
+
 REPRESENTATIONS: dict[str, RepresentationEntry] = {
     e.name: e
     for e in (
-        RepresentationEntry("gaussians", "ply", ".ply", "Gaussian", _gaussians),
-        RepresentationEntry("nerf", "nerf", ".safetensors", "occupied grid cell", _nerf),
+        RepresentationEntry("gaussians", "ply", ".ply", "Gaussian", _gaussians, _load_gaussians, is_gaussian_ply),
+        RepresentationEntry("nerf", "nerf", ".safetensors", "occupied grid cell", _nerf, _load_nerf,
+                            lambda path: True),
     )
 }
 
@@ -46,3 +64,25 @@ def representation_entry(name: str) -> RepresentationEntry:
     if name not in REPRESENTATIONS:
         raise UserError(f"unknown representation '{name}' (available: {', '.join(REPRESENTATIONS)})")
     return REPRESENTATIONS[name]
+
+
+def representation_for_file(path: Path) -> RepresentationEntry | None:
+    """The representation whose runs save files with ``path``'s suffix (``.ply``: Gaussians,
+    ``.safetensors``: a NeRF); None for another suffix."""
+    return next((e for e in REPRESENTATIONS.values() if Path(path).suffix.lower() == e.suffix), None)
+
+
+def saved_representation(path: Path) -> RepresentationEntry | None:
+    """The representation a saved run's file holds (a 3DGS PLY, a NeRF's safetensors), by name and header;
+    None for any other file (a mesh, a mesh PLY)."""
+    entry = representation_for_file(path)
+    return entry if entry is not None and Path(path).is_file() and entry.holds(Path(path)) else None
+
+
+def load_saved(path: Path, device: torch.device) -> Representation:
+    """A run's saved file (a 3DGS PLY, a NeRF's safetensors) ready to render, with the default settings (a
+    NeRF's own travel in its file)."""
+    entry = saved_representation(path)
+    if entry is None:
+        raise UserError(f"{path} is neither a 3DGS PLY nor a NeRF (.safetensors) written by microdreamer")
+    return entry.load(Path(path), RunConfig(), device)

@@ -30,6 +30,11 @@ class TeacherEntry:
     views_multiple: int = 1  # --views must be a multiple of this (views the teacher denoises together)
     weights: str | None = None  # the catalog entry of its default weights; None: it needs none
 
+    def preset_for(self, representation: str) -> str:
+        """The preset a run of ``representation`` with this teacher starts from: ``preset`` for Gaussians,
+        ``<preset>-nerf`` for a NeRF (the paper's Table I NeRF column)."""
+        return self.preset if representation == "gaussians" else f"{self.preset}-{representation}"
+
 
 def _reference(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
     from .reference import ReferenceTeacher
