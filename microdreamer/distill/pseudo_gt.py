@@ -22,8 +22,8 @@ Folder (``RUN_DIR/pseudo_gt`` by default, or any folder shared by runs with the 
 - ``sample-XXXXXXXX.safetensors`` per sample: ``means``, ``quats``, ``scales``, ``opacities``, ``colors`` (the
   LGM Gaussians at least 0.005 opaque, activated, in LGM's frame, float16), ``elevation`` and ``azimuth``
   (the poses, degrees, float32, our orbit convention around the condition view: see
-  :meth:`GECOReconstructor.cameras`); metadata ``image`` (index of the condition image), ``condition`` (its
-  file) and ``noise_seed``. Each file is written under a temporary name and renamed when complete.
+  :meth:`GECOReconstructor.cameras`); metadata ``sample``, a JSON object of ``image`` (index of the
+  condition image), ``condition`` (its file) and ``noise_seed``. Each file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -108,16 +108,19 @@ class PseudoGroundTruth:
     def missing(self, count: int) -> list[int]:
         return [j for j in range(count) if not self.path(j).is_file()]
 
-    def write(self, sample: int, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    def write(self, sample: int, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
+        """Store one sample (metadata as one JSON value, so that the file's bytes do not depend on the order
+        in which safetensors writes several)."""
         with atomic_path(self.path(sample)) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"sample": json.dumps(metadata, sort_keys=True)})
 
     def entry(self, sample: int, device: torch.device) -> Entry:
         path = self.path(sample)
         if not path.is_file():
             raise UserError(f"the pseudo ground truth of sample {sample} is missing ({path}); run again to rebuild it")
         with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata()
+            meta = json.loads(handle.metadata()["sample"])
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         return Entry(int(meta["image"]), int(meta["noise_seed"]),
                      {k: tensors[k].to(device, torch.float32) for k in GAUSSIANS},
@@ -126,7 +129,7 @@ class PseudoGroundTruth:
     def build(
         self,
         count: int,
-        make: Callable[[int], tuple[dict[str, Tensor], dict[str, str]]],
+        make: Callable[[int], tuple[dict[str, Tensor], dict[str, Any]]],
         world: World,
         device: torch.device,
         progress: Callable[[int, int], None],

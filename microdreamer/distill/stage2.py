@@ -106,7 +106,7 @@ class Stage2(Trainer):
         return keyed_seed(self.config.seed, "stage2-noise", sample)
 
     @torch.no_grad()
-    def pseudo_ground_truth(self, sample: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+    def pseudo_ground_truth(self, sample: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The stored tensors and metadata of ``sample`` (:mod:`.pseudo_gt`)."""
         c = self.config
         image, seed = sample // c.samples_per_image, self.noise_seed(sample)
@@ -123,7 +123,7 @@ class Stage2(Trainer):
                                      distance_range=(1.0, 1.0), fovy_range=(c.fovy, c.fovy))
         poses = sampler.sample(keyed_generator(c.seed, "stage2-poses", sample))
         tensors.update(elevation=poses.elevation.float(), azimuth=poses.azimuth.float())
-        return tensors, {"image": str(image), "condition": self.data.files[image], "noise_seed": str(seed)}
+        return tensors, {"image": image, "condition": self.data.files[image], "noise_seed": seed}
 
     def prepare(self, run_dir: Path, emit: Callable[[Event], None]) -> Event:
         """Make the pseudo ground truth the cache lacks."""
