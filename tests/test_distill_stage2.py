@@ -15,7 +15,7 @@ import torch
 from microdreamer.cli import main
 from microdreamer.distill.checkpoints import latest_checkpoint
 from microdreamer.distill.config import Stage1Config, Stage2Config
-from microdreamer.distill.data import load_conditions, prepare_conditions
+from microdreamer.distill.data import load_conditions
 from microdreamer.distill.randomness import batch_items
 from microdreamer.distill.reconstruction import GECOReconstructor
 from microdreamer.distill.runs import LOG, NOTICE, ReconstructorSpec, open_run
@@ -24,11 +24,10 @@ from microdreamer.distill.stage2 import Stage2, load_lpips, run_stage2, stage1_r
 from microdreamer.errors import UserError
 from microdreamer.generators.euler_ancestral import EulerAncestral
 from microdreamer.generators.zero123plus import GRAY, Zero123PlusGenerator
-from microdreamer.io.images import save_image
 from microdreamer.reconstructors.lgm import LGMReconstructor, plucker_rays
 from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
 from microdreamer.sir.cameras import orbit_camera
-from tiny_models import build_tiny_zero123plus, write_lgm, write_lpips_weights
+from tiny_models import build_tiny_zero123plus, prepare_tiny_conditions, write_lgm, write_lpips_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,14 +42,7 @@ GROUPS = ("generator", "reconstructor", "optimizer_generator", "optimizer_recons
 def world(tmp_path_factory) -> dict[str, Path]:
     """Condition images, a tiny Zero123++, a one-step Stage I run on it, a small LGM and LPIPS weights."""
     root = tmp_path_factory.mktemp("stage2")
-    pictures = root / "pictures"
-    g = np.random.default_rng(0)
-    for i in range(3):
-        rgba = np.zeros((40, 40, 4), np.uint8)
-        rgba[8 + i : 30, 10 : 28 + i, :3] = g.integers(0, 256, 3)
-        rgba[8 + i : 30, 10 : 28 + i, 3] = 255
-        save_image(pictures / f"p{i}.png", rgba)
-    prepare_conditions([pictures], root / "data")
+    prepare_tiny_conditions(root)
     zero123plus = build_tiny_zero123plus(root / "zero123plus")
     run_stage1(Stage1Config(data=str(root / "data"), model=str(zero123plus), view_size=8, steps=1, validate_every=0,
                             device="cpu", lr_generator=1e-3, lr_student=1e-3), root / "stage1")

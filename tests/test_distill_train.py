@@ -18,12 +18,12 @@ from microdreamer.cli import main
 from microdreamer.distill import checkpoints as checkpoints_module
 from microdreamer.distill.checkpoints import complete_checkpoints, latest_checkpoint, save_checkpoint
 from microdreamer.distill.config import Stage1Config
-from microdreamer.distill.data import load_conditions, prepare_conditions
+from microdreamer.distill.data import load_conditions
 from microdreamer.distill.runs import LOG, NOTICE
 from microdreamer.distill.stage1 import run_stage1, stage1_config
 from microdreamer.errors import UserError
 from microdreamer.io.images import save_image
-from tiny_models import build_tiny_zero123plus
+from tiny_models import build_tiny_zero123plus, prepare_tiny_conditions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,16 +40,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Three condition images prepared from RGBA pictures."""
-    pictures = tmp_path_factory.mktemp("pictures")
-    g = np.random.default_rng(0)
-    for i in range(3):
-        rgba = np.zeros((40, 40, 4), np.uint8)
-        rgba[8 + i : 30, 10 : 28 + i, :3] = g.integers(0, 256, 3)
-        rgba[8 + i : 30, 10 : 28 + i, 3] = 255
-        save_image(pictures / f"p{i}.png", rgba)
-    out = tmp_path_factory.mktemp("data")
-    prepare_conditions([pictures], out)
-    return out
+    return prepare_tiny_conditions(tmp_path_factory.mktemp("conditions"))
 
 
 def _settings(data_dir: Path, tiny_dir: Path, **changes) -> dict:

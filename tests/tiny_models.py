@@ -519,3 +519,21 @@ def write_lpips_weights(folder: Path) -> tuple[Path, Path]:
     torch.save(lpips_vgg16(), folder / "vgg16-397923af.pth")
     torch.save(lpips_heads(), folder / "vgg.pth")
     return folder / "vgg16-397923af.pth", folder / "vgg.pth"
+
+
+def prepare_tiny_conditions(root: Path) -> Path:
+    """``root/data``: three condition images `distill prepare` made from RGBA pictures (``root/pictures``) of
+    coloured boxes."""
+    import numpy as np
+
+    from microdreamer.distill.data import prepare_conditions
+    from microdreamer.io.images import save_image
+
+    g = np.random.default_rng(0)
+    for i in range(3):
+        rgba = np.zeros((40, 40, 4), np.uint8)
+        rgba[8 + i : 30, 10 : 28 + i, :3] = g.integers(0, 256, 3)
+        rgba[8 + i : 30, 10 : 28 + i, 3] = 255
+        save_image(root / "pictures" / f"p{i}.png", rgba)
+    prepare_conditions([root / "pictures"], root / "data")
+    return root / "data"
