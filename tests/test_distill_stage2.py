@@ -326,3 +326,31 @@ def test_the_command_line_runs_stage2_on_a_stage1_run_and_leaves_a_loadable_run(
     assert latest_checkpoint(out).step == 3
     assert main(["distill", "stage1", "--out", str(out), "--resume"]) == 2
     assert "holds a Stage 2 run, not Stage 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model": None}, "give the Stage I run to fine-tune with --model RUN_DIR"),
+        ({"lgm_views": (0, 0, 1)}, r"--lgm-views must name distinct views among 0..5, got \[0, 0, 1\]"),
+        ({"lgm_views": (6,)}, "--lgm-views must name distinct views"),
+        ({"render_views": 9, "poses": 8}, "--render-views 9 exceeds the 8 poses of each sample"),
+        ({"pose_elevations": (30.0, -30.0)}, "--pose-elevations must satisfy -90 < low <= high < 90, got 30.0..-30.0"),
+        ({"background": "black"}, "unknown --background 'black' \\(use white, gray\\)"),
+        ({"lambda_lpips": -1.0}, "--lambda-lpips must not be negative"),
+        ({"steps": -2}, "--steps must be at least 1, got -2"),
+        ({"render_size": 8}, "LPIPS needs renders of at least 16² pixels"),
+    ],
+)
+def test_bad_stage2_settings_are_one_line(changes, message):
+    with pytest.raises(UserError, match=message) as info:
+        Stage2Config(**{"data": "d", "model": "m", **changes}).validate()
+    assert "\n" not in str(info.value)
+
+
+def test_list_options_are_checked_on_the_command_line(tmp_path, capsys):
+    args = ["distill", "stage2", "--out", str(tmp_path / "run"), "--data", "d", "--model", "m"]
+    assert main([*args, "--lgm-views", "0,x"]) == 2
+    assert "--lgm-views takes comma-separated numbers, got '0,x'" in capsys.readouterr().err
+    assert main([*args, "--pose-elevations", "10"]) == 2
+    assert "--pose-elevations takes 2 comma-separated numbers, got '10'" in capsys.readouterr().err

@@ -178,7 +178,8 @@ class Stage2Config(TrainingConfig):
         return {"--epochs": self.epochs, "--teacher-steps": self.teacher_steps,
                 "--samples-per-image": self.samples_per_image, "--poses": self.poses,
                 "--render-views": self.render_views, "--render-size": self.render_size,
-                "--validation-views": self.validation_views, "--steps": self.steps or 1}
+                "--validation-views": self.validation_views,
+                "--steps": self.steps or 1}  # 0 is allowed: --epochs passes
 
     def _not_negative(self) -> dict[str, float]:
         return {"--lr-generator": self.lr_generator, "--lr-reconstructor": self.lr_reconstructor,
