@@ -354,3 +354,21 @@ def test_list_options_are_checked_on_the_command_line(tmp_path, capsys):
     assert "--lgm-views takes comma-separated numbers, got '0,x'" in capsys.readouterr().err
     assert main([*args, "--pose-elevations", "10"]) == 2
     assert "--pose-elevations takes 2 comma-separated numbers, got '10'" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_caching_is_one_line_and_keeps_the_samples_made(tmp_path, monkeypatch):
+    from microdreamer.distill import pseudo_gt
+
+    cache = pseudo_gt.PseudoGroundTruth(tmp_path / "cache", {"seed": 0})
+    cache.write(0, {"means": torch.zeros(2, 3)}, {"image": 0})
+    kept = cache.path(0).read_bytes()
+
+    def full(tensors, path, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pseudo_gt, "save_file", full)
+    with pytest.raises(UserError, match=r"sample 1 in .*\(No space left on device\); free space and run again"):
+        cache.write(1, {"means": torch.zeros(2, 3)}, {"image": 1})
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["sample-00000000.safetensors"]
+    assert cache.path(0).read_bytes() == kept

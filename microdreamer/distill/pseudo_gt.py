@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -111,9 +111,14 @@ class PseudoGroundTruth:
     def write(self, sample: int, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
         """Store one sample (metadata as one JSON value, so that the file's bytes do not depend on the order
         in which safetensors writes several)."""
-        with atomic_path(self.path(sample)) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={"sample": json.dumps(metadata, sort_keys=True)})
+        try:
+            with atomic_path(self.path(sample)) as tmp:
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                          metadata={"sample": json.dumps(metadata, sort_keys=True)})
+        except (OSError, SafetensorError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+            raise UserError(f"cannot write the pseudo ground truth of sample {sample} in {self.folder} ({reason}); "
+                            "free space and run again: the samples made so far are kept") from None
 
     def entry(self, sample: int, device: torch.device) -> Entry:
         path = self.path(sample)

@@ -83,9 +83,9 @@ class Stage2(Trainer):
         self.train("reconstructor", self.reconstructor.network, config.lr_reconstructor)
         self.latent_shape = latent_shape(model, generator.view_size)
         self.samples = len(data) * config.samples_per_image
-        self.cache = PseudoGroundTruth(cache, self.cache_settings(model))
+        self.cache = PseudoGroundTruth(cache, self.cache_settings())
 
-    def cache_settings(self, model: Zero123PlusGenerator) -> dict[str, Any]:
+    def cache_settings(self) -> dict[str, Any]:
         """Everything the pseudo ground truth depends on."""
         c = self.config
         return {"teacher": self.generator_spec.model, "teacher_steps": c.teacher_steps,
