@@ -1,6 +1,6 @@
 """GECO Stage I at real size with random weights: time per network call and the memory of a full step.
 
-A Stage I step (global batch 1, :mod:`microdreamer.distill.trainer`) runs the Zero123++ v1.1 UNet (865.9 M
+A Stage I step (global batch 1, :mod:`microdreamer.distill.stage1`) runs the Zero123++ v1.1 UNet (865.9 M
 parameters, spec teachers.md §4.1) as three networks, each call being a reference-attention call (the write
 pass on the 64² condition latent, then the read pass on the 120 × 80 latents of the 3 × 2 grid):
 

@@ -1259,7 +1259,8 @@ def run() -> None:
 # distillation (GECO) -------------------------------------------------------------------------------
 
 distill_app = typer.Typer(
-    help="GECO distillation: condition images, then Stage I (Zero123++ → a one-step generator by VSD).",
+    help="GECO distillation: condition images, Stage I (Zero123++ → a one-step generator by VSD), Stage II "
+    "(generator and LGM fine-tuned together on pseudo ground truth).",
     no_args_is_help=True,
 )
 app.add_typer(distill_app, name="distill")
@@ -1305,8 +1306,63 @@ def distill_prepare(
 
 
 def _distill_settings(**options: Any) -> dict[str, Any]:
-    """The options the user gave (None: not given), as DistillConfig settings."""
+    """The options the user gave (None: not given), as distillation settings."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
+
+
+def _numbers(option: str, text: str | None, kind: type, count: int | None = None) -> tuple | None:
+    """A comma-separated list of ``kind`` (``count`` of them when given) from ``text``; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count):
+        what = f"{count} comma-separated numbers" if count else "comma-separated numbers"
+        raise UserError(f"{option} takes {what}, got {text!r}")
+    return values
+
+
+def _training_progress(
+    console: Console, out: Path, step_line: Callable[[dict[str, Any]], str]
+) -> Callable[[dict[str, Any]], None]:
+    """What a distillation run says about its events (``step_line``: a step's losses)."""
+    steps = 1
+
+    def show(event: dict[str, Any]) -> None:
+        nonlocal steps
+        kind = event["event"]
+        if kind == "loaded":
+            steps = event["steps"]
+            start = f"resuming at step {event['step']}" if event["step"] else "starting"
+            console.print(f"{start} of {steps} ({plural(event['processes'], 'process', 'processes')}); "
+                          f"the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)")
+        elif kind == "pseudo_gt_progress":
+            console.print(f"pseudo ground truth: {event['done']}/{event['total']} samples made")
+        elif kind == "pseudo_gt":
+            made = f"made {event['made']}" if event["made"] else "all cached"
+            console.print(f"pseudo ground truth: {plural(event['samples'], 'sample')} ({made}) in "
+                          f"{escape(event['folder'])}")
+        elif kind == "step" and (event["step"] % max(1, steps // 100) == 0 or event["step"] == steps):
+            console.print(f"step {event['step']}/{steps}: {step_line(event)} ({event['seconds']:.2f} s)")
+        elif kind == "checkpoint":
+            console.print(f"[green]checkpoint[/] {escape(event['path'])}")
+        elif kind == "validation":
+            console.print(f"validation at step {event['step']}: PSNR {event['psnr']:.2f} dB "
+                          f"({escape(event['sheet'])})")
+        elif kind == "finished":
+            console.print(f"[green]done[/]: step {event['step']} in {escape(str(out))}")
+
+    return show
+
+
+_Resume = Annotated[bool, _flag(help="Continue the run in OUT from its newest complete checkpoint, exactly.")]
+_CheckpointEvery = Annotated[Optional[int], _Opt(help="Steps between checkpoints (default 500; the last step always).")]
+_KeepCheckpoints = Annotated[Optional[int], _Opt(help="Newest complete checkpoints kept (default 1).")]
+_ValidateEvery = Annotated[Optional[int], _Opt(help="Steps between validations (default 500; 0: never).")]
+_Precision = Annotated[Optional[str], _Opt(help="auto (bf16 autocast on CUDA, else fp32), fp32, bf16.")]
+_Offline = Annotated[bool, _flag(help="Never download a model.")]
 
 
 @distill_app.command("stage1")
@@ -1314,7 +1370,7 @@ def distill_stage1(
     out: Annotated[Path, _Opt("--out", "-o", help="Run folder: settings, log, checkpoints, validation sheets.")],
     data: Annotated[Optional[Path], _Opt(help="Condition images made by `microdreamer distill prepare`.")] = None,
     model: Annotated[Optional[str], _Opt(help="Zero123++ v1.1 folder or Hugging Face id (default: sudo-ai/zero123plus-v1.1).")] = None,
-    resume: Annotated[bool, _flag(help="Continue the run in OUT from its newest complete checkpoint, exactly.")] = False,
+    resume: _Resume = False,
     steps: Annotated[Optional[int], _Opt(help="Train up to this step (GECO: 5000).")] = None,
     batch_size: Annotated[Optional[int], _Opt(help="Condition images per process and step (default 1).")] = None,
     seed: Seed = None,
@@ -1328,19 +1384,19 @@ def distill_stage1(
     guidance_student: Annotated[Optional[float], _Opt(help="Student guidance scale (GECO: 1).")] = None,
     weighting: Annotated[Optional[str], _Opt(help="VSD weighting w(t): dmd (default), sds, constant.")] = None,
     view_size: Annotated[Optional[int], _Opt(help="Pixels per generated view (default 320).")] = None,
-    precision: Annotated[Optional[str], _Opt(help="auto (bf16 autocast on CUDA, else fp32), fp32, bf16.")] = None,
+    precision: _Precision = None,
     device: Device = None,
-    checkpoint_every: Annotated[Optional[int], _Opt(help="Steps between checkpoints (default 500; the last step always).")] = None,
-    keep_checkpoints: Annotated[Optional[int], _Opt(help="Newest complete checkpoints kept (default 1).")] = None,
-    validate_every: Annotated[Optional[int], _Opt(help="Steps between validations (default 500; 0: never).")] = None,
+    checkpoint_every: _CheckpointEvery = None,
+    keep_checkpoints: _KeepCheckpoints = None,
+    validate_every: _ValidateEvery = None,
     validation_images: Annotated[Optional[int], _Opt(help="Condition images validated (the first ones; default 4).")] = None,
     validation_steps: Annotated[Optional[int], _Opt(help="Sampling steps of the teacher's reference grids (default 75).")] = None,
-    offline: Annotated[bool, _flag(help="Never download the model.")] = False,
+    offline: _Offline = False,
     quiet: Quiet = False,
 ) -> None:
     """Stage I: distil Zero123++ v1.1 into a one-step multi-view generator (VSD, GECO §3.1). Under
     `torchrun --nproc_per_node N` the global batch is split over N processes. The weights are non-commercial."""
-    from .distill.trainer import run_stage1, stage1_config
+    from .distill.stage1 import run_stage1, stage1_config
 
     settings = _distill_settings(
         data=data, model=model, steps=steps, batch_size=batch_size, seed=seed, lr_generator=lr_generator,
@@ -1352,25 +1408,68 @@ def distill_stage1(
         allow_download=False if offline else None,
     )
     config = stage1_config(out, settings, resume)
-    console = _console(quiet)
-    every = max(1, config.steps // 100)
-
-    def show(event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "loaded":
-            start = f"resuming at step {event['step']}" if event["step"] else "starting"
-            console.print(f"{start} of {config.steps} ({plural(event['processes'], 'process', 'processes')}); "
-                          f"the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)")
-        elif kind == "step" and (event["step"] % every == 0 or event["step"] == config.steps):
-            console.print(f"step {event['step']}/{config.steps}: generator {event['generator_loss']:.4g}, "
-                          f"student {event['student_loss']:.4g} ({event['seconds']:.2f} s)")
-        elif kind == "checkpoint":
-            console.print(f"[green]checkpoint[/] {escape(event['path'])}")
-        elif kind == "validation":
-            console.print(f"validation at step {event['step']}: PSNR {event['psnr']:.2f} dB against the teacher "
-                          f"({escape(event['sheet'])})")
-
-        elif kind == "finished":
-            console.print(f"[green]done[/]: step {event['step']} in {escape(str(out))}")
-
+    show = _training_progress(_console(quiet), out, lambda e: f"generator {e['generator_loss']:.4g}, "
+                                                            f"student {e['student_loss']:.4g}")
     run_stage1(config, out, resume=resume, on_event=show)
+
+
+@distill_app.command("stage2")
+def distill_stage2(
+    out: Annotated[Path, _Opt("--out", "-o", help="Run folder: settings, log, pseudo ground truth, checkpoints, validation sheets.")],
+    data: Annotated[Optional[Path], _Opt(help="Condition images made by `microdreamer distill prepare`.")] = None,
+    model: Annotated[Optional[Path], _Opt(help="The Stage I run to fine-tune (the --out of `distill stage1`).")] = None,
+    reconstructor: Annotated[Optional[str], _Opt(help="LGM weights: Hugging Face id, folder or .safetensors file (default: ashawkey/LGM).")] = None,
+    teacher: Annotated[Optional[str], _Opt(help="Zero123++ v1.1 of the pseudo ground truth (default: the Stage I run's).")] = None,
+    pseudo_gt: Annotated[Optional[Path], _Opt(help="Pseudo-ground-truth cache, reusable by runs with the same settings (default: OUT/pseudo_gt).")] = None,
+    lpips_vgg: Annotated[Optional[Path], _Opt(help="torchvision's VGG16 weights for LPIPS (vgg16-397923af.pth).")] = None,
+    lpips_heads: Annotated[Optional[Path], _Opt(help="lpips' v0.1 VGG heads (weights/v0.1/vgg.pth).")] = None,
+    lambda_lpips: Annotated[Optional[float], _Opt(help="λ of MSE + λ·LPIPS (default 1, LGM's; 0: MSE alone, no LPIPS weights needed).")] = None,
+    resume: _Resume = False,
+    steps: Annotated[Optional[int], _Opt(help="Train up to this step (default: --epochs passes over the samples).")] = None,
+    epochs: Annotated[Optional[int], _Opt(help="Passes over the samples when --steps is not given (GECO: 10).")] = None,
+    batch_size: Annotated[Optional[int], _Opt(help="Samples per process and step (default 1; GECO: 8 in all).")] = None,
+    seed: Seed = None,
+    lr_generator: Annotated[Optional[float], _Opt(help="Adam learning rate of the generator (GECO: 1e-6).")] = None,
+    lr_reconstructor: Annotated[Optional[float], _Opt(help="Adam learning rate of LGM (GECO: 1e-6).")] = None,
+    teacher_steps: Annotated[Optional[int], _Opt(help="Deterministic sampling steps of the pseudo ground truth (GECO: 75).")] = None,
+    teacher_guidance: Annotated[Optional[float], _Opt(help="Guidance scale of the pseudo ground truth (default 4).")] = None,
+    samples_per_image: Annotated[Optional[int], _Opt(help="Noise draws, each a sample, per condition image (default 1).")] = None,
+    poses: Annotated[Optional[int], _Opt(help="Random viewpoints per sample (GECO: 50).")] = None,
+    pose_elevations: Annotated[Optional[str], _Opt(help="LOW,HIGH elevations of the viewpoints, degrees, negative = above (default -30,20).")] = None,
+    fovy: Annotated[Optional[float], _Opt(help="Field of view of Zero123++'s views and of the renders, degrees (default 30).")] = None,
+    lgm_views: Annotated[Optional[str], _Opt(help="The Zero123++ views LGM sees, of 0..5 (default 0,1,3,4; all six: 0,1,2,3,4,5).")] = None,
+    background: Annotated[Optional[str], _Opt(help="white (default): the views moved onto LGM's white; gray: as generated.")] = None,
+    render_views: Annotated[Optional[int], _Opt(help="Poses of a sample rendered per step (default 8).")] = None,
+    render_size: Annotated[Optional[int], _Opt(help="Render side in pixels (default 256).")] = None,
+    renderer: Annotated[Optional[str], _Opt(help="Gaussian rasterizer: auto, torch, cpu, gsplat.")] = None,
+    precision: _Precision = None,
+    device: Device = None,
+    checkpoint_every: _CheckpointEvery = None,
+    keep_checkpoints: _KeepCheckpoints = None,
+    validate_every: _ValidateEvery = None,
+    validation_images: Annotated[Optional[int], _Opt(help="Samples validated (the first ones; default 4).")] = None,
+    validation_views: Annotated[Optional[int], _Opt(help="Poses rendered per validated sample (default 4).")] = None,
+    offline: _Offline = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage II: fine-tune a Stage I generator and LGM together on pseudo ground truth (Zero123++'s 75-step
+    views → LGM → Gaussians, rendered from 50 random poses) with MSE + λ·LPIPS (GECO §3.2). Under
+    `torchrun --nproc_per_node N` the global batch is split over N processes. The weights are non-commercial."""
+    from .distill.stage2 import run_stage2, stage2_config
+
+    settings = _distill_settings(
+        data=data, model=model, reconstructor=reconstructor, teacher=teacher, pseudo_gt=pseudo_gt,
+        lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, lambda_lpips=lambda_lpips, steps=steps, epochs=epochs,
+        batch_size=batch_size, seed=seed, lr_generator=lr_generator, lr_reconstructor=lr_reconstructor,
+        teacher_steps=teacher_steps, teacher_guidance=teacher_guidance, samples_per_image=samples_per_image,
+        poses=poses, pose_elevations=_numbers("--pose-elevations", pose_elevations, float, 2), fovy=fovy,
+        lgm_views=_numbers("--lgm-views", lgm_views, int), background=background, render_views=render_views,
+        render_size=render_size, renderer=renderer, precision=precision, device=device,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, validate_every=validate_every,
+        validation_images=validation_images, validation_views=validation_views,
+        allow_download=False if offline else None,
+    )
+    config = stage2_config(out, settings, resume)
+    show = _training_progress(_console(quiet), out, lambda e: f"loss {e['loss']:.4g} (MSE {e['mse']:.4g}, "
+                                                            f"LPIPS {e['lpips']:.4g})")
+    run_stage2(config, out, resume=resume, on_event=show)

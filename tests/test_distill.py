@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from microdreamer.distill.config import DistillConfig
+from microdreamer.distill.config import Stage1Config
 from microdreamer.distill.data import ConditionSet
 from microdreamer.distill.denoiser import Denoiser, condition_batch
 from microdreamer.distill.diffusion import noised, predicted_noise, predicted_x0, timestep_range
 from microdreamer.distill.onestep import OneStepGenerator
 from microdreamer.distill.randomness import batch_items
-from microdreamer.distill.trainer import Stage1
+from microdreamer.distill.stage1 import Stage1
 from microdreamer.distill.vsd import generator_surrogate, vsd_direction, vsd_magnitude, vsd_weight
 from microdreamer.errors import UserError
 from microdreamer.generators.reference_attention import reference_call
@@ -54,8 +54,8 @@ def data(tmp_path_factory) -> ConditionSet:
     return ConditionSet(folder, files, 24)
 
 
-def _config(data: ConditionSet, **changes) -> DistillConfig:
-    return DistillConfig(data=str(data.root), view_size=VIEW, **changes)
+def _config(data: ConditionSet, **changes) -> Stage1Config:
+    return Stage1Config(data=str(data.root), view_size=VIEW, **changes)
 
 
 # the parameterisation --------------------------------------------------------------------------------------
@@ -179,11 +179,11 @@ def test_generator_gradient_is_eq1_on_tiny_models(model, data):
     ε_teacher the guided (s = 4) and ε_student the unguided prediction at x_t = √ᾱ·x0 + √(1−ᾱ)·ε, each computed
     here by hand from plain UNet calls with the reference latents noised to t."""
     config = _config(data, batch_size=2, weighting="sds", lr_generator=0.0)
-    stage = Stage1(model, config)
+    stage = Stage1(model, config, data)
     with torch.no_grad():  # make the student differ from the teacher, as after some training
         for p in stage.student.unet.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    conditioning, draws = stage.batch(1, data)
+    conditioning, draws = stage.batch(1)
     stage.generator_backward(conditioning, draws)
     params = [p for p in stage.generator.unet.parameters()]
     got = [p.grad.clone() for p in params]
@@ -217,10 +217,10 @@ def test_generator_gradient_is_eq1_on_tiny_models(model, data):
 def test_student_learns_the_generators_samples(model, data):
     """With the generator held (lr 0), ten steps of the student (lr 3e-3) lower its denoising loss on held-out
     generated samples (8 batches of steps the training does not reach, each at its own timesteps)."""
-    stage = Stage1(model, _config(data, batch_size=2, lr_generator=0.0, lr_student=3e-3))
+    stage = Stage1(model, _config(data, batch_size=2, lr_generator=0.0, lr_student=3e-3), data)
     held_out = []
     for step in range(1000, 1008):
-        conditioning, draws = stage.batch(step, data)
+        conditioning, draws = stage.batch(step)
         with torch.no_grad():
             held_out.append((conditioning, draws, stage.generator(draws.noise, conditioning)))
 
@@ -230,17 +230,17 @@ def test_student_learns_the_generators_samples(model, data):
 
     before = held_out_loss()
     for step in range(1, 11):
-        stage.train_step(step, data)
+        stage.train_step(step)
     after = held_out_loss()
     assert after < 0.9 * before, (before, after)
 
 
 def test_bad_settings_are_one_line():
     with pytest.raises(UserError, match="--steps must be at least 1, got 0"):
-        DistillConfig(data="d", steps=0).validate()
+        Stage1Config(data="d", steps=0).validate()
     with pytest.raises(UserError, match=r"0 <= t-min < t-max <= 1, got 0.5..0.2"):
-        DistillConfig(data="d", t_min=0.5, t_max=0.2).validate()
+        Stage1Config(data="d", t_min=0.5, t_max=0.2).validate()
     with pytest.raises(UserError, match="unknown --weighting 'vsd'"):
-        DistillConfig(data="d", weighting="vsd").validate()
+        Stage1Config(data="d", weighting="vsd").validate()
     with pytest.raises(UserError, match="--guidance-student must be at least 1"):
-        DistillConfig(data="d", guidance_student=0.5).validate()
+        Stage1Config(data="d", guidance_student=0.5).validate()

@@ -17,12 +17,13 @@ import torch
 from microdreamer.cli import main
 from microdreamer.distill import checkpoints as checkpoints_module
 from microdreamer.distill.checkpoints import complete_checkpoints, latest_checkpoint, save_checkpoint
-from microdreamer.distill.config import DistillConfig
-from microdreamer.distill.data import load_conditions, prepare_conditions
-from microdreamer.distill.trainer import LOG, NOTICE, run_stage1, stage1_config
+from microdreamer.distill.config import Stage1Config
+from microdreamer.distill.data import load_conditions
+from microdreamer.distill.runs import LOG, NOTICE
+from microdreamer.distill.stage1 import run_stage1, stage1_config
 from microdreamer.errors import UserError
 from microdreamer.io.images import save_image
-from tiny_models import build_tiny_zero123plus
+from tiny_models import build_tiny_zero123plus, prepare_tiny_conditions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,16 +40,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Three condition images prepared from RGBA pictures."""
-    pictures = tmp_path_factory.mktemp("pictures")
-    g = np.random.default_rng(0)
-    for i in range(3):
-        rgba = np.zeros((40, 40, 4), np.uint8)
-        rgba[8 + i : 30, 10 : 28 + i, :3] = g.integers(0, 256, 3)
-        rgba[8 + i : 30, 10 : 28 + i, 3] = 255
-        save_image(pictures / f"p{i}.png", rgba)
-    out = tmp_path_factory.mktemp("data")
-    prepare_conditions([pictures], out)
-    return out
+    return prepare_tiny_conditions(tmp_path_factory.mktemp("conditions"))
 
 
 def _settings(data_dir: Path, tiny_dir: Path, **changes) -> dict:
@@ -70,11 +62,11 @@ def _same_checkpoints(a, b) -> None:
 
 def test_a_resumed_run_ends_with_the_same_bytes(tmp_path, data_dir, tiny_dir):
     """4 steps in one go, and 2 steps then --resume to 4: the same weights, optimiser states and losses."""
-    straight = run_stage1(DistillConfig(**_settings(data_dir, tiny_dir, steps=4, batch_size=2, checkpoint_every=2,
+    straight = run_stage1(Stage1Config(**_settings(data_dir, tiny_dir, steps=4, batch_size=2, checkpoint_every=2,
                                                     keep_checkpoints=2)), tmp_path / "straight")
     assert straight.step == 4 and [c.step for c in complete_checkpoints(tmp_path / "straight")] == [2, 4]
     halves = tmp_path / "halves"
-    run_stage1(DistillConfig(**_settings(data_dir, tiny_dir, steps=2, batch_size=2, checkpoint_every=2,
+    run_stage1(Stage1Config(**_settings(data_dir, tiny_dir, steps=2, batch_size=2, checkpoint_every=2,
                                          keep_checkpoints=2)), halves)
     with (halves / LOG).open("a") as log:  # a record of a step that was not checkpointed before a crash
         log.write(json.dumps({"event": "step", "step": 3, "generator_loss": -1.0}) + "\n{\"event\": \"st")
@@ -93,7 +85,7 @@ def test_a_resumed_run_ends_with_the_same_bytes(tmp_path, data_dir, tiny_dir):
 
 def test_resume_refuses_other_settings_and_a_new_run_refuses_an_old_folder(tmp_path, data_dir, tiny_dir):
     run_dir = tmp_path / "run"
-    run_stage1(DistillConfig(**_settings(data_dir, tiny_dir, steps=1)), run_dir)
+    run_stage1(Stage1Config(**_settings(data_dir, tiny_dir, steps=1)), run_dir)
     with pytest.raises(UserError, match="already holds a run; pass --resume"):
         stage1_config(run_dir, _settings(data_dir, tiny_dir), resume=False)
     with pytest.raises(UserError, match=r"these differ: lr_student 0.001 → 0.5") as info:
@@ -103,7 +95,7 @@ def test_resume_refuses_other_settings_and_a_new_run_refuses_an_old_folder(tmp_p
         stage1_config(tmp_path / "empty", {}, resume=True)
     config = stage1_config(run_dir, {"steps": 2}, resume=True)
     with pytest.raises(UserError, match="global batch of 1, now it would be 2"):
-        run_stage1(DistillConfig(**{**config.to_dict(), "batch_size": 2}), run_dir, resume=True)
+        run_stage1(Stage1Config(**{**config.to_dict(), "batch_size": 2}), run_dir, resume=True)
     assert (run_dir / NOTICE).read_text().count("CC-BY-NC 4.0") == 1
 
 
@@ -128,7 +120,7 @@ def test_two_torchrun_processes_equal_one_with_the_doubled_batch(tmp_path, data_
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("done: step 2") == 1  # only rank 0 reports (and writes)
-    run_stage1(DistillConfig(**settings, batch_size=2), tmp_path / "one")
+    run_stage1(Stage1Config(**settings, batch_size=2), tmp_path / "one")
     two, one = complete_checkpoints(tmp_path / "two"), complete_checkpoints(tmp_path / "one")
     assert [c.step for c in two] == [c.step for c in one] == [1, 2]
     assert two[0].state()["global_batch"] == one[0].state()["global_batch"] == 2
@@ -212,7 +204,7 @@ def test_a_bad_data_folder_is_one_line_before_the_model_loads(tmp_path, data_dir
 
     monkeypatch.setattr(Zero123PlusGenerator, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(UserError, match=message) as info:
-        run_stage1(DistillConfig(data=str(bad), view_size=8), tmp_path / "run")
+        run_stage1(Stage1Config(data=str(bad), view_size=8), tmp_path / "run")
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 
 

@@ -3,7 +3,6 @@ strictly, and the distance equals a plain functional computation of LPIPS from t
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -11,46 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from microdreamer.errors import UserError
-from microdreamer.metrics_lpips import CHANNELS, LPIPS, SCALE, SHIFT, VGG16
+from microdreamer.metrics_lpips import LPIPS, SCALE, SHIFT
+from tiny_models import lpips_heads, lpips_vgg16, write_lpips_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _torchvision_vgg16() -> dict[str, torch.Tensor]:
-    """A vgg16 state dict as torchvision names it: features.<i>.weight/bias at the convolutions' indices, and
-    classifier.* tensors (small here: the loader must ignore them). A fresh dict of the same tensors each call."""
-    return dict(_vgg16_tensors())
-
-
-@functools.lru_cache(maxsize=1)
-def _vgg16_tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    state, index, channels = {}, 0, 3
-    for width in VGG16:
-        if width == "M":
-            index += 1
-            continue
-        fan_in = channels * 9
-        state[f"features.{index}.weight"] = torch.randn(width, channels, 3, 3, generator=g) * (2 / fan_in) ** 0.5
-        state[f"features.{index}.bias"] = torch.randn(width, generator=g) * 0.01
-        index += 2
-        channels = width
-    for i in (0, 3, 6):
-        state[f"classifier.{i}.weight"], state[f"classifier.{i}.bias"] = torch.zeros(2, 2), torch.zeros(2)
-    return state
-
-
-def _heads(seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(CHANNELS)}
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("lpips")
-    torch.save(_torchvision_vgg16(), folder / "vgg16-397923af.pth")
-    torch.save(_heads(), folder / "vgg.pth")
-    return folder / "vgg16-397923af.pth", folder / "vgg.pth"
+    return write_lpips_weights(tmp_path_factory.mktemp("lpips"))
 
 
 def _reference(vgg: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -79,13 +47,13 @@ def _reference(vgg: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torc
 def test_published_layouts_load_strictly_and_the_distance_is_lpips(files):
     model = LPIPS.from_files(*files)
     assert sorted(model.state_dict()) == sorted(
-        [f"vgg.{k}" for k in _torchvision_vgg16() if k.startswith("features.")] + list(_heads())
+        [f"vgg.{k}" for k in lpips_vgg16() if k.startswith("features.")] + list(lpips_heads())
     )
     g = torch.Generator().manual_seed(2)
     x, y = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         d = model(x, y)
-        expected = _reference(_torchvision_vgg16(), _heads(), x, y)
+        expected = _reference(lpips_vgg16(), lpips_heads(), x, y)
     assert d.shape == (2,) and (d > 0).all()
     torch.testing.assert_close(d, expected, rtol=1e-4, atol=1e-6)  # the same float32 ops in another order
     assert torch.equal(model(x, x), torch.zeros(2))
@@ -99,13 +67,13 @@ def test_wrong_weight_files_are_one_line(files, tmp_path):
     vgg, heads = files
     with pytest.raises(UserError, match="LPIPS needs torchvision's VGG16 ImageNet weights.*not found"):
         LPIPS.from_files(tmp_path / "missing.pth", heads)
-    broken = _torchvision_vgg16()
+    broken = lpips_vgg16()
     del broken["features.28.bias"]
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(UserError, match=r"missing torchvision's vgg16 features.28.bias") as info:
         LPIPS.from_files(tmp_path / "broken.pth", heads)
     assert "\n" not in str(info.value)
-    wrong = {**_heads(), "lin2.model.1.weight": torch.rand(1, 8, 1, 1)}
+    wrong = {**lpips_heads(), "lin2.model.1.weight": torch.rand(1, 8, 1, 1)}
     torch.save(wrong, tmp_path / "heads.pth")
     with pytest.raises(UserError, match=r"lin2.model.1.weight has shape \(1, 8, 1, 1\), expected \(1, 256, 1, 1\)"):
         LPIPS.from_files(vgg, tmp_path / "heads.pth")

@@ -99,8 +99,8 @@ def check_command(command: str, work: Path, env: dict[str, str]) -> None:
     ci = ci_text()
     if args[0] == "torchrun" and "-m" in args:  # a multi-GPU launch of a microdreamer command
         args = ["microdreamer", *args[args.index("-m") + 2:]]
-        assert args[1:3] == ["distill", "stage1"], f"README launches {command!r} with torchrun"
-    if args[:3] == ["microdreamer", "distill", "stage1"]:
+        assert args[1:3] in (["distill", "stage1"], ["distill", "stage2"]), f"README launches {command!r} with torchrun"
+    if args[:3] in (["microdreamer", "distill", "stage1"], ["microdreamer", "distill", "stage2"]):
         _check_parses(args[1:])  # GPU-hours of training: its options must parse, it cannot run here
     elif args[0] == "microdreamer":
         _run([str(Path(sys.executable).with_name("microdreamer")), *args[1:]], work, env)

@@ -6,6 +6,7 @@ config.json, safetensors) but run in milliseconds on a CPU. Weights are random w
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -416,6 +417,19 @@ def write_lgm(folder: Path, network: nn.Module, filename: str = "model_fp16_fixr
     return folder / filename
 
 
+def build_tiny_lgm(folder: Path, seed: int = 0) -> Path:
+    """A folder holding a tiny LGM in the published file's layout and the ``config.json`` that describes it
+    (the published repository has none: its network is "big")."""
+    from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = LGMNetwork(LGMConfig(**TINY_LGM)).eval()
+    write_lgm(folder, network)
+    (folder / "config.json").write_text(json.dumps(TINY_LGM))
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Zero123++ v1.1 (spec §4): SD-2-style UNet with linear projections, SD-2 text encoder + tokenizer, CLIP
 # vision tower with projection, two image processors, the Euler-ancestral v-prediction scheduler and the
@@ -496,3 +510,67 @@ def write_zero123plus(
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(ZERO123PLUS_SCHEDULER, indent=2))
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LPIPS: torchvision's vgg16 state dict and lpips' v0.1 heads (full-size VGG16 features; random weights)
+
+
+def lpips_vgg16() -> dict[str, torch.Tensor]:
+    """A vgg16 state dict as torchvision names it: features.<i>.weight/bias at the convolutions' indices, and
+    classifier.* tensors (small here: the loader must ignore them). A fresh dict of the same tensors each call."""
+    return dict(_vgg16_tensors())
+
+
+@functools.lru_cache(maxsize=1)
+def _vgg16_tensors() -> dict[str, torch.Tensor]:
+    from microdreamer.metrics_lpips import VGG16
+
+    g = torch.Generator().manual_seed(0)
+    state, index, channels = {}, 0, 3
+    for width in VGG16:
+        if width == "M":
+            index += 1
+            continue
+        fan_in = channels * 9
+        state[f"features.{index}.weight"] = torch.randn(width, channels, 3, 3, generator=g) * (2 / fan_in) ** 0.5
+        state[f"features.{index}.bias"] = torch.randn(width, generator=g) * 0.01
+        index += 2
+        channels = width
+    for i in (0, 3, 6):
+        state[f"classifier.{i}.weight"], state[f"classifier.{i}.bias"] = torch.zeros(2, 2), torch.zeros(2)
+    return state
+
+
+def lpips_heads(seed: int = 1) -> dict[str, torch.Tensor]:
+    """lpips' v0.1 VGG heads (non-negative, as the published ones)."""
+    from microdreamer.metrics_lpips import CHANNELS
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(CHANNELS)}
+
+
+def write_lpips_weights(folder: Path) -> tuple[Path, Path]:
+    """The two files LPIPS reads, in their published names and formats (torch pickles of tensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(lpips_vgg16(), folder / "vgg16-397923af.pth")
+    torch.save(lpips_heads(), folder / "vgg.pth")
+    return folder / "vgg16-397923af.pth", folder / "vgg.pth"
+
+
+def prepare_tiny_conditions(root: Path) -> Path:
+    """``root/data``: three condition images `distill prepare` made from RGBA pictures (``root/pictures``) of
+    coloured boxes."""
+    import numpy as np
+
+    from microdreamer.distill.data import prepare_conditions
+    from microdreamer.io.images import save_image
+
+    g = np.random.default_rng(0)
+    for i in range(3):
+        rgba = np.zeros((40, 40, 4), np.uint8)
+        rgba[8 + i : 30, 10 : 28 + i, :3] = g.integers(0, 256, 3)
+        rgba[8 + i : 30, 10 : 28 + i, 3] = 255
+        save_image(root / "pictures" / f"p{i}.png", rgba)
+    prepare_conditions([root / "pictures"], root / "data")
+    return root / "data"

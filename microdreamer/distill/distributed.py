@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,3 +102,12 @@ def all_agree(ok: bool, world: World, device: torch.device) -> bool:
     flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def gather_to_main(item: Any, world: World) -> list[Any]:
+    """Every process's ``item`` (picklable; tensors on the CPU), in rank order, on rank 0; elsewhere []."""
+    if not world.distributed:
+        return [item]
+    gathered: list[Any] | None = [None] * world.size if world.main else None
+    dist.gather_object(item, gathered, dst=0)
+    return gathered or []

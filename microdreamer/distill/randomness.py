@@ -14,10 +14,15 @@ from functools import lru_cache
 import torch
 
 
-def keyed_generator(seed: int, *key: int | str) -> torch.Generator:
-    """A CPU generator seeded by the first 63 bits of sha256 of (seed, *key)."""
+def keyed_seed(seed: int, *key: int | str) -> int:
+    """The first 63 bits of sha256 of (seed, *key)."""
     digest = hashlib.sha256(repr((int(seed), *key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def keyed_generator(seed: int, *key: int | str) -> torch.Generator:
+    """A CPU generator seeded by :func:`keyed_seed` of (seed, *key)."""
+    return torch.Generator().manual_seed(keyed_seed(seed, *key))
 
 
 def sample_generator(seed: int, step: int, position: int) -> torch.Generator:

@@ -1,10 +1,15 @@
-"""Periodic validation of Stage I: sample grids, and the PSNR of the one-step generator's views against the
-teacher's own multi-step samples (75 Euler-ancestral steps by default) of the same condition images.
+"""Periodic validation of both stages: a sheet of images per validation and PSNR against a reference.
 
-The validation set is the first ``validation_images`` condition images of the data. Each has fixed random
-numbers (keyed by the run's seed and its index), so the grids of successive validations show the same
-noise evolving. The teacher's grids are made once per process. A sheet has one row per image: the
-condition, the one-step 3 × 2 grid, the teacher's grid.
+- Stage I (:class:`Validator`): the one-step generator's grids against the teacher's own multi-step samples
+  (75 Euler-ancestral steps by default) of the same condition images. Each validation image has fixed random
+  numbers (keyed by the run's seed and its index), so successive sheets show the same noise evolving; the
+  teacher's grids are made once per process. A row per image: the condition, the one-step 3 × 2 grid, the
+  teacher's grid.
+- Stage II (:class:`RenderValidator`): renders of the generator + reconstructor's Gaussians against those of
+  the pseudo ground truth, for the first samples at their first poses. A row per sample: the renders, then
+  the pseudo ground truth's.
+
+The PSNR of a row is over all its images together; the record holds the mean and each row's.
 """
 
 from __future__ import annotations
@@ -86,7 +91,29 @@ class Validator:
             column = torch.full((1, 3, height, self.view_size), GRAY)
             column[:, :, : self.view_size] = condition
             rows.append(torch.cat([column, a, b], dim=-1))
-        name = Path(VALIDATION) / f"step-{step:08d}.png"
-        save_image(run_dir / name, torch.cat(rows, dim=-2))
-        return {"event": "validation", "step": step, "psnr": sum(scores) / len(scores), "psnr_per_image": scores,
-                "sheet": name.as_posix()}
+        return validation_record(run_dir, step, rows, scores)
+
+
+def validation_record(run_dir: Path, step: int, rows: list[Tensor], scores: list[float]) -> dict[str, Any]:
+    """Write the sheet of ``rows`` (``[1,3,h,w]`` each, stacked) as ``validation/step-XXXXXXXX.png`` and return
+    the log record of the validation at ``step`` with its PSNR ``scores``, one per row."""
+    name = Path(VALIDATION) / f"step-{step:08d}.png"
+    save_image(run_dir / name, torch.cat(rows, dim=-2))
+    return {"event": "validation", "step": step, "psnr": sum(scores) / len(scores), "psnr_per_image": scores,
+            "sheet": name.as_posix()}
+
+
+class RenderValidator:
+    """Stage II: ``renders(sample)`` gives a sample's renders and the pseudo ground truth's ``[V,3,H,W]``."""
+
+    def __init__(self, renders: Callable[[int], tuple[Tensor, Tensor]], samples: int) -> None:
+        self.renders, self.samples = renders, samples
+
+    @torch.no_grad()
+    def run(self, step: int, run_dir: Path) -> dict[str, Any]:
+        rows, scores = [], []
+        for sample in range(self.samples):
+            made, target = (torch.cat(list(x.float().cpu()), dim=-1)[None] for x in self.renders(sample))
+            scores.append(float(psnr(made, target)[0]))
+            rows.append(torch.cat([made, target], dim=-1))
+        return validation_record(run_dir, step, rows, scores)

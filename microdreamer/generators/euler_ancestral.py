@@ -78,13 +78,19 @@ class EulerAncestral:
             return x - sigma * output
         return x / (sigma**2 + 1.0) - output * (sigma / math.sqrt(sigma**2 + 1.0))
 
-    def step(self, output: Tensor, x: Tensor, i: int, generator: torch.Generator) -> Tensor:
-        """x at step ``i + 1`` (float32) from x and the network output at step ``i``; draws one noise tensor."""
+    def step(self, output: Tensor, x: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+        """x at step ``i + 1`` (float32) from x and the network output at step ``i``; draws one noise tensor.
+
+        With ``generator=None`` the step is deterministic: straight to σ_{i+1} along the probability-flow
+        direction with no fresh noise (σ_up = 0), which in this parametrisation is exactly DDIM with η = 0
+        (x0 + σ'·ε with the ε the network implies); nothing is drawn."""
         x = x.float()
         output = output.float()
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        derivative = (x - self.predicted_x0(output, x, i)) / sigma
+        if generator is None:
+            return x + derivative * (sigma_next - sigma)
         sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
         sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
-        derivative = (x - self.predicted_x0(output, x, i)) / sigma
         noise = randn_like(output, generator)
         return x + derivative * (sigma_down - sigma) + noise * sigma_up

@@ -107,23 +107,31 @@ def zero123plus_cameras(
     return Cameras.orbit(elevation, azimuth, radius, resolution, fovy)
 
 
-def rematte_on_white(views: Tensor, gray: float = GRAY) -> Tensor:
-    """EXPERIMENTAL: views ``[N,3,S,S]`` in [0,1] with their gray background turned white (LGM, spec §5).
-
-    Per view the coverage a is estimated from the border colour with preprocessing's uniform-background
-    estimate; a pixel x = a·F + (1 − a)·gray then becomes a·F + (1 − a)·1 = x + (1 − a)(1 − gray).
-    Object colours close to the gray are where it fails. Raises :class:`UserError` when a view's border is
-    not a plain colour.
-    """
+def view_coverage(views: Tensor) -> Tensor:
+    """Per-pixel coverage ``[N,1,S,S]`` in [0,1] of views ``[N,3,S,S]`` (in [0,1]) on a plain background:
+    preprocessing's uniform-background estimate per view, made from 8-bit colours (so without gradient).
+    Raises :class:`UserError` when a view's border is not a plain colour."""
     from ..io.images import to_uint8
     from ..preprocess import uniform_background_alpha
 
-    out = []
+    alphas = []
     for view in views.detach().float().cpu():
         rgb = to_uint8(view.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0)
-        alpha = torch.from_numpy(uniform_background_alpha(rgb).astype(np.float32) / 255.0)
-        out.append((view + (1.0 - alpha) * (1.0 - gray)).clamp(0, 1))
-    return torch.stack(out).to(views.device)
+        alphas.append(torch.from_numpy(uniform_background_alpha(rgb).astype(np.float32) / 255.0))
+    return torch.stack(alphas)[:, None].to(views.device)
+
+
+def on_white(views: Tensor, coverage: Tensor, gray: float = GRAY) -> Tensor:
+    """Views ``[N,3,S,S]`` on ``gray`` with coverage a ``[N,1,S,S]`` moved onto white: a pixel
+    x = a·F + (1 − a)·gray becomes a·F + (1 − a)·1 = x + (1 − a)(1 − gray) (differentiable in ``views``)."""
+    return (views + (1.0 - coverage.to(views)) * (1.0 - gray)).clamp(0, 1)
+
+
+def rematte_on_white(views: Tensor, gray: float = GRAY) -> Tensor:
+    """EXPERIMENTAL: views ``[N,3,S,S]`` in [0,1] with their gray background turned white (LGM, spec §5), by
+    :func:`on_white` with the coverage :func:`view_coverage` estimates. Object colours close to the gray are
+    where it fails. Raises :class:`UserError` when a view's border is not a plain colour."""
+    return on_white(views.detach().float(), view_coverage(views), gray)
 
 
 def ramped_context(text: Tensor, image_embeds: Tensor, ramp: Tensor) -> Tensor:
@@ -296,20 +304,37 @@ class Zero123PlusGenerator:
         if not 1 <= steps <= self.alphas_cumprod.shape[0]:
             raise UserError(f"steps must lie in 1..{self.alphas_cumprod.shape[0]}, got {steps}")
         conditioning = self.condition(image, generator, guided=guidance_scale > 1.0)
-        schedule = EulerAncestral.trailing(self.alphas_cumprod, steps, self.prediction)
         size = view_size // self.vae_factor
         shape = (1, int(self.unet.config.out_channels), ROWS * size, COLS * size)
-        latents = torch.randn(shape, generator=generator, device=generator.device).to(self.device)
-        latents = latents * schedule.init_sigma
-        for i in range(len(schedule)):
-            output = self.model_output(latents, i, schedule, conditioning, generator, guidance_scale)
-            latents = schedule.step(output, latents, i, generator)
+        noise = torch.randn(shape, generator=generator, device=generator.device).to(self.device)
+        latents = self.sample(conditioning, noise, generator, steps=steps, guidance_scale=guidance_scale)
         grid = self.decode(latents)
         return GeneratedViews(grid, split_grid(grid), zero123plus_cameras(resolution=view_size), latents)
 
     @torch.no_grad()
+    def sample(
+        self,
+        conditioning: Conditioning,
+        noise: Tensor,
+        generator: torch.Generator,
+        *,
+        steps: int,
+        guidance_scale: float,
+        deterministic: bool = False,
+    ) -> Tensor:
+        """Model latents ``[1,4,h,w]`` sampled from the standard normal ``noise`` (the first network input is
+        √(1−ᾱ_T)·noise) with ``steps`` trailing-spaced steps: Euler-ancestral, or with ``deterministic`` the
+        same steps without fresh noise (DDIM with η = 0). ``generator`` gives the reference noise of every step."""
+        schedule = EulerAncestral.trailing(self.alphas_cumprod, steps, self.prediction)
+        latents = noise.to(self.device, torch.float32) * schedule.init_sigma
+        for i in range(len(schedule)):
+            output = self.model_output(latents, i, schedule, conditioning, generator, guidance_scale)
+            latents = schedule.step(output, latents, i, None if deterministic else generator)
+        return latents
+
     def decode(self, latents: Tensor) -> Tensor:
-        """Model latents ``[B,4,h,w]`` → images ``[B,3,h·f,w·f]`` in [0,1]."""
+        """Model latents ``[B,4,h,w]`` → images ``[B,3,h·f,w·f]`` in [0,1]; differentiable (GECO Stage II trains
+        through it): call it under ``torch.no_grad()`` when no gradient is wanted."""
         z = unscale_latents(latents.float()) / self.scaling_factor
         image = unscale_image(self.vae.decode(z.to(self.device, self.dtype)).sample.float())
         return ((image + 1) / 2).clamp(0, 1)

@@ -40,7 +40,7 @@ from ..representations.gaussians import SH_C0
 from ..representations.similarity import Similarity
 from ..sir.cameras import orbit_camera
 from ..teachers.catalog import find_entry
-from ..teachers.loading import load_module, resolve_dtype, resolve_model_dir
+from ..teachers.loading import load_module, read_json, resolve_dtype, resolve_model_dir
 from .lgm_unet import NUM_VIEWS, OUT_CHANNELS, LGMConfig, LGMNetwork
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +51,8 @@ DEFAULT_FILE = "model_fp16_fixrot.safetensors"
 PRE_FIX_FILES = ("model.safetensors", "model_fp16.safetensors")
 #: LGM saves only Gaussians at least this opaque (``core/gs.py save_ply``)
 MIN_OPACITY = 0.005
+#: beside the weights in a local folder, optionally: :class:`LGMConfig` fields of a network other than "big"
+CONFIG_FILE = "config.json"
 
 
 def _front_pose(radius: float) -> Tensor:
@@ -95,6 +97,17 @@ def lgm_to_world(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0)
 def _log_softplus(x: Tensor) -> Tensor:
     """``log(softplus(x))``, finite for very negative x (where it equals x to float precision)."""
     return torch.where(x > -15, F.softplus(x).log(), x)
+
+
+def splatter_activations(splats: Tensor) -> dict[str, Tensor]:
+    """One object's raw splatter images ``[V, 14, s, s]`` → its Gaussians as LGM renders them (differentiable,
+    in LGM's frame), keyed as :func:`~microdreamer.render.gaussians.rasterize_gaussians` takes them:
+    ``means`` clamp(·, −1, 1), ``opacities`` sigmoid, ``scales`` 0.1·softplus, ``quats`` normalised over their
+    4 values, ``colors`` 0.5·tanh + 0.5. Gaussians are ordered view, row, column."""
+    x = splats.float().permute(0, 2, 3, 1).reshape(-1, OUT_CHANNELS)
+    return {"means": x[:, 0:3].clamp(-1.0, 1.0), "quats": F.normalize(x[:, 7:11], dim=-1),
+            "scales": 0.1 * F.softplus(x[:, 4:7]), "opacities": torch.sigmoid(x[:, 3]),
+            "colors": 0.5 * torch.tanh(x[:, 11:14]) + 0.5}
 
 
 def splatter_to_gaussians(splats: Tensor, min_opacity: float = MIN_OPACITY) -> GaussianPLY:
@@ -143,7 +156,7 @@ class LGMReconstructor:
         model_id_or_path: str | Path | None = None,
         filename: str = DEFAULT_FILE,
         *,
-        config: LGMConfig = LGMConfig(),
+        config: LGMConfig | None = None,
         device: torch.device | str = "cpu",
         dtype: str = "auto",
         allow_download: bool = True,
@@ -152,8 +165,10 @@ class LGMReconstructor:
         """Load LGM weights strictly from safetensors: a Hugging Face id (default ``ashawkey/LGM``,
         only ``filename`` is fetched), a folder holding ``filename``, or the file itself.
 
-        ``dtype="auto"`` is fp16 on CUDA and fp32 elsewhere. The pre-fix checkpoints and pickle files
-        are refused before anything is read or downloaded."""
+        The network is "big" (every published checkpoint) unless ``config`` says otherwise, or a
+        ``config.json`` of :class:`LGMConfig` fields lies beside the weights. ``dtype="auto"`` is fp16 on
+        CUDA and fp32 elsewhere. The pre-fix checkpoints and pickle files are refused before anything is
+        read or downloaded."""
         source = find_entry("lgm").repo_id if model_id_or_path is None else model_id_or_path
         path = Path(str(source)).expanduser()
         if path.is_file():
@@ -163,6 +178,8 @@ class LGMReconstructor:
             folder = resolve_model_dir(source, allow_download=allow_download, cache_dir=cache_dir, files=(filename,))
             weights = folder / filename
         _check_weights_name(weights.name)
+        if config is None:
+            config = _folder_config(weights.parent)
         device = torch.device(device)
         network = load_module(lambda: LGMNetwork(config), weights, device=device, dtype=resolve_dtype(dtype, device))
         return cls(network)
@@ -203,3 +220,15 @@ class LGMReconstructor:
         splats = self.splatter_images(self.prepare(images.to(self.device), elevation))
         to_world = lgm_to_world(self.config, elevation, radius)
         return [to_world.apply(splatter_to_gaussians(s, min_opacity)) for s in splats]
+
+
+def _folder_config(folder: Path) -> LGMConfig:
+    """"big", or the network a ``config.json`` beside the weights describes."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return LGMConfig()
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in read_json(path).items()}
+    try:
+        return LGMConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{path} does not describe an LGM network: {error}") from None

@@ -1,9 +1,11 @@
 """The LGM network (Large Multi-View Gaussian Model, Tang et al. 2024; geco spec §2.7), in plain PyTorch.
 
-An asymmetric U-Net over the 4 input views of one object. Each view enters as 9 channels (RGB and its
-Plücker ray embedding) and leaves as a *splatter image*: 14 raw Gaussian parameters per pixel of a
-``splat_size`` map (the decoder stops before the input resolution). Views are processed as a batch,
-except in the attention layers, which attend jointly over the tokens of all 4 views of an object.
+An asymmetric U-Net over the input views of one object (4 for the published weights). Each view enters as
+9 channels (RGB and its Plücker ray embedding) and leaves as a *splatter image*: 14 raw Gaussian parameters
+per pixel of a ``splat_size`` map (the decoder stops before the input resolution). Views are processed as a
+batch, except in the attention layers, which attend jointly over the tokens of all views of an object. No
+weight depends on the number of views, so the network also runs on other counts (GECO Stage II can feed it
+all six Zero123++ views); LGM itself hard-codes four.
 
 Module and parameter names follow the published ``ashawkey/LGM`` safetensors exactly (376 tensors,
 415,042,848 parameters for the "big" configuration), so those files load strictly.
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: views per object; the published network attends over exactly four
+#: views per object of the published network (LGM's ``MVAttention`` hard-codes four)
 NUM_VIEWS = 4
 #: per-view input channels: RGB + Plücker embedding (o×d, d)
 IN_CHANNELS = 9
@@ -104,18 +106,19 @@ class SelfAttention(nn.Module):
 
 class MVAttention(nn.Module):
     """GroupNorm, then self-attention over the tokens of all views of an object (view-major, then
-    row, column), plus the input, times √½. Input ``[B·V, C, H, W]`` with each object's V views contiguous."""
+    row, column), plus the input, times √½. Input ``[B·V, C, H, W]`` with each object's ``views`` = V
+    views contiguous."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(NORM_GROUPS, dim, eps=1e-5)
         self.attn = SelfAttention(dim, ATTENTION_HEADS)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, views: int = NUM_VIEWS) -> Tensor:
         bv, c, h, w = x.shape
-        b = bv // NUM_VIEWS
-        tokens = self.norm(x).reshape(b, NUM_VIEWS, c, h * w).permute(0, 1, 3, 2).reshape(b, NUM_VIEWS * h * w, c)
-        out = self.attn(tokens).reshape(b, NUM_VIEWS, h * w, c).permute(0, 1, 3, 2).reshape(bv, c, h, w)
+        b = bv // views
+        tokens = self.norm(x).reshape(b, views, c, h * w).permute(0, 1, 3, 2).reshape(b, views * h * w, c)
+        out = self.attn(tokens).reshape(b, views, h * w, c).permute(0, 1, 3, 2).reshape(bv, c, h, w)
         return (out + x) * SKIP_SCALE
 
 
@@ -134,11 +137,11 @@ class DownBlock(nn.Module):
         self.attns = _attention_layers(attention, out_channels, layers)
         self.downsample = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) if downsample else None
 
-    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, skips: list[Tensor], views: int) -> Tensor:
         for i, net in enumerate(self.nets):
             x = net(x)
             if self.attns is not None:
-                x = self.attns[i](x)
+                x = self.attns[i](x, views)
             skips.append(x)
         if self.downsample is not None:
             x = self.downsample(x)
@@ -154,10 +157,10 @@ class MidBlock(nn.Module):
         self.nets = nn.ModuleList([ResnetBlock(channels, channels), ResnetBlock(channels, channels)])
         self.attns = _attention_layers(attention, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, views: int) -> Tensor:
         x = self.nets[0](x)
         if self.attns is not None:
-            x = self.attns[0](x)
+            x = self.attns[0](x, views)
         return self.nets[1](x)
 
 
@@ -174,11 +177,11 @@ class UpBlock(nn.Module):
         self.attns = _attention_layers(attention, out_channels, len(skip_channels))
         self.upsample = nn.Conv2d(out_channels, out_channels, 3, padding=1) if upsample else None
 
-    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, skips: list[Tensor], views: int) -> Tensor:
         for i, net in enumerate(self.nets):
             x = net(torch.cat([x, skips.pop()], dim=1))
             if self.attns is not None:
-                x = self.attns[i](x)
+                x = self.attns[i](x, views)
         if self.upsample is not None:
             x = self.upsample(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return x
@@ -210,19 +213,21 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(NORM_GROUPS, channels, eps=1e-5)
         self.conv_out = nn.Conv2d(channels, OUT_CHANNELS, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, views: int = NUM_VIEWS) -> Tensor:
+        """``x [B·views, 9, S, S]``, each object's views contiguous."""
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x = block(x, skips)
-        x = self.mid_block(x)
+            x = block(x, skips, views)
+        x = self.mid_block(x, views)
         for block in self.up_blocks:
-            x = block(x, skips)
+            x = block(x, skips, views)
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class LGMNetwork(nn.Module):
-    """``[B, 4, 9, S, S]`` views with rays → raw splatter images ``[B, 4, 14, s, s]`` (U-Net, then a 1×1 conv)."""
+    """``[B, V, 9, S, S]`` views with rays → raw splatter images ``[B, V, 14, s, s]`` (U-Net, then a 1×1
+    conv); V = 4 for the published weights."""
 
     def __init__(self, config: LGMConfig = LGMConfig()) -> None:
         super().__init__()
@@ -232,8 +237,8 @@ class LGMNetwork(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, v, c, h, w = x.shape
-        if v != NUM_VIEWS or c != IN_CHANNELS or h != w or h != self.config.input_size:
+        if v < 1 or c != IN_CHANNELS or h != w or h != self.config.input_size:
             size = self.config.input_size
-            raise ValueError(f"LGM takes [B, {NUM_VIEWS}, {IN_CHANNELS}, {size}, {size}] inputs, got {list(x.shape)}")
-        out = self.conv(self.unet(x.reshape(b * v, c, h, w)))
+            raise ValueError(f"LGM takes [B, V, {IN_CHANNELS}, {size}, {size}] inputs, got {list(x.shape)}")
+        out = self.conv(self.unet(x.reshape(b * v, c, h, w), v))
         return out.reshape(b, v, OUT_CHANNELS, *out.shape[-2:])
