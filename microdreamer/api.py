@@ -11,7 +11,8 @@
 
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
 ``elevation``, ``backend``, ``device``, ``model``, ``negative_prompt``, ``mesh_format``, ``faces``,
-``texture_size``, ``grid``, ``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a preset and an
+``texture_size``, ``grid``, ``threshold``, ``refine_steps``, ``up``, ``scale``, ``method``, ``init``,
+``reconstructor``), applied over a preset and an
 optional saved config exactly as the CLI applies its flags. Everything the CLI would report in one line is
 raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an
 optional callback.
@@ -32,7 +33,7 @@ from .batch import (
     BatchObserver, BatchRunner, Executor, Job, Manifest, batch_manifest_path, expand_inputs, ignored_files,
     is_single_input,
 )
-from .config import RunConfig, read_config_file, resolve
+from .config import RunConfig, deep_merge, read_config_file, resolve
 from .errors import UserError
 from .executors import Shard, make_executor
 from .io.atomic import check_output_dir, check_output_file
@@ -57,13 +58,14 @@ from .pipeline import (
     describe_iteration,
     export_saved_run,
     front_view_stem,
+    load_runner,
     prompt_jobs,
     prompt_stem,
     resolve_device,
 )
 from .preprocess import is_preprocessed_output
 from .sir.cameras import Cameras
-from .teachers.registry import check_teacher_config, teacher_entry
+from .teachers.registry import check_teacher_config, default_preset
 from .video import VideoOptions, render_frames, result_renderer, turntable_cameras, write_video
 
 #: setting name (as on the command line) → where it lives in :class:`~microdreamer.config.RunConfig`
@@ -87,6 +89,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "scale": ("mesh", "scale"),
     "seed": ("seed",),
     "device": ("device",),
+    "method": ("method",),
+    "init": ("init",),
+    "reconstructor": ("lgm", "reconstructor"),
 }
 
 
@@ -119,24 +124,20 @@ def resolve_config(
     keys, e.g. ``{"mesh": {"bake_resolution": 256}}``) < ``settings``.
 
     The preset is ``preset``, else the one a saved config names (when ``teacher`` does not change the
-    teacher), else the teacher's own. Without ``needs_teacher`` a model file named by a run report is not
-    looked for (a mesh export without refinement needs none).
+    teacher), else the teacher's own (its ``-lgm`` or ``-lgm-init`` variant for ``method``/``init`` lgm).
+    Without ``needs_teacher`` a model file named by a run report is not looked for (a mesh export without
+    refinement needs none).
     """
     config = None if config is None else Path(config)
     saved = read_config_file(config) if config is not None else {}
     saved_teacher = saved.get("teacher", {}).get("name") if isinstance(saved.get("teacher"), dict) else None
-    entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
+    method, init = settings.get("method") or saved.get("method"), settings.get("init") or saved.get("init")
+    name = teacher or saved_teacher or ("imagedream" if method == "lgm" else "stable-zero123")
     same_teacher = teacher is None or teacher == saved_teacher
     chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
     flags = settings_to_config(teacher=teacher, **settings)
-    return resolve(chosen or entry.preset, config, _deep_merge(overrides or {}, flags), needs_teacher=needs_teacher)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return resolve(chosen or default_preset(name, method, init), config, deep_merge(overrides or {}, flags),
+                   needs_teacher=needs_teacher)
 
 
 def check_run_outputs(out: Path | None, manifest: Path | None, inputs: Sequence[Path] = ()) -> None:
@@ -294,7 +295,7 @@ class Pipeline:
         if self._runner is None:
             if on_progress is not None:
                 on_progress(Progress("load", 0, 1))
-            self._runner = ImageTo3D(self.config, self.device, self.allow_download)
+            self._runner = load_runner(self.config, self.device, self.allow_download)
             if on_progress is not None:
                 on_progress(Progress("load", 1, 1))
         return self._runner

@@ -379,6 +379,19 @@ def write_lgm(folder: Path, network: nn.Module, filename: str = "model_fp16_fixr
     return folder / filename
 
 
+def build_tiny_lgm(folder: Path, seed: int = 0) -> Path:
+    """A folder holding a tiny LGM in the published file's layout and the ``config.json`` that describes it
+    (the published repository has none: its network is "big")."""
+    from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = LGMNetwork(LGMConfig(**TINY_LGM)).eval()
+    write_lgm(folder, network)
+    (folder / "config.json").write_text(json.dumps(TINY_LGM))
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Zero123++ v1.1 (spec §4): SD-2-style UNet with linear projections, SD-2 text encoder + tokenizer, CLIP
 # vision tower with projection, two image processors, the Euler-ancestral v-prediction scheduler and the

@@ -9,6 +9,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..io.ply import GaussianPLY
 from .base import Representation
 
 
@@ -18,18 +19,24 @@ class RepresentationEntry:
     output: str  # key of the saved file in run reports ("ply" for Gaussians, as before)
     suffix: str  # the saved file's suffix
     primitive: str  # what num_primitives counts (singular), for summaries
-    build: Callable[[RunConfig, torch.device, torch.Generator], Representation]
+    # (config, device, generator, start): ``start`` is raw 3DGS parameters to begin from, None for the
+    # representation's own initialisation
+    build: Callable[[RunConfig, torch.device, torch.Generator, GaussianPLY | None], Representation]
 
 
-def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
+def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator,
+               start: GaussianPLY | None = None) -> Representation:
     from .gaussians import Gaussians
 
-    return Gaussians(cfg.gaussians, device, generator)
+    return Gaussians(cfg.gaussians, device, generator, init=start)
 
 
-def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
+def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator,
+          start: GaussianPLY | None = None) -> Representation:
     from .nerf import NerfField
 
+    if start is not None:
+        raise UserError("a NeRF cannot start from 3D Gaussians: use representation = \"gaussians\"")
     return NerfField(cfg.nerf, device, generator)
 
 
