@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,28 +110,39 @@ def main() -> None:
     parser.add_argument("--gaussians", type=int, default=65_536)
     parser.add_argument("--position-noise", type=float, default=0.01)
     parser.add_argument("--colour-noise", type=float, default=0.05)
+    parser.add_argument("--res", type=int, default=None, help="render size of both runs (default: the presets' 256)")
     parser.add_argument("--eval-res", type=int, default=256, help="held-out views' size")
     parser.add_argument("--full-iters", type=int, default=None, help="the full run's iterations (default: its preset's)")
+    parser.add_argument("--init-iters", type=int, default=None,
+                        help="the lgm-init run's iterations (default: its preset's; more shows where its curve goes)")
+    parser.add_argument("--full-from", type=Path, default=None,
+                        help="take the full runs from an earlier --json of this script (same settings) instead of running them")
     add_asset_arguments(parser)
     parser.set_defaults(only=["spot"])
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    earlier = {} if args.full_from is None else {(r["asset"], r["seed"]): r["full"]
+                                                 for r in json.loads(args.full_from.read_text())}
     rows = []
     for name in args.only:
         mesh_path = args.assets / ASSETS[name]
         for seed in args.seeds:
             overrides = teacher_overrides(mesh_path, args.shading, args.imperfection[0], seed)
+            if args.res:
+                overrides["cameras"] = {"resolution": args.res}
             full_cfg = resolve("reference", None, overrides | (
                 {"schedule": {"iterations": args.full_iters}} if args.full_iters else {}))
             lgm_overrides = overrides | ({"lgm": {"reconstructor": args.reconstructor}} if args.reconstructor else {})
+            if args.init_iters:
+                lgm_overrides["schedule"] = {"iterations": args.init_iters}
             init_cfg = resolve("reference-lgm-init", None, lgm_overrides)
             if args.start == "standin":
                 init_cfg = dataclasses.replace(init_cfg, init="random")  # the stand-in replaces LGM below
             full_runner = ImageTo3D(full_cfg, device)
             mesh = full_runner.teacher.mesh
-            full = sir_curve(full_runner, full_cfg, None, torch.Generator().manual_seed(seed), mesh, args.shading,
-                             args.eval_res)
+            full = earlier.get((name, seed)) or sir_curve(
+                full_runner, full_cfg, None, torch.Generator().manual_seed(seed), mesh, args.shading, args.eval_res)
             print(json.dumps({"asset": name, "seed": seed, "run": "full", **full}), flush=True)
 
             runner = ImageTo3D(init_cfg, device)
@@ -145,27 +157,30 @@ def main() -> None:
             print(json.dumps({"asset": name, "seed": seed, "run": f"lgm-init ({args.start})", **init,
                               **({"lgm_seconds": round(timings["lgm"], 2)} if timings else {})}), flush=True)
 
-            target = full["psnr_final"]
+            # iterations done after entry k of a curve: the init iteration counts when it takes steps
+            target, skipped = full["psnr_final"], init_cfg.schedule.init_steps == 0
             reached = next((k for k, p in enumerate(init["psnr_by_iteration"]) if p >= target), None)
+            done = None if reached is None else reached + (not skipped)
             full_iterations = len(full["psnr_by_iteration"])
-            init_iterations = sum(1 for _ in init["psnr_by_iteration"]) - (init_cfg.schedule.init_steps == 0)
             rows.append({
-                "asset": name, "seed": seed, "start": args.start,
+                "asset": name, "seed": seed, "start": args.start, "full": full, "init": init,
                 "full_psnr": target, "full_iterations": full_iterations, "full_sir_s": full["sir_seconds"],
                 "init_psnr_start": init["psnr_start"], "init_psnr_final": init["psnr_final"],
-                "init_iterations": init_iterations,
-                "first_iteration_reaching_full": reached,
-                "iteration_ratio": round(full_iterations / init_iterations, 2),
-                "sir_time_ratio": round(full["sir_seconds"] / max(init["sir_seconds"], 1e-9), 2),
+                "init_iterations": len(init["psnr_by_iteration"]) - skipped,
+                "iterations_to_reach_full": done,
+                "iteration_ratio": None if not done else round(full_iterations / done, 2),
+                "sir_time_ratio": None if not done else round(
+                    full["sir_seconds"] / max(init["seconds_by_iteration"][reached], 1e-9), 2),
             })
 
     print(f"\n{'asset':<8}{'seed':>5}{'start':>9}{'full dB':>9}{'iters':>6}{'SIR s':>8}"
           f"{'start dB':>10}{'init dB':>9}{'iters':>6}{'reached':>9}{'iter ×':>8}{'time ×':>8}")
     for r in rows:
-        reached = "never" if r["first_iteration_reaching_full"] is None else str(r["first_iteration_reaching_full"])
+        done = r["iterations_to_reach_full"]
+        reached, ratios = ("never", ("", "")) if done is None else (str(done), (r["iteration_ratio"], r["sir_time_ratio"]))
         print(f"{r['asset']:<8}{r['seed']:>5}{r['start']:>9}{r['full_psnr']:>9.2f}{r['full_iterations']:>6}"
               f"{r['full_sir_s']:>8.1f}{r['init_psnr_start']:>10.2f}{r['init_psnr_final']:>9.2f}"
-              f"{r['init_iterations']:>6}{reached:>9}{r['iteration_ratio']:>8.2f}{r['sir_time_ratio']:>8.2f}")
+              f"{r['init_iterations']:>6}{reached:>9}{ratios[0]:>8}{ratios[1]:>8}")
     print("\nthe real figure (LGM's own Gaussians; a GPU, ashawkey/LGM downloaded):\n"
           "    python benchmarks/bench_lgm_init.py --start lgm --device cuda --only spot bob avocado fox")
     if args.json:
