@@ -112,11 +112,12 @@ def main() -> None:
     parser.add_argument("--colour-noise", type=float, default=0.05)
     parser.add_argument("--res", type=int, default=None, help="render size of both runs (default: the presets' 256)")
     parser.add_argument("--eval-res", type=int, default=256, help="held-out views' size")
-    parser.add_argument("--full-iters", type=int, default=None, help="the full run's iterations (default: its preset's)")
+    parser.add_argument("--full-iters", type=int, default=None,
+                        help="the full run's iterations (default: its preset's)")
     parser.add_argument("--init-iters", type=int, default=None,
                         help="the lgm-init run's iterations (default: its preset's; more shows where its curve goes)")
     parser.add_argument("--full-from", type=Path, default=None,
-                        help="take the full runs from an earlier --json of this script (same settings) instead of running them")
+                        help="take the full runs from an earlier --json of this script (same settings)")
     add_asset_arguments(parser)
     parser.set_defaults(only=["spot"])
     args = parser.parse_args()
@@ -177,7 +178,8 @@ def main() -> None:
           f"{'start dB':>10}{'init dB':>9}{'iters':>6}{'reached':>9}{'iter ×':>8}{'time ×':>8}")
     for r in rows:
         done = r["iterations_to_reach_full"]
-        reached, ratios = ("never", ("", "")) if done is None else (str(done), (r["iteration_ratio"], r["sir_time_ratio"]))
+        reached, ratios = ("never", ("", "")) if done is None else (
+            str(done), (r["iteration_ratio"], r["sir_time_ratio"]))
         print(f"{r['asset']:<8}{r['seed']:>5}{r['start']:>9}{r['full_psnr']:>9.2f}{r['full_iterations']:>6}"
               f"{r['full_sir_s']:>8.1f}{r['init_psnr_start']:>10.2f}{r['init_psnr_final']:>9.2f}"
               f"{r['init_iterations']:>6}{reached:>9}{ratios[0]:>8}{ratios[1]:>8}")

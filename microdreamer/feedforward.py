@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 #: MVDream's views 0..3 (azimuths 0/90/180/270 of its convention) in LGM's order: its front (view 1) first
 MVDREAM_TO_LGM = (1, 2, 3, 0)
-#: the Zero123++ views LGM gets: azimuths 30, 90, 210, 270 from the input, 30° above / 20° below by turns
+#: the Zero123++ views LGM gets: azimuths 30, 90, 210, 270 from the input; 30° above, 20° below, 20° below, 30° above
 ZERO123PLUS_VIEWS = (0, 1, 3, 4)
 
 
@@ -79,6 +79,7 @@ class TeacherViews:
         before = t.evaluations.as_dict()
         t.prepare(Condition(image=image, prompt=prepared.prompt, negative_prompt=f.negative_prompt,
                             elevation=c.elevation), generator)
+        # MVDream's views 0..3, 90° apart, its front (view 1) at the teacher's reference azimuth
         azimuths = [self.front_azimuth + 90.0 * (i - MVDREAM_TO_LGM[0]) for i in range(NUM_VIEWS)]
         cameras = Cameras.orbit([c.elevation] * NUM_VIEWS, azimuths, c.radius, t.resolution, self.fovy)
         images = init_sample(t, cameras.to(t.device), f.steps, 0.0, f.guidance, generator)

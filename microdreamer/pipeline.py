@@ -649,10 +649,15 @@ class ImageTask:
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
             evaluations=report.evaluations, peak_memory=report.peak_memory,
             note=f"{plural(report.primitives, representation_entry(self.cfg.representation).primitive)}, "
-                 + "".join(f"{report.timings[k]:.1f} s {what}, " for k, what in (("lgm", "views + LGM"), ("sir", "SIR"))
-                           if k in report.timings)
-                 + f"{plural(report.evaluations['total'], 'network evaluation')}" + _gpu_note(report.peak_memory),
+                 f"{_stage_seconds(report.timings)}, "
+                 f"{plural(report.evaluations['total'], 'network evaluation')}" + _gpu_note(report.peak_memory),
         )
+
+
+def _stage_seconds(timings: dict[str, float]) -> str:
+    """``1.2 s views + LGM, 30.5 s SIR``: the stages a run had."""
+    stages = (("lgm", "views + LGM"), ("sir", "SIR"))
+    return ", ".join(f"{timings[key]:.1f} s {name}" for key, name in stages if key in timings)
 
 
 def _gpu_note(peak: dict[str, float]) -> str:

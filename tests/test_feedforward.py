@@ -49,7 +49,8 @@ def lgm(lgm_dir) -> LGMReconstructor:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mv")
-    return {"mvdream": build_tiny_mvdream(root / "mv"), "imagedream": build_tiny_mvdream(root / "id", image_prompt=True)}
+    return {"mvdream": build_tiny_mvdream(root / "mv"),
+            "imagedream": build_tiny_mvdream(root / "id", image_prompt=True)}
 
 
 @pytest.fixture()
@@ -83,7 +84,8 @@ def test_method_lgm_with_the_reference_teacher_is_lgm_on_the_mesh_renders(tmp_pa
     assert report["config"]["method"] == "lgm" and report["config"]["preset"] == "reference-lgm"
     assert report["iterations"] == [] and report["optimisation_steps"] == 0
     assert report["evaluations"] == {"total": 1, "guided": 0, "single_branch": 0, "view_evaluations": 0, "lgm": 1}
-    assert {"lgm.views", "lgm.reconstruct", "lgm", "export"} <= set(report["timings"]) and "sir" not in report["timings"]
+    assert {"lgm.views", "lgm.reconstruct", "lgm", "export"} <= set(report["timings"])
+    assert "sir" not in report["timings"]
     # the saved Gaussians are LGM's on the mesh's renders at its cameras, and (views at radius 1.5 in our
     # world) in the mesh's own frame and size
     cameras = _lgm_cameras()
@@ -180,6 +182,11 @@ def test_lgm_init_presets_start_from_the_t2_they_state(preset):
     assert f"instead of {SIRSchedule.from_config(base.schedule).plans[0].t2}" in prose
     assert cfg.init == "lgm" and cfg.schedule.init_steps == 0 and cfg.gaussians.densify_until == 0
     assert 3 * (cfg.schedule.iterations) <= base.schedule.iterations + 1  # at least 3× fewer iterations
+    # the step counter ends at one per iteration (the skipped init one too) plus one per optimisation step
+    over, takes = map(int, re.search(r"decay over\s+(\d+) steps instead of 500 \(the run takes (\d+)\)", prose).groups())
+    s = cfg.schedule
+    assert takes == s.iterations + 1 + s.iterations * s.steps and over == cfg.gaussians.position_lr_max_steps > takes
+    assert cfg.gaussians.position_lr_init == base.gaussians.position_lr_init / 2
 
 
 class _Zero123PlusGrid:

@@ -64,7 +64,8 @@ def _front_pose(radius: float) -> Tensor:
     return pose
 
 
-def orbit_views(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0, resolution: int | None = None) -> Cameras:
+def orbit_views(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0,
+                resolution: int | None = None) -> Cameras:
     """LGM's own four views in our world: orbit cameras at ``elevation``, azimuths 0/90/180/270, ``radius``,
     LGM's fovy (``resolution`` default: its input size)."""
     return Cameras.orbit([elevation] * NUM_VIEWS, AZIMUTHS, radius, resolution or config.input_size, config.fovy)
