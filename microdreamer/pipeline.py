@@ -726,7 +726,7 @@ class MeshTask(ImageTask):
         if run.prompt != prepared.prompt:
             raise UserError(f"{outputs.report} holds a run on another prompt ({run.prompt!r}, here "
                             f"{prepared.prompt!r}): give its prompt to make its mesh, {redo}")
-        gaussians = Gaussians.load(outputs.ply, self.cfg.gaussians, self.device)
+        gaussians = Gaussians.load(outputs.model, self.cfg.gaussians, self.device)
         data = run.data
         earlier = JobResult(
             outputs={name: str(path) for name, path in outputs.named().items()}, seed=data.get("seed"),
