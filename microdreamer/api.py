@@ -16,10 +16,10 @@ A NeRF instead of Gaussians: ``Pipeline.from_preset(teacher=..., representation=
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
 ``elevation``, ``backend``, ``nerf_backend`` (the NeRF commands' ``--backend``), ``device``, ``model``,
 ``negative_prompt``, ``representation``, ``mesh_format``, ``faces``, ``texture_size``, ``grid``,
-``threshold``, ``refine_steps``, ``up``, ``scale``), applied over a preset and an optional saved config
-exactly as the CLI applies its flags. Everything the CLI would report in one line is raised as
-:class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress reaches an optional
-callback.
+``threshold``, ``refine_steps``, ``up``, ``scale``, ``method``, ``init``, ``reconstructor``), applied over a
+preset and an optional saved config exactly as the CLI applies its flags. Everything the CLI would report in
+one line is raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress
+reaches an optional callback.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .batch import (
     BatchObserver, BatchRunner, Executor, Job, Manifest, batch_manifest_path, expand_inputs, ignored_files,
     is_single_input,
 )
-from .config import RunConfig, load_preset, read_config_file, resolve
+from .config import RunConfig, deep_merge, load_preset, read_config_file, resolve
 from .errors import UserError
 from .executors import Shard, make_executor
 from .io.atomic import check_output_dir, check_output_file
@@ -62,6 +62,7 @@ from .pipeline import (
     describe_iteration,
     export_saved_run,
     front_view_stem,
+    load_runner,
     prompt_jobs,
     prompt_stem,
     resolve_device,
@@ -70,7 +71,7 @@ from .preprocess import is_preprocessed_output
 from .representations.base import Representation
 from .representations.registry import representation_entry, representation_for_file, saved_representation
 from .sir.cameras import Cameras
-from .teachers.registry import check_teacher_config, teacher_entry
+from .teachers.registry import check_teacher_config, default_preset, teacher_entry
 from .video import VideoOptions, render_frames, result_renderer, turntable_cameras, write_video
 
 #: setting name (as on the command line) → where it lives in :class:`~microdreamer.config.RunConfig`
@@ -96,6 +97,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "scale": ("mesh", "scale"),
     "seed": ("seed",),
     "device": ("device",),
+    "method": ("method",),
+    "init": ("init",),
+    "reconstructor": ("lgm", "reconstructor"),
 }
 
 
@@ -130,33 +134,30 @@ def resolve_config(
     The preset is ``preset``, else the one a saved config names (when ``teacher`` does not change the
     teacher, nor the ``representation`` setting the representation), else the teacher's own for the
     representation (the setting's, else the saved config's, else Gaussians: ``stable-zero123`` or
-    ``stable-zero123-nerf``). Without ``needs_teacher`` a model file named by a run report is not looked
-    for (a mesh export without refinement needs none).
+    ``stable-zero123-nerf``; for Gaussians its ``-lgm`` or ``-lgm-init`` variant with ``method``/``init``
+    lgm). Without ``needs_teacher`` a model file named by a run report is not looked for (a mesh export
+    without refinement needs none).
     """
     config = None if config is None else Path(config)
     saved = read_config_file(config) if config is not None else {}
     saved_teacher = saved.get("teacher", {}).get("name") if isinstance(saved.get("teacher"), dict) else None
-    entry = teacher_entry(teacher or saved_teacher or "stable-zero123")
+    method, init = settings.get("method") or saved.get("method"), settings.get("init") or saved.get("init")
+    name = teacher or saved_teacher or ("imagedream" if method == "lgm" else "stable-zero123")
     same_teacher = teacher is None or teacher == saved_teacher
     chosen = preset or (saved.get("preset") if same_teacher and isinstance(saved.get("preset"), str) else None)
     wanted = settings.get("representation") or saved.get("representation")
     if isinstance(wanted, str):
         representation_entry(wanted)  # one line for an unknown name
     if chosen is None or (preset is None and isinstance(wanted, str) and _representation_of(chosen) != wanted):
-        chosen = entry.preset_for(wanted if isinstance(wanted, str) else "gaussians")
+        representation = wanted if isinstance(wanted, str) else "gaussians"
+        chosen = (default_preset(name, method, init) if representation == "gaussians"
+                  else teacher_entry(name).preset_for(representation))
     flags = settings_to_config(teacher=teacher, **settings)
-    return resolve(chosen, config, _deep_merge(overrides or {}, flags), needs_teacher=needs_teacher)
+    return resolve(chosen, config, deep_merge(overrides or {}, flags), needs_teacher=needs_teacher)
 
 
 def _representation_of(preset: str) -> str:
     return load_preset(preset).get("representation", "gaussians")
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def check_run_outputs(out: Path | None, manifest: Path | None, inputs: Sequence[Path] = ()) -> None:
@@ -346,7 +347,7 @@ class Pipeline:
         if self._runner is None:
             if on_progress is not None:
                 on_progress(Progress("load", 0, 1))
-            self._runner = ImageTo3D(self.config, self.device, self.allow_download)
+            self._runner = load_runner(self.config, self.device, self.allow_download)
             if on_progress is not None:
                 on_progress(Progress("load", 1, 1))
         return self._runner

@@ -303,7 +303,7 @@ SkipPrompts = Annotated[bool, _flag(help="Skip prompts whose outputs all exist (
 BatchManifest = Annotated[Optional[Path], typer.Option(help="Batch manifest JSON (default OUT/manifest.json for batches).")]
 JsonOut = Annotated[bool, _flag("--json", help="Print the run summary as JSON on stdout.")]
 Quiet = Annotated[bool, _flag("--quiet", "-q", help="Print only errors.")]
-ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt), reference.")]
+ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt; the default with --method lgm), reference; zero123plus with --method lgm only (experimental).")]
 ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt for an image+text teacher (imagedream); optional there.")]
 Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
 Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
@@ -318,6 +318,9 @@ Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: how m
 GpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: GPUs per worker; 0.5 packs two workers on a GPU (default 1 when the cluster has GPUs, else 0).")]
 CpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: CPUs per worker, also its torch threads (default 1).")]
 MaxAttempts = Annotated[Optional[int], typer.Option(help="With --executor ray: tries of an input whose worker dies under it (default 3).")]
+Method = Annotated[Optional[str], typer.Option(help="sir (default): score-based iterative reconstruction; lgm: the teacher's four views → LGM → Gaussians in one network pass (imagedream, mvdream, reference, zero123plus).")]
+Init = Annotated[Optional[str], typer.Option(help="Where SIR starts: random (default) or lgm, LGM's Gaussians with a shorter schedule (presets *-lgm-init).")]
+Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm: Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
 ShardSpec = Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (0 <= I < N; an input's shard is a hash of its name, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); its manifest is OUT/manifest.shard-I-of-N.json, joined by 'microdreamer manifest merge'.")]
 
 
@@ -412,6 +415,9 @@ def image2gs(
     elevation: Elevation = None,
     backend: Backend = None,
     device: Device = None,
+    method: Method = None,
+    init: Init = None,
+    reconstructor: Reconstructor = None,
     border_ratio: BorderRatio = None,
     rembg: Rembg = None,
     video: Video = False,
@@ -436,6 +442,7 @@ def image2gs(
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
+        method=method, init=init, reconstructor=reconstructor,
         representation="gaussians",
     )
 
@@ -516,6 +523,9 @@ def image2mesh(
     elevation: Elevation = None,
     backend: Backend = None,
     device: Device = None,
+    method: Method = None,
+    init: Init = None,
+    reconstructor: Reconstructor = None,
     border_ratio: BorderRatio = None,
     rembg: Rembg = None,
     representation: MeshRepresentation = None,
@@ -553,6 +563,7 @@ def image2mesh(
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
+        method=method, init=init, reconstructor=reconstructor,
         mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
         refine_steps=refine_steps, up=up, scale=scale, representation=representation,
     )
@@ -685,6 +696,9 @@ def text2gs(
     res: Res = None,
     backend: Backend = None,
     device: Device = None,
+    method: Method = None,
+    init: Init = None,
+    reconstructor: Reconstructor = None,
     video: Video = False,
     video_format: VideoFormat = None,
     overwrite: Overwrite = False,
@@ -707,6 +721,7 @@ def text2gs(
         json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
         model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
         backend=backend, device=device, negative_prompt=negative_prompt, representation="gaussians",
+        method=method, init=init, reconstructor=reconstructor,
     )
 
 
@@ -769,6 +784,9 @@ def text2mesh(
     backend: Backend = None,
     device: Device = None,
     representation: MeshRepresentation = None,
+    method: Method = None,
+    init: Init = None,
+    reconstructor: Reconstructor = None,
     mesh_format: MeshFormat = None,
     faces: Faces = None,
     texture_size: TextureSize = None,
@@ -804,7 +822,9 @@ def text2mesh(
         video_format=video_format, overwrite=overwrite, skip_existing=skip_existing, manifest=manifest,
         json_out=json_out, quiet=quiet, where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard),
         model=model, seed=seed, iters=iters, steps=steps, views=views, res=res,
-        backend=backend, device=device, negative_prompt=negative_prompt, mesh_format=mesh_format, faces=faces,
+        backend=backend, device=device,
+        method=method, init=init, reconstructor=reconstructor, negative_prompt=negative_prompt,
+        mesh_format=mesh_format, faces=faces,
         texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
         representation=representation,
     )

@@ -200,6 +200,25 @@ class MeshConfig:
 
 
 @dataclass
+class FeedForwardConfig:
+    """The feed-forward path (:mod:`microdreamer.feedforward`): four views of the object from the teacher
+    (a multi-view generator), then LGM turns them into Gaussians in one network pass."""
+
+    reconstructor: str = "ashawkey/LGM"  # Hugging Face id, local folder holding ``weights``, or the file itself
+    weights: str = "model_fp16_fixrot.safetensors"
+    steps: int = 30  # sampling steps of the four views (LGM infer.py: 30)
+    guidance: float = 5.0  # their classifier-free guidance (LGM: ImageDream 5, MVDream 7.5)
+    negative_prompt: str = ""  # of the views (LGM infer.py: none)
+    min_opacity: float = 0.005  # Gaussians less opaque are dropped, as LGM's save_ply does
+
+
+#: run methods: SIR, or the feed-forward LGM result alone
+METHODS = ("sir", "lgm")
+#: where SIR starts: the representation's own initialisation, or LGM's Gaussians
+INITS = ("random", "lgm")
+
+
+@dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -210,6 +229,9 @@ class RunConfig:
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     nerf: NerfConfig = field(default_factory=NerfConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    method: str = "sir"  # sir | lgm: the teacher's four views → LGM → Gaussians, no SIR
+    init: str = "random"  # random | lgm: SIR starts from LGM's Gaussians (presets *-lgm-init)
+    lgm: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     seed: int = 0
     device: str = "auto"
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -256,6 +278,7 @@ class RunConfig:
             (self.representation in ("gaussians", "nerf"), "representation must be gaussians or nerf"),
             *(self._nerf_checks() if self.representation == "nerf" else []),
             *self._mesh_checks(),
+            *self._lgm_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -312,6 +335,21 @@ class RunConfig:
              f"--backend (nerf.backend) must be auto, torch, cpu or nerfacc, got '{n.backend}'"),
             (n.encoding_backend in ("auto", "torch", "cpu", "tcnn"),
              "nerf.encoding_backend must be auto, torch, cpu or tcnn"),
+        ]
+
+    def _lgm_checks(self) -> list[tuple[bool, str]]:
+        f = self.lgm
+        return [
+            (self.method in METHODS, f"--method must be {' or '.join(METHODS)}, got '{self.method}'"),
+            (self.init in INITS, f"--init must be {' or '.join(INITS)}, got '{self.init}'"),
+            (self.method == "sir" or self.init == "random",
+             "--init lgm starts SIR from LGM's Gaussians; --method lgm gives them without SIR: choose one"),
+            ("lgm" not in (self.method, self.init) or self.representation == "gaussians",
+             f"LGM makes 3D Gaussians: --method lgm and --init lgm need representation = \"gaussians\", "
+             f"not \"{self.representation}\""),
+            (1 <= f.steps <= 1000, f"lgm.steps must lie in 1..1000, got {f.steps}"),
+            (math.isfinite(f.guidance) and f.guidance >= 0, "lgm.guidance must be >= 0"),
+            (0.0 <= f.min_opacity < 1.0, "lgm.min_opacity must lie in [0, 1)"),
         ]
 
     def _mesh_checks(self) -> list[tuple[bool, str]]:
@@ -419,11 +457,24 @@ def _saved_model(data: dict[str, Any], config_file: Path, overrides: dict[str, A
     return {**data, "teacher": teacher}
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's settings; one that says ``extends = "OTHER"`` is OTHER's settings with its own over them."""
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise UserError(f"unknown preset '{name}' (available: {', '.join(preset_names()) or 'none'})")
-    return tomllib.loads(path.read_text())
+    if name in _seen:
+        raise UserError(f"preset '{name}' extends itself (through {' → '.join(_seen)})")
+    data = tomllib.loads(path.read_text())
+    base = data.pop("extends", None)
+    return data if base is None else deep_merge(load_preset(str(base), (*_seen, name)), data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` over it, tables merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def resolve(

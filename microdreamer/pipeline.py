@@ -2,7 +2,8 @@
 
 ``ImageTo3D`` loads the teacher once and can then run many inputs; ``ImageTask`` plugs it into the batch
 runner (:mod:`microdreamer.batch`): inputs are loaded and preprocessed before the teacher is loaded, so a
-bad image fails without waiting for a model.
+bad image fails without waiting for a model. The feed-forward path (``method = "lgm"``, and SIR's
+``init = "lgm"`` start) lives in :mod:`microdreamer.feedforward`; :func:`load_runner` picks the runner.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .representations.registry import representation_entry, representation_for_f
 from .sir.cameras import Cameras, camera_sampler, turntable
 from .sir.engine import IterationLog, ProgressCallback, Reference, SIREngine
 from .teachers.base import Condition, Teacher
-from .teachers.registry import fetch_weights, teacher_entry
+from .teachers.registry import fetch_weights, run_entry, teacher_entry
 from .video import VideoOptions, encode_video, render_frames, turntable_cameras
 from .wording import plural
 
@@ -349,17 +350,33 @@ class Reconstruction:
         return report
 
 
+def load_runner(cfg: RunConfig, device: torch.device, allow_download: bool = True) -> "ImageTo3D":
+    """The loaded models of a run: SIR's (:class:`ImageTo3D`), or for ``method = "lgm"`` the feed-forward
+    path's (:class:`~microdreamer.feedforward.LGMTo3D`)."""
+    if cfg.method == "lgm":
+        from .feedforward import LGMTo3D
+
+        return LGMTo3D(cfg, device, allow_download)
+    return ImageTo3D(cfg, device, allow_download)
+
+
 class ImageTo3D:
     """Image (or a reference mesh's front view), or a prompt → the configured representation (3D Gaussians,
-    a NeRF), with the teacher loaded once."""
+    a NeRF), with the teacher loaded once (and, for ``init = "lgm"``, LGM with it)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, allow_download: bool = True) -> None:
         self.cfg = cfg
         self.device = device
         start = time.perf_counter()
-        entry = teacher_entry(cfg.teacher.name)
+        entry = run_entry(cfg)
         self.text_only = entry.inputs == "text"  # no reference image, no reference view
-        self.teacher: Teacher = entry.build(cfg, device, allow_download)
+        # None: a multi-view generator that is no teacher (it only makes LGM's views)
+        self.teacher: Teacher | None = entry.build(cfg, device, allow_download) if entry.sir else None
+        self.feedforward = None
+        if "lgm" in (cfg.method, cfg.init):
+            from .feedforward import FeedForward
+
+            self.feedforward = FeedForward(cfg, device, allow_download, self.teacher)
         self.load_seconds = time.perf_counter() - start
         self._load_reported = False
 
@@ -414,9 +431,13 @@ class ImageTo3D:
         """Run SIR on one prepared input; nothing is written (see :meth:`Reconstruction.save`)."""
         timings = self.load_timing()  # reported once, by the first run after loading
         reset_peak_memory(self.device)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        before = self.teacher.evaluations.as_dict()
+        start_state = None  # init = "lgm": LGM's Gaussians, made before the teacher is prepared for SIR
+        if self.feedforward is not None:
+            start_state = self.feedforward(prepared, generator, timings)[0]
         start = time.perf_counter()
         reference = None if self.text_only else self.reference_view(prepared)
-        generator = torch.Generator().manual_seed(self.cfg.seed)
         condition = Condition(
             image=None if reference is None else reference.rgb,
             mask=None if reference is None else reference.mask,
@@ -430,9 +451,8 @@ class ImageTo3D:
             reference = None
         timings["preprocess"] = time.perf_counter() - start
 
-        before = self.teacher.evaluations.as_dict()
         start = time.perf_counter()
-        model = representation_entry(self.cfg.representation).build(self.cfg, self.device, generator)
+        model = representation_entry(self.cfg.representation).build(self.cfg, self.device, generator, start_state)
         engine = SIREngine(
             self.teacher, model, self.cfg, generator, self.device, reference=reference, on_iteration=on_iteration
         )
@@ -440,7 +460,22 @@ class ImageTo3D:
         timings["sir"] = time.perf_counter() - start
         timings.update({f"sir.{k}": v for k, v in result.timings.items()})
         after = self.teacher.evaluations.as_dict()
+        evaluations = {k: after[k] - before[k] for k in after}
+        if start_state is not None:
+            from .feedforward import with_lgm
 
+            evaluations = with_lgm(evaluations)
+        views, frames = self.renders(model, video, self.teacher.reference_azimuth, timings)
+        return Reconstruction(
+            self.cfg, self.device, prepared, preprocess or PreprocessOptions(), model, views, frames, video,
+            timings, evaluations, result.optimisation_steps,
+            [log.__dict__ for log in result.iterations], getattr(self.teacher, "mode", None),
+        )
+
+    def renders(self, model: Representation, video: VideoOptions | None, front: float,
+                timings: dict[str, float]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The contact sheet ``[8,3,H,W]`` (8 views around the object at elevation 0, on the CPU) and, with
+        ``video``, the turntable frames from azimuth ``front``; their time goes to ``timings["export"]``."""
         start = time.perf_counter()
         c = self.cfg.cameras
         background = torch.tensor(self.cfg.background, device=self.device)
@@ -450,16 +485,11 @@ class ImageTo3D:
         frames = None
         if video is not None:
             video_cams = turntable_cameras(
-                video.frames, c.elevation, c.radius, video.resolution or c.resolution, c.fovy,
-                start_azimuth=self.teacher.reference_azimuth,
+                video.frames, c.elevation, c.radius, video.resolution or c.resolution, c.fovy, start_azimuth=front,
             ).to(self.device)
             frames = render_frames(lambda cams: model.render(cams, background).rgb, video_cams)
         timings["export"] = time.perf_counter() - start
-        return Reconstruction(
-            self.cfg, self.device, prepared, preprocess or PreprocessOptions(), model, views.cpu(), frames, video,
-            timings, {k: after[k] - before[k] for k in after}, result.optimisation_steps,
-            [log.__dict__ for log in result.iterations], getattr(self.teacher, "mode", None),
-        )
+        return views.cpu(), frames
 
     def export_mesh(
         self,
@@ -477,7 +507,10 @@ class ImageTo3D:
         self, prepared: PreparedInput, model: Representation, on_stage: StageCallback | None = None
     ) -> TexturedMesh:
         """The textured mesh of ``model`` (a run on ``prepared``), its texture refined with this teacher
-        conditioned as in the run (and on the reference view when the run's loss used it)."""
+        conditioned as in the run (and on the reference view when the run's loss used it); baked only
+        without refinement steps or a teacher."""
+        if self.teacher is None or not self.cfg.mesh.refine_steps:
+            return make_mesh(model, prepared.stem, self.cfg, None, None, self.device, on_stage=on_stage)
         reference = None if self.text_only else self.reference_view(prepared)
         self.teacher.prepare(
             Condition(
@@ -543,6 +576,8 @@ def prepare_input(image: Path | None, cfg: RunConfig, options: PreprocessOptions
 
 def describe_iteration(log: IterationLog) -> str:
     """One short line for progress: what the SIR iteration refined from, its loss and its wall time."""
+    if log.loss is None:  # init_steps 0: the run starts from given Gaussians (init = "lgm")
+        return f"SIR init skipped (no init steps), {log.seconds:.1f} s"
     where = "init (from noise)" if log.t2 is None else f"t2={log.t2} t1={log.t1}"
     return f"SIR {where} loss={log.loss:.0f}, {log.seconds:.1f} s"
 
@@ -608,9 +643,13 @@ class ImageTask:
 
     def fetch(self) -> None:
         fetch_weights(self.cfg, self.allow_download)
+        if "lgm" in (self.cfg.method, self.cfg.init):
+            from .feedforward import fetch_reconstructor
+
+            fetch_reconstructor(self.cfg, self.allow_download)
 
     def load(self) -> ImageTo3D:
-        return ImageTo3D(self.cfg, self.device, self.allow_download)
+        return load_runner(self.cfg, self.device, self.allow_download)
 
     def run(self, pipeline: ImageTo3D, job: Job, prepared: PreparedInput, progress: StepCallback) -> JobResult:
         report = pipeline.run(
@@ -622,9 +661,15 @@ class ImageTask:
             outputs=report.outputs, seed=report.seed, config=report.config, timings=report.timings,
             evaluations=report.evaluations, peak_memory=report.peak_memory,
             note=f"{plural(report.primitives, representation_entry(self.cfg.representation).primitive)}, "
-                 f"{report.timings['sir']:.1f} s SIR, "
+                 f"{_stage_seconds(report.timings)}, "
                  f"{plural(report.evaluations['total'], 'network evaluation')}" + _gpu_note(report.peak_memory),
         )
+
+
+def _stage_seconds(timings: dict[str, float]) -> str:
+    """``1.2 s views + LGM, 30.5 s SIR``: the stages a run had."""
+    stages = (("lgm", "views + LGM"), ("sir", "SIR"))
+    return ", ".join(f"{timings[key]:.1f} s {name}" for key, name in stages if key in timings)
 
 
 def _gpu_note(peak: dict[str, float]) -> str:
@@ -791,7 +836,7 @@ def export_saved_run(
                         "or --no-refine")
     options = PreprocessOptions.resolve(None if run is None else run.path)
     rgba = None if image is None else ImagePreparer(options)(image)
-    pipeline = ImageTo3D(cfg, device)
+    pipeline = ImageTo3D(dataclasses.replace(cfg, method="sir", init="random"), device)  # the teacher alone
     return pipeline.export_mesh(PreparedInput(stem, image, rgba, prompt), model, out_dir, overwrite, on_stage)
 
 

@@ -203,6 +203,23 @@ REFUSALS = [
     (["text2mesh", "a cat", *OUT, "--representation", "nerf", "--threshold", "0"], "--threshold"),
     (["export", "{tmp}/none.safetensors"], "result not found"),
     (["eval", "{tmp}/none.safetensors", "--reference", "{spot}"], "result not found"),
+    # the feed-forward path (--method lgm, --init lgm) and its weights
+    (["image2gs", "{image}", *OUT, "--method", "nope"], "--method must be sir or lgm, got 'nope'"),
+    (["image2gs", "{image}", *OUT, "--init", "nope"], "--init must be random or lgm, got 'nope'"),
+    (["image2gs", "{image}", *OUT, "--method", "lgm", "--init", "lgm"], "--init lgm starts SIR from LGM's Gaussians"),
+    (["image2gs", "{image}", *OUT, "--teacher", "zero123plus"], "not an SIR teacher"),
+    (["image2gs", "{image}", *OUT, "--teacher", "stable-zero123", "--method", "lgm"],
+     "'stable-zero123' does not make LGM's four views: --method lgm needs a teacher that does"),
+    (["image2gs", "{image}", *OUT, "--teacher", "zero123plus", "--init", "lgm"],
+     "--init lgm needs an SIR teacher that does (imagedream, mvdream, reference)"),
+    (["image2gs", "{image}", *OUT, "--method", "lgm", "--reconstructor", "{tmp}/none"], "model folder not found: {tmp}/none"),
+    (["image2gs", "{image}", *OUT, "--method", "lgm", "--reconstructor", "{tmp}"], "has no model_fp16_fixrot.safetensors"),
+    (["image2gs", "{image}", *OUT, "--init", "lgm", "--teacher", "imagedream", "--reconstructor", "{file}"],
+     "only .safetensors weights"),
+    (["image2mesh", "{image}", *OUT, "--teacher", "zero123plus", "--method", "lgm", "--refine-steps", "5"],
+     "'zero123plus' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0"),
+    (["text2gs", "a cat", *OUT, "--method", "lgm", "--teacher", "imagedream"], "needs a text-to-3D teacher"),
+    (["text2mesh", "a cat", *OUT, "--init", "lgm", "--reconstructor", "{tmp}/none"], "model folder not found"),
 ]
 
 

@@ -74,3 +74,20 @@ def test_unknown_preset_and_missing_file(tmp_path: Path):
 
 def test_defaults_validate():
     RunConfig().validate()
+
+
+def test_a_preset_extends_another_table_by_table(tmp_path, monkeypatch):
+    from microdreamer import config
+
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
+    (tmp_path / "base.toml").write_text('[schedule]\niterations = 7\nsteps = 3\n[cameras]\nviews = 5\n')
+    (tmp_path / "child.toml").write_text('extends = "base"\nmethod = "lgm"\n[schedule]\nsteps = 9\n')
+    cfg = resolve("child")
+    assert (cfg.schedule.iterations, cfg.schedule.steps, cfg.cameras.views, cfg.method) == (7, 9, 5, "lgm")
+    assert cfg.preset == "child" and "extends" not in config.load_preset("child")
+    (tmp_path / "base.toml").write_text('extends = "child"\n')
+    with pytest.raises(UserError, match=r"preset 'child' extends itself \(through child → base\)"):
+        resolve("child")
+    (tmp_path / "base.toml").write_text('extends = "nowhere"\n')
+    with pytest.raises(UserError, match="unknown preset 'nowhere'"):
+        resolve("child")

@@ -17,6 +17,7 @@ from microdreamer.reconstructors.lgm import (
     IMAGENET_STD,
     LGMReconstructor,
     input_cameras,
+    lgm_frame,
     lgm_to_world,
     splatter_to_gaussians,
 )
@@ -257,6 +258,41 @@ def test_input_cameras_put_view_0_at_the_fixed_pose(elevation):
     # one rigid motion for all views: relative poses are those of the orbit
     for v in range(1, 4):
         assert torch.allclose(torch.linalg.inv(c2w[0]) @ c2w[v], torch.linalg.inv(orbit[0]) @ orbit[v], atol=1e-6)
+
+
+def _generator_cameras(resolution: int = 256) -> Cameras:
+    """Four of Zero123++'s fixed views: 30° above / 20° below by turns, radius 4, fovy 30."""
+    from microdreamer.generators.zero123plus import zero123plus_cameras
+
+    return zero123plus_cameras(radius=4.0, fovy=30.0, resolution=resolution)[[0, 1, 3, 4]]
+
+
+def test_lgm_frame_of_any_four_cameras_is_one_similarity():
+    cams = _generator_cameras()
+    lgm, to_world = lgm_frame(cams.c2w, 1.5)
+    front = torch.eye(4, dtype=torch.float64)
+    front[2, 3] = 1.5
+    assert torch.allclose(lgm[0], front, atol=1e-6)
+    assert torch.allclose(lgm[:, :3, 3].norm(dim=-1), torch.full((4,), 1.5, dtype=torch.float64), atol=1e-6)
+    world = cams.c2w.double()
+    for v in range(1, 4):  # relative rotations kept: one rigid motion (and a scale) for all views
+        assert torch.allclose(lgm[0, :3, :3].T @ lgm[v, :3, :3], world[0, :3, :3].T @ world[v, :3, :3], atol=1e-6)
+    assert to_world.scale == pytest.approx(4.0 / 1.5)
+    assert torch.allclose(to_world.points(lgm[:, :3, 3].float()), cams.c2w[:, :3, 3], atol=1e-5)
+    assert torch.allclose(to_world.rotation @ lgm[:, :3, :3].float(), cams.c2w[:, :3, :3], atol=1e-5)
+    moved = cams.c2w.clone()
+    moved[2, :3, 3] *= 1.1
+    with pytest.raises(ValueError, match="one distance from the origin"):
+        lgm_frame(moved)
+
+
+def test_views_at_other_cameras_get_their_true_rays(big_meta):
+    """View 0 is normalised to LGM's front pose; its rays are then those of that pose at the views' fovy."""
+    x = big_meta.prepare(torch.ones(4, 3, 256, 256), _generator_cameras())
+    for col, row in ((0, 0), (255, 0), (128, 37), (127, 128)):
+        expected = torch.tensor(_hand_ray(0.0, col, row, fovy=30.0))
+        assert torch.allclose(x[0, 0, 3:, row, col], expected, atol=1e-6), (col, row)
+    assert not torch.allclose(x[0, 1, 3:], big_meta.prepare(torch.ones(4, 3, 256, 256))[0, 1, 3:], atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,11 +18,13 @@ Facts from 3DTopia/LGM@fe8d12c (teachers spec §5, geco spec §2.7), in our word
   instead; ``model.safetensors`` and ``model_fp16.safetensors`` were trained that way and are refused.
   The ``*_fixrot`` files were fine-tuned with the fix.
 
-Frames: LGM's Gaussians live in its normalised frame (cameras at radius 1.5). :func:`lgm_to_world`
-maps them into ours: view 0 back to its orbit pose, then scaled by ``radius / 1.5`` so that our
-orbit cameras at ``radius`` (same field of view) see exactly what LGM's input cameras saw. The
+Frames: LGM's Gaussians live in its normalised frame (cameras at radius 1.5). :func:`lgm_frame`
+maps them into ours given the views' cameras in our world: view 0 back to its pose, then scaled by
+``r / 1.5`` (r: the views' distance) so that those cameras see exactly what LGM's input cameras saw.
+For LGM's own views (:func:`orbit_views`) placed at ``radius`` this is :func:`lgm_to_world`. The
 object's size is thus set by how the views frame it, as for every image input (a mesh teacher's
-"longest side 1" is a property of reference meshes, not of this frame).
+"longest side 1" is a property of reference meshes, not of this frame). Views at other poses (a
+generator's fixed views) get the Plücker rays of their true cameras, normalised the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from ..errors import UserError
 from ..io.ply import GaussianPLY
 from ..representations.gaussians import SH_C0
 from ..representations.similarity import Similarity
-from ..sir.cameras import orbit_camera
+from ..sir.cameras import Cameras
 from ..teachers.catalog import find_entry
-from ..teachers.loading import load_module, read_json, resolve_dtype, resolve_model_dir
+from ..teachers.loading import load_module, local_model_dir, read_json, resolve_dtype, resolve_model_dir
 from .lgm_unet import NUM_VIEWS, OUT_CHANNELS, LGMConfig, LGMNetwork
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,10 +64,36 @@ def _front_pose(radius: float) -> Tensor:
     return pose
 
 
+def orbit_views(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0,
+                resolution: int | None = None) -> Cameras:
+    """LGM's own four views in our world: orbit cameras at ``elevation``, azimuths 0/90/180/270, ``radius``,
+    LGM's fovy (``resolution`` default: its input size)."""
+    return Cameras.orbit([elevation] * NUM_VIEWS, AZIMUTHS, radius, resolution or config.input_size, config.fovy)
+
+
+def lgm_frame(c2w: Tensor, cam_radius: float = 1.5) -> tuple[Tensor, Similarity]:
+    """The four views' camera-to-world matrices in our world ``[4, 4, 4]`` (OpenGL, all at one distance r
+    from the origin) → their poses in LGM's normalised frame (float64) and the similarity from that frame
+    back into ours.
+
+    LGM's frame is ours scaled by ``cam_radius / r`` and moved by the one rigid motion that puts view 0 at
+    ``[I | (0, 0, cam_radius)]`` (the identity for an orbit view 0 at elevation 0, azimuth 0)."""
+    c2w = c2w.double().cpu()
+    distance = c2w[:, :3, 3].norm(dim=-1)
+    if c2w.shape != (NUM_VIEWS, 4, 4) or not torch.allclose(distance, distance[0], rtol=1e-5):
+        raise ValueError(f"LGM takes {NUM_VIEWS} cameras at one distance from the origin, got {list(c2w.shape)} "
+                         f"at distances {[round(float(d), 4) for d in distance]}")
+    s = cam_radius / float(distance[0])
+    scaled = c2w.clone()
+    scaled[:, :3, 3] *= s
+    normalise = _front_pose(cam_radius) @ torch.linalg.inv(scaled[0])
+    undo = torch.linalg.inv(normalise)  # LGM's frame → ours scaled by s
+    return normalise @ scaled, Similarity(1 / s, undo[:3, :3].float(), (undo[:3, 3] / s).float())
+
+
 def input_cameras(config: LGMConfig, elevation: float = 0.0) -> Tensor:
     """Camera-to-world ``[4, 4, 4]`` (OpenGL, float64) of LGM's input views in its normalised frame."""
-    c2w = orbit_camera([elevation] * NUM_VIEWS, AZIMUTHS, config.cam_radius).double()
-    return _front_pose(config.cam_radius) @ torch.linalg.inv(c2w[0]) @ c2w
+    return lgm_frame(orbit_views(config, elevation, config.cam_radius).c2w, config.cam_radius)[0]
 
 
 def plucker_rays(c2w: Tensor, size: int, fovy: float) -> Tensor:
@@ -86,12 +114,9 @@ def plucker_rays(c2w: Tensor, size: int, fovy: float) -> Tensor:
 
 
 def lgm_to_world(config: LGMConfig, elevation: float = 0.0, radius: float = 2.0) -> Similarity:
-    """LGM's normalised frame → ours, for input views at ``elevation``: undo the normalisation (a
-    rotation about x by the elevation), then scale by ``radius / cam_radius``."""
-    c2w0 = orbit_camera([elevation], [AZIMUTHS[0]], config.cam_radius)[0].double()
-    undo = c2w0 @ torch.linalg.inv(_front_pose(config.cam_radius))
-    scale = radius / config.cam_radius
-    return Similarity(scale, undo[:3, :3].float(), (scale * undo[:3, 3]).float())
+    """LGM's normalised frame → ours, for its own input views at ``elevation`` placed at ``radius``: undo
+    the normalisation (a rotation about x by the elevation), then scale by ``radius / cam_radius``."""
+    return lgm_frame(orbit_views(config, elevation, radius).c2w, config.cam_radius)[1]
 
 
 def _log_softplus(x: Tensor) -> Tensor:
@@ -128,6 +153,17 @@ def splatter_to_gaussians(splats: Tensor, min_opacity: float = MIN_OPACITY) -> G
         scale=_log_softplus(x[:, 4:7]) + math.log(0.1),
         rotation=F.normalize(x[:, 7:11], dim=-1),
     )
+
+
+def check_weights_source(source: str | Path, filename: str = DEFAULT_FILE) -> None:
+    """What :meth:`LGMReconstructor.from_pretrained` would refuse about where the weights are, checked
+    before anything loads: the pre-fix and pickle files, a local folder that is missing or lacks the file."""
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        _check_weights_name(path.name)
+        return
+    _check_weights_name(filename)
+    local_model_dir(str(source), (filename,))
 
 
 def _check_weights_name(name: str) -> None:
@@ -192,9 +228,10 @@ class LGMReconstructor:
     def dtype(self) -> torch.dtype:
         return self.network.conv.weight.dtype
 
-    def prepare(self, images: Tensor, elevation: float = 0.0) -> Tensor:
-        """Views ``[4, 3, H, W]`` or ``[B, 4, 3, H, W]`` in [0, 1] over white, at azimuths 0/90/180/270
-        and ``elevation`` → the network input ``[B, 4, 9, S, S]`` (float32, on the images' device)."""
+    def prepare(self, images: Tensor, cameras: Cameras | None = None) -> Tensor:
+        """Views ``[4, 3, H, W]`` or ``[B, 4, 3, H, W]`` in [0, 1] over white, seen by ``cameras`` (our
+        world; default: LGM's own, :func:`orbit_views`) → the network input ``[B, 4, 9, S, S]`` (float32,
+        on the images' device)."""
         if images.dim() == 4:
             images = images[None]
         if images.dim() != 5 or images.shape[1] != NUM_VIEWS or images.shape[2] != 3:
@@ -206,7 +243,8 @@ class LGMReconstructor:
         mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
         std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
         x = ((x - mean) / std).reshape(b, NUM_VIEWS, 3, size, size)
-        rays = plucker_rays(input_cameras(self.config, elevation), size, self.config.fovy).to(x)
+        cameras = cameras if cameras is not None else orbit_views(self.config)
+        rays = plucker_rays(lgm_frame(cameras.c2w, self.config.cam_radius)[0], size, cameras.fovy).to(x)
         return torch.cat([x, rays.expand(b, -1, -1, -1, -1)], dim=2)
 
     @torch.no_grad()
@@ -214,11 +252,13 @@ class LGMReconstructor:
         """Raw network output ``[B, 4, 14, s, s]`` (float32) for inputs from :meth:`prepare`."""
         return self.network(inputs.to(self.device, self.dtype)).float()
 
-    def reconstruct(self, images: Tensor, elevation: float = 0.0, radius: float = 2.0,
+    def reconstruct(self, images: Tensor, cameras: Cameras | None = None,
                     min_opacity: float = MIN_OPACITY) -> list[GaussianPLY]:
-        """One set of raw Gaussian parameters per object, in our frame (cameras at ``radius``)."""
-        splats = self.splatter_images(self.prepare(images.to(self.device), elevation))
-        to_world = lgm_to_world(self.config, elevation, radius)
+        """One set of raw Gaussian parameters per object, in our world: the frame of ``cameras`` (default:
+        LGM's own views at radius 2, :func:`orbit_views`)."""
+        cameras = cameras if cameras is not None else orbit_views(self.config)
+        splats = self.splatter_images(self.prepare(images.to(self.device), cameras))
+        to_world = lgm_frame(cameras.c2w, self.config.cam_radius)[1]
         return [to_world.apply(splatter_to_gaussians(s, min_opacity)) for s in splats]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..io.ply import is_gaussian_ply
+from ..io.ply import GaussianPLY, is_gaussian_ply
 from .base import Representation
 
 
@@ -21,15 +21,18 @@ class RepresentationEntry:
     output: str  # key of the saved file in run reports ("ply" for Gaussians, as before)
     suffix: str  # the saved file's suffix
     primitive: str  # what num_primitives counts (singular), for summaries
-    build: Callable[[RunConfig, torch.device, torch.Generator], Representation]
+    # (config, device, generator, start): ``start`` is raw 3DGS parameters to begin from, None for the
+    # representation's own initialisation
+    build: Callable[[RunConfig, torch.device, torch.Generator, GaussianPLY | None], Representation]
     load: Callable[[Path, RunConfig, torch.device], Representation]  # a saved file, ready to render
     holds: Callable[[Path], bool]  # whether a file with its suffix is one this representation saved (header)
 
 
-def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
+def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator,
+               start: GaussianPLY | None = None) -> Representation:
     from .gaussians import Gaussians
 
-    return Gaussians(cfg.gaussians, device, generator)
+    return Gaussians(cfg.gaussians, device, generator, init=start)
 
 
 def _load_gaussians(path: Path, cfg: RunConfig, device: torch.device) -> Representation:
@@ -38,9 +41,12 @@ def _load_gaussians(path: Path, cfg: RunConfig, device: torch.device) -> Represe
     return Gaussians.load(path, cfg.gaussians, device)
 
 
-def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator) -> Representation:
+def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator,
+          start: GaussianPLY | None = None) -> Representation:
     from .nerf import NerfField
 
+    if start is not None:
+        raise UserError("a NeRF cannot start from 3D Gaussians: use representation = \"gaussians\"")
     return NerfField(cfg.nerf, device, generator)
 
 

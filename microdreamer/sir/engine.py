@@ -62,7 +62,7 @@ class IterationLog:
     iteration: int  # 0 is the init iteration
     t1: int | None
     t2: int | None
-    loss: float
+    loss: float | None  # None: the iteration took no steps (an init iteration with init_steps 0)
     primitives: int
     seconds: float  # wall time of the iteration: rendering, teacher refinement and fitting
 
@@ -135,7 +135,7 @@ class SIREngine:
                 iteration,
                 None if plan is None else plan.t1,
                 None if plan is None else plan.t2,
-                float("nan") if loss is None else float(loss.detach()),  # the one device sync per iteration
+                None if loss is None else float(loss.detach()),  # the one device sync per iteration
                 self.representation.num_primitives,
                 time.perf_counter() - start,
             )

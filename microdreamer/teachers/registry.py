@@ -1,4 +1,8 @@
-"""The teacher registry: a name on the command line → a constructed teacher and its default preset."""
+"""The teacher registry: a name on the command line → a constructed teacher and its default preset.
+
+The same names pick what makes LGM's four views (``method = "lgm"``, ``init = "lgm"``;
+:mod:`microdreamer.feedforward`): the multi-view teachers and the reference teacher, and Zero123++, a
+multi-view generator that is no SIR teacher."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class TeacherEntry:
     build: Callable[[RunConfig, torch.device, bool], Teacher]  # (config, device, allow_download)
     views_multiple: int = 1  # --views must be a multiple of this (views the teacher denoises together)
     weights: str | None = None  # the catalog entry of its default weights; None: it needs none
+    sir: bool = True  # False: a multi-view generator that only makes LGM's views (no SIR, no texture refinement)
 
     def preset_for(self, representation: str) -> str:
         """The preset a run of ``representation`` with this teacher starts from: ``preset`` for Gaussians,
@@ -99,6 +104,21 @@ NOT_TEACHERS: dict[str, str] = {
 }
 
 
+def _not_a_teacher(name: str) -> Callable[[RunConfig, torch.device, bool], Teacher]:
+    def build(cfg: RunConfig, device: torch.device, allow_download: bool) -> Teacher:
+        raise UserError(NOT_TEACHERS[name])
+
+    return build
+
+
+#: what makes LGM's four views (--method lgm; --init lgm takes those that are SIR teachers too)
+VIEW_SOURCES: dict[str, TeacherEntry] = {
+    **{name: TEACHERS[name] for name in ("imagedream", "mvdream", "reference")},
+    "zero123plus": TeacherEntry("zero123plus", "zero123plus-lgm", "image", _not_a_teacher("zero123plus"),
+                                weights="zero123plus", sir=False),
+}
+
+
 def teacher_entry(name: str) -> TeacherEntry:
     if name in NOT_TEACHERS:
         raise UserError(NOT_TEACHERS[name])
@@ -107,11 +127,45 @@ def teacher_entry(name: str) -> TeacherEntry:
     return TEACHERS[name]
 
 
+def view_source_entry(name: str, sir: bool = False) -> TeacherEntry:
+    """The entry of what makes LGM's four views (``sir``: and is the SIR teacher too, for --init lgm)."""
+    entry = VIEW_SOURCES.get(name) or teacher_entry(name)
+    sources = [n for n, e in VIEW_SOURCES.items() if e.sir or not sir]
+    if name not in sources:
+        what = "--init lgm needs an SIR teacher that" if sir else "--method lgm needs a teacher that"
+        raise UserError(f"'{name}' does not make LGM's four views: {what} does ({', '.join(sources)})")
+    return entry
+
+
+def run_entry(cfg: RunConfig) -> TeacherEntry:
+    """The entry of ``cfg``'s teacher: an SIR teacher, or for ``method = "lgm"`` the source of LGM's views."""
+    if cfg.method == "lgm":
+        return view_source_entry(cfg.teacher.name)
+    return view_source_entry(cfg.teacher.name, sir=True) if cfg.init == "lgm" else teacher_entry(cfg.teacher.name)
+
+
+def default_preset(name: str, method: str | None = None, init: str | None = None) -> str:
+    """The preset a run starts from when none is named: the teacher's own, ``<name>-lgm`` for --method lgm,
+    the teacher's ``-lgm-init`` variant for --init lgm."""
+    if method == "lgm":
+        return f"{view_source_entry(name).name}-lgm"
+    if init == "lgm":
+        return f"{view_source_entry(name, sir=True).preset}-lgm-init"
+    return teacher_entry(name).preset
+
+
 def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
-    """The entry of ``cfg``'s teacher, once ``cfg`` is checked for what that teacher needs, before it loads:
-    the reference teacher a mesh file, a model folder given as a path its layout, the multi-view teachers
-    views in groups they denoise together."""
-    entry = teacher_entry(cfg.teacher.name)
+    """The entry of ``cfg``'s teacher (:func:`run_entry`), once ``cfg`` is checked for what that teacher needs,
+    before it loads: the reference teacher a mesh file, a model folder given as a path its layout, the
+    multi-view teachers views in groups they denoise together, LGM (when used) its weights' source, a
+    generator that is no teacher no texture refinement."""
+    entry = run_entry(cfg)
+    if "lgm" in (cfg.method, cfg.init):
+        from ..reconstructors.lgm import check_weights_source
+
+        check_weights_source(cfg.lgm.reconstructor, cfg.lgm.weights)
+    if not entry.sir and cfg.mesh.refine_steps:
+        raise UserError(f"'{entry.name}' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0")
     model = cfg.teacher.model
     if entry.name == "reference":
         if not model:
@@ -121,7 +175,7 @@ def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
     elif model:
         local_model_dir(model)
     views, multiple = cfg.cameras.views, entry.views_multiple
-    if views % multiple:
+    if views % multiple and cfg.method == "sir":  # the feed-forward path takes no SIR views
         raise UserError(
             f"{entry.name} denoises groups of {plural(multiple, 'view')}: --views must be a multiple of "
             f"{multiple}, got {views}"
@@ -132,7 +186,7 @@ def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
 def fetch_weights(cfg: RunConfig, allow_download: bool = True) -> Path | None:
     """The folder of ``cfg``'s teacher weights on this machine, downloaded into the cache first when they are
     missing and ``allow_download``; None for a teacher without weights (the reference teacher)."""
-    entry = teacher_entry(cfg.teacher.name)
+    entry = run_entry(cfg)
     if entry.weights is None:
         return None
     return resolve_model_dir(cfg.teacher.model or find_entry(entry.weights).repo_id, allow_download=allow_download)
@@ -141,6 +195,6 @@ def fetch_weights(cfg: RunConfig, allow_download: bool = True) -> Path | None:
 def prompt_reader(cfg: RunConfig, allow_download: bool = True) -> PromptReader | None:
     """How ``cfg``'s teacher reads prompts, known before it loads; None for a teacher without prompts or
     when its tokenizer cannot be had (see :meth:`MultiViewTeacher.prompt_reader`)."""
-    if teacher_entry(cfg.teacher.name).inputs == "image":
+    if run_entry(cfg).inputs == "image":
         return None
     return _multiview_class(cfg.teacher.name).prompt_reader(cfg.teacher.model, allow_download)
