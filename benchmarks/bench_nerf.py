@@ -3,8 +3,11 @@
 1. For each NeRF preset (``mvdream-nerf``, ``stable-zero123-nerf``, ``imagedream-nerf``) and each shared
    asset, the preset's schedule, cameras and network with the ground-truth mesh teacher in place of the
    diffusion model: held-out PSNR/SSIM (16 views, 256², never trained on), wall time, optimisation steps,
-   network evaluations, occupied grid cells, peak memory. Renders train on a random subset of pixels per
-   step (``--ray-budget``, default the ``reference-nerf`` preset's), as a CPU run must.
+   network evaluations, occupied grid cells, peak memory; then the mesh the preset exports (marching cubes
+   at its threshold, texture sampled from the colour field, no teacher refinement): Chamfer distance,
+   F-score at 0.01 and 0.05, normal consistency, textured held-out PSNR and export time (``--no-mesh``
+   skips it). Renders train on a random subset of pixels per step (``--ray-budget``, default the
+   ``reference-nerf`` preset's), as a CPU run must.
 2. Forward + backward time per million samples of a whole field render (hash grid, MLP heads, marching,
    compositing) for the plain-torch path and the fast path (C++ kernels), and of the volume renderer alone
    (marching + compositing of given densities and colours), with their ratio; wall and process CPU time
@@ -28,7 +31,8 @@ import torch
 from shared_assets import ASSETS, add_asset_arguments
 
 from microdreamer.config import resolve
-from microdreamer.evaluate import held_out_scores
+from microdreamer.evaluate import evaluate_mesh, held_out_scores
+from microdreamer.export import export_mesh
 from microdreamer.io.mesh import load_mesh
 from microdreamer.pipeline import ImageTo3D, resolve_device
 from microdreamer.render.volume import MarchSettings, composite, march_rays
@@ -53,6 +57,7 @@ def run_preset(preset: str, mesh: Path, args: argparse.Namespace, device: torch.
         wall = time.perf_counter() - start
         field = NerfField.load(Path(report.outputs["nerf"]), device)
         views = held_out_scores(field.render, load_mesh(mesh), device, 2.0, 256, (1.0, 1.0, 1.0))
+        meshed = None if args.no_mesh else mesh_scores(field, mesh, cfg, Path(tmp), device)
     return {
         "psnr": round(sum(v.psnr for v in views) / len(views), 2),
         "ssim": round(sum(v.ssim for v in views) / len(views), 4),
@@ -62,6 +67,25 @@ def run_preset(preset: str, mesh: Path, args: argparse.Namespace, device: torch.
         "cells": report.primitives,
         "peak_memory": report.peak_memory,
         "breakdown_s": {k[4:]: round(v, 1) for k, v in report.timings.items() if k.startswith("sir.")},
+        "mesh": meshed,
+    }
+
+
+def mesh_scores(field: NerfField, mesh: Path, cfg, out: Path, device: torch.device) -> dict:
+    """Export the field's mesh as the preset would, without teacher refinement, and score it."""
+    start = time.perf_counter()
+    exported = export_mesh(field, out, "mesh", cfg, device=device, overwrite=True)
+    seconds = time.perf_counter() - start
+    scores = evaluate_mesh(Path(exported.outputs[0]), mesh, device, shading=cfg.teacher.shading)
+    s = scores.surface
+    return {
+        "chamfer": round(s.chamfer, 4),
+        "fscore_0.01": round(s.fscore[0.01], 3),
+        "fscore_0.05": round(s.fscore[0.05], 3),
+        "normal_consistency": round(s.normal_consistency, 3),
+        "textured_psnr": round(scores.mean_psnr, 2),
+        "faces": exported.faces,
+        "export_s": round(seconds, 1),
     }
 
 
@@ -126,6 +150,7 @@ def main() -> None:
                         help="pixels per optimisation step (0: whole images)")
     parser.add_argument("--skip-runs", action="store_true", help="only the speed measurement")
     parser.add_argument("--skip-speed", action="store_true", help="only the reconstruction runs")
+    parser.add_argument("--no-mesh", action="store_true", help="skip the mesh export and its scores")
     parser.add_argument("--speed-res", type=int, default=96, help="render size of the speed measurement")
     parser.add_argument("--repeats", type=int, default=2)
     add_asset_arguments(parser)
@@ -157,6 +182,15 @@ def main() -> None:
             peak = max(r["peak_memory"].values()) if r["peak_memory"] else float("nan")
             print(f"{r['preset']:<21}{r['asset']:<9}{r['psnr']:>9.2f}{r['ssim']:>8.4f}{r['wall_s']:>8.1f}"
                   f"{r['steps']:>7}{r['evaluations']:>6}{r['cells']:>7}{peak:>9.2f}")
+        meshed = [r for r in result["runs"] if r["mesh"]]
+        if meshed:
+            print(f"\n{'mesh of':<21}{'asset':<9}{'Chamfer':>9}{'F@0.01':>8}{'F@0.05':>8}{'NC':>7}{'PSNR dB':>9}"
+                  f"{'export s':>9}")
+            for r in meshed:
+                m = r["mesh"]
+                print(f"{r['preset']:<21}{r['asset']:<9}{m['chamfer']:>9.4f}{m['fscore_0.01']:>8.3f}"
+                      f"{m['fscore_0.05']:>8.3f}{m['normal_consistency']:>7.3f}{m['textured_psnr']:>9.2f}"
+                      f"{m['export_s']:>9.1f}")
         for preset in args.presets:
             rows = [r for r in result["runs"] if r["preset"] == preset]
             if rows:

@@ -441,20 +441,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _saved_model(data: dict[str, Any], config_file: Path, overrides: dict[str, Any], needed: bool) -> dict[str, Any]:
-    """A run report names a model file or folder by a :class:`~microdreamer.io.provenance.FileRef`: found
-    again beside the report or where it was, unless the flags give another model or another teacher, or no
-    teacher is ``needed``."""
-    teacher = data.get("teacher")
-    if not isinstance(teacher, dict) or not isinstance(teacher.get("model"), dict):
-        return data
+    """A run report names a model file or folder (the teacher's, LGM's) by a
+    :class:`~microdreamer.io.provenance.FileRef`: found again beside the report or where it was, unless the
+    flags give another one (or another teacher), or no teacher is ``needed``."""
     from .io.provenance import FileRef
 
-    given = overrides.get("teacher", {})
-    teacher = dict(teacher)
-    ref = FileRef.from_json(teacher.pop("model"))
-    if needed and "model" not in given and given.get("name", teacher.get("name")) == teacher.get("name"):
-        teacher["model"] = str(ref.resolve(config_file.parent, "the run's model", "pass --model"))
-    return {**data, "teacher": teacher}
+    data = dict(data)
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("model"), dict):
+        given = overrides.get("teacher", {})
+        teacher = dict(teacher)
+        ref = FileRef.from_json(teacher.pop("model"))
+        if needed and "model" not in given and given.get("name", teacher.get("name")) == teacher.get("name"):
+            teacher["model"] = str(ref.resolve(config_file.parent, "the run's model", "pass --model"))
+        data["teacher"] = teacher
+    lgm = data.get("lgm")
+    if isinstance(lgm, dict) and isinstance(lgm.get("reconstructor"), dict):
+        lgm = dict(lgm)
+        ref = FileRef.from_json(lgm.pop("reconstructor"))
+        if needed and "reconstructor" not in overrides.get("lgm", {}):
+            lgm["reconstructor"] = str(ref.resolve(config_file.parent, "the run's LGM weights", "pass --reconstructor"))
+        data["lgm"] = lgm
+    return data
 
 
 def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -82,6 +82,8 @@ def test_method_lgm_with_the_reference_teacher_is_lgm_on_the_mesh_renders(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["spot.json", "spot.ply", "spot_views.png"]
     report = json.loads((out / "spot.json").read_text())
     assert report["config"]["method"] == "lgm" and report["config"]["preset"] == "reference-lgm"
+    weights = report["config"]["lgm"]["reconstructor"]  # a local folder travels as a FileRef, as --model does
+    assert weights["absolute"] == str(lgm_dir.resolve()) and weights["relative"] is not None
     assert report["iterations"] == [] and report["optimisation_steps"] == 0
     assert report["evaluations"] == {"total": 1, "guided": 0, "single_branch": 0, "view_evaluations": 0, "lgm": 1}
     assert {"lgm.views", "lgm.reconstruct", "lgm", "export"} <= set(report["timings"])
