@@ -42,10 +42,11 @@ from microdreamer.sir.cameras import Cameras
 PRESETS = ("stable-zero123-nerf", "mvdream-nerf", "imagedream-nerf")
 
 
-def run_preset(preset: str, mesh: Path, args: argparse.Namespace, device: torch.device) -> dict:
+def run_preset(preset: str, mesh: Path, args: argparse.Namespace, device: torch.device, seed: int,
+               imperfection: str) -> dict:
     overrides = {
-        "teacher": {"name": "reference", "model": str(mesh)},
-        "seed": args.seed,
+        "teacher": {"name": "reference", "model": str(mesh), "shading": args.shading, "imperfection": imperfection},
+        "seed": seed,
         "nerf": {"ray_budget": args.ray_budget},
     }
     if args.iters:
@@ -164,9 +165,13 @@ def main() -> None:
     if not args.skip_runs:
         for preset in args.presets:
             for name in args.only:
-                row = {"preset": preset, "asset": name, **run_preset(preset, args.assets / ASSETS[name], args, device)}
-                result["runs"].append(row)
-                print(json.dumps(row), flush=True)
+                for level in args.imperfection:
+                    for seed in args.seeds:
+                        row = {"preset": preset, "asset": name, "shading": args.shading, "imperfection": level,
+                               "seed": seed,
+                               **run_preset(preset, args.assets / ASSETS[name], args, device, seed, level)}
+                        result["runs"].append(row)
+                        print(json.dumps(row), flush=True)
 
     if "speed" in result:
         s = result["speed"]

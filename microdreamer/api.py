@@ -78,6 +78,8 @@ from .video import VideoOptions, render_frames, result_renderer, turntable_camer
 SETTINGS: dict[str, tuple[str, ...]] = {
     "teacher": ("teacher", "name"),
     "model": ("teacher", "model"),
+    "shading": ("teacher", "shading"),
+    "imperfection": ("teacher", "imperfection"),
     "iters": ("schedule", "iterations"),
     "steps": ("schedule", "steps"),
     "views": ("cameras", "views"),

@@ -308,6 +308,8 @@ ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text promp
 Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
 Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
 Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")]
+Shading = Annotated[Optional[str], typer.Option(help="--teacher reference: its renders lit (a key light fixed to the object plus ambient, the default) or albedo.")]
+Imperfection = Annotated[Optional[str], typer.Option(help="--teacher reference: none (default) or moderate, seeded defects that grow with t2 as a diffusion model's freedom does (see README).")]
 BorderRatio = Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")]
 Rembg = Annotated[Optional[bool], _flag("--rembg/--no-rembg", help="Background removal for images without alpha: force rembg, or never use it (plain uniform backgrounds). Default: rembg when installed.")]
 SkipExisting = Annotated[bool, _flag(help="Skip inputs whose outputs all exist (resume a batch).")]
@@ -405,6 +407,8 @@ def image2gs(
     teacher: ImageTeacher = None,
     prompt: ImagePrompt = None,
     model: Model = None,
+    shading: Shading = None,
+    imperfection: Imperfection = None,
     preset: Preset = None,
     config: ConfigFile = None,
     seed: Seed = None,
@@ -440,7 +444,7 @@ def image2gs(
         "image2gs", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
         border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
-        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, shading=shading, imperfection=imperfection, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
         method=method, init=init, reconstructor=reconstructor,
         representation="gaussians",
@@ -454,6 +458,8 @@ def image2nerf(
     teacher: ImageTeacher = None,
     prompt: ImagePrompt = None,
     model: Model = None,
+    shading: Shading = None,
+    imperfection: Imperfection = None,
     preset: NerfPreset = None,
     config: ConfigFile = None,
     seed: Seed = None,
@@ -489,7 +495,7 @@ def image2nerf(
         "image2nerf", images or [], out, mesh=False, teacher=teacher, preset=preset, config=config, prompt=prompt,
         border_ratio=border_ratio, rembg=rembg, video=video, video_format=video_format, overwrite=overwrite,
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
-        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, shading=shading, imperfection=imperfection, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, nerf_backend=nerf_backend, device=device,
         representation="nerf",
     )
@@ -513,6 +519,8 @@ def image2mesh(
     teacher: ImageTeacher = None,
     prompt: ImagePrompt = None,
     model: Model = None,
+    shading: Shading = None,
+    imperfection: Imperfection = None,
     preset: Preset = None,
     config: ConfigFile = None,
     seed: Seed = None,
@@ -561,7 +569,7 @@ def image2mesh(
         "image2mesh", images or [], out, mesh=True, teacher=teacher, preset=preset, config=config, prompt=prompt,
         border_ratio=border_ratio, rembg=rembg, video=False, video_format=None, overwrite=overwrite,
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
-        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, seed=seed,
+        where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, shading=shading, imperfection=imperfection, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
         method=method, init=init, reconstructor=reconstructor,
         mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,

@@ -290,10 +290,10 @@ class RunConfig:
 
         t = self.teacher
         return [
-            (t.shading in SHADINGS, f"teacher.shading must be {' or '.join(SHADINGS)}, got {t.shading!r}"),
-            (t.imperfection in LEVELS, f"teacher.imperfection must be {' or '.join(LEVELS)}, got {t.imperfection!r}"),
+            (t.shading in SHADINGS, f"--shading (teacher.shading) must be {' or '.join(SHADINGS)}, got {t.shading!r}"),
+            (t.imperfection in LEVELS, f"--imperfection (teacher.imperfection) must be {' or '.join(LEVELS)}, got {t.imperfection!r}"),
             (t.name == "reference" or t.imperfection == "none",
-             f"teacher.imperfection applies to the reference teacher only, not '{t.name}'"),
+             f"--imperfection (teacher.imperfection) applies to the reference teacher only, not '{t.name}'"),
         ]
 
     def _camera_checks(self) -> list[tuple[bool, str]]:

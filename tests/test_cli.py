@@ -108,6 +108,10 @@ REFUSALS = [
     (["image2gs", "{image}", *OUT, "--seed", "99999999999999999999999"], "--seed must be a whole number in 0.."),
     (["image2gs", "{image}", *OUT, "--seed", "-1"], "--seed"),
     (["image2gs", "{image}", *OUT, "--elevation", "200"], "--elevation (cameras.elevation) must lie strictly between -90 and 90"),
+    (["image2gs", "{image}", *OUT, "--teacher", "reference", "--shading", "flat"],
+     "--shading (teacher.shading) must be lit or albedo, got 'flat'"),
+    (["image2mesh", "{image}", *OUT, "--imperfection", "moderate"],
+     "--imperfection (teacher.imperfection) applies to the reference teacher only, not 'stable-zero123'"),
     (["image2gs", "{image}", *OUT, "--elevation", "nan"], "--elevation"),
     (["image2gs", "{image}", *OUT, "--views", "0"], "--views"),
     (["image2gs", "{image}", *OUT, "--res", "7"], "--res (cameras.resolution) must lie in 16..2048, got 7"),
@@ -291,6 +295,14 @@ def test_image2gs_reference_run_writes_loadable_outputs_and_eval_reads_them(tmp_
     assert data["teacher_mode"] == "lit, imperfection none" and data["config"]["teacher"]["shading"] == "lit"
     assert set(data["cleanup"]) == {"final_prune", "white_filter"} and min(data["cleanup"].values()) >= 0
     assert trimesh.load(ply, process=False) is not None  # a standard PLY other tools open
+
+    # the reference teacher's modes are flags, recorded in the report
+    plain = tmp_path / "albedo"
+    assert main(argv[:-5] + ["--out", str(plain), "--seed", "3", "--shading", "albedo", "--imperfection", "moderate",
+                             "-q"]) == 0
+    data = json.loads((plain / "spot.json").read_text())
+    assert data["teacher_mode"] == "albedo, imperfection moderate"
+    assert data["config"]["teacher"]["shading"] == "albedo" and data["config"]["teacher"]["imperfection"] == "moderate"
 
     # never overwrite silently; the existing file is untouched
     before = ply.read_bytes()

@@ -49,10 +49,10 @@ def test_saved_json_config_reproduces(tmp_path: Path):
         ({"schedule": {"nope": 1}}, "unknown setting 'schedule.nope'"),
         ({"schedule": {"steps": "many"}}, "must be a number"),
         ({"schedule": {"steps": 1.5}}, "whole number"),
-        ({"teacher": {"shading": "flat"}}, "teacher.shading must be lit or albedo, got 'flat'"),
-        ({"teacher": {"imperfection": "heavy"}}, "teacher.imperfection must be none or moderate, got 'heavy'"),
+        ({"teacher": {"shading": "flat"}}, r"--shading \(teacher.shading\) must be lit or albedo, got 'flat'"),
+        ({"teacher": {"imperfection": "heavy"}}, r"--imperfection \(teacher.imperfection\) must be none or moderate, got 'heavy'"),
         ({"teacher": {"name": "stable-zero123", "imperfection": "moderate"}},
-         "teacher.imperfection applies to the reference teacher only, not 'stable-zero123'"),
+         r"--imperfection \(teacher.imperfection\) applies to the reference teacher only, not 'stable-zero123'"),
     ],
 )
 def test_bad_values_are_one_line_errors(overrides, message):
