@@ -32,6 +32,7 @@ from shared_assets import ASSETS, add_asset_arguments
 
 from microdreamer.config import resolve
 from microdreamer.evaluate import evaluate_mesh, held_out_scores
+from microdreamer.errors import UserError
 from microdreamer.export import export_mesh
 from microdreamer.io.mesh import load_mesh
 from microdreamer.pipeline import ImageTo3D, resolve_device
@@ -75,7 +76,10 @@ def run_preset(preset: str, mesh: Path, args: argparse.Namespace, device: torch.
 def mesh_scores(field: NerfField, mesh: Path, cfg, out: Path, device: torch.device) -> dict:
     """Export the field's mesh as the preset would, without teacher refinement, and score it."""
     start = time.perf_counter()
-    exported = export_mesh(field, out, "mesh", cfg, device=device, overwrite=True)
+    try:
+        exported = export_mesh(field, out, "mesh", cfg, device=device, overwrite=True)
+    except UserError as error:  # e.g. a field too short-trained to reach the threshold: a row says so
+        return {"error": str(error)}
     seconds = time.perf_counter() - start
     scores = evaluate_mesh(Path(exported.outputs[0]), mesh, device, shading=cfg.teacher.shading)
     s = scores.surface
@@ -193,6 +197,9 @@ def main() -> None:
                   f"{'export s':>9}")
             for r in meshed:
                 m = r["mesh"]
+                if "error" in m:
+                    print(f"{r['preset']:<21}{r['asset']:<9}  {m['error']}")
+                    continue
                 print(f"{r['preset']:<21}{r['asset']:<9}{m['chamfer']:>9.4f}{m['fscore_0.01']:>8.3f}"
                       f"{m['fscore_0.05']:>8.3f}{m['normal_consistency']:>7.3f}{m['textured_psnr']:>9.2f}"
                       f"{m['export_s']:>9.1f}")
