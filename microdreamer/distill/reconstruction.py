@@ -26,12 +26,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
 from ..generators.zero123plus import GRAY, on_white, view_coverage, zero123plus_cameras
-from ..reconstructors.lgm import IMAGENET_MEAN, IMAGENET_STD, plucker_rays
+from ..reconstructors.lgm import network_images, plucker_rays
 from ..reconstructors.lgm_unet import LGMNetwork
 from ..render.gaussians import rasterize_gaussians
 from ..representations.similarity import Similarity
@@ -75,11 +74,7 @@ class GECOReconstructor:
                     unmatted += 1
             x = on_white(x, torch.cat(coverage))
         size = self.spec.network.input_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-        x = ((x - mean) / std).reshape(b, len(self.spec.views), 3, size, size)
+        x = network_images(x, size).reshape(b, len(self.spec.views), 3, size, size)
         rays = self.rays.to(x.device).expand(b, -1, -1, -1, -1)
         return torch.cat([x, rays], dim=2), unmatted
 

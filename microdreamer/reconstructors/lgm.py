@@ -91,6 +91,16 @@ def lgm_frame(c2w: Tensor, cam_radius: float = 1.5) -> tuple[Tensor, Similarity]
     return normalise @ scaled, Similarity(1 / s, undo[:3, :3].float(), (undo[:3, 3] / s).float())
 
 
+def network_images(images: Tensor, size: int) -> Tensor:
+    """Views ``[N, 3, H, W]`` in [0, 1] → LGM's image channels ``[N, 3, size, size]``: bilinear resize, ImageNet
+    normalisation (differentiable)."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=images.device)[:, None, None]
+    return (images - mean) / std
+
+
 def input_cameras(config: LGMConfig, elevation: float = 0.0) -> Tensor:
     """Camera-to-world ``[4, 4, 4]`` (OpenGL, float64) of LGM's input views in its normalised frame."""
     return lgm_frame(orbit_views(config, elevation, config.cam_radius).c2w, config.cam_radius)[0]
@@ -237,12 +247,8 @@ class LGMReconstructor:
         if images.dim() != 5 or images.shape[1] != NUM_VIEWS or images.shape[2] != 3:
             raise ValueError(f"LGM takes [{NUM_VIEWS}, 3, H, W] or [B, {NUM_VIEWS}, 3, H, W] images, got {list(images.shape)}")
         b, size = images.shape[0], self.config.input_size
-        x = images.reshape(b * NUM_VIEWS, *images.shape[2:]).float()
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-        x = ((x - mean) / std).reshape(b, NUM_VIEWS, 3, size, size)
+        x = network_images(images.reshape(b * NUM_VIEWS, *images.shape[2:]).float(), size)
+        x = x.reshape(b, NUM_VIEWS, 3, size, size)
         cameras = cameras if cameras is not None else orbit_views(self.config)
         rays = plucker_rays(lgm_frame(cameras.c2w, self.config.cam_radius)[0], size, cameras.fovy).to(x)
         return torch.cat([x, rays.expand(b, -1, -1, -1, -1)], dim=2)
