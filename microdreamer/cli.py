@@ -305,7 +305,7 @@ JsonOut = Annotated[bool, _flag("--json", help="Print the run summary as JSON on
 Quiet = Annotated[bool, _flag("--quiet", "-q", help="Print only errors.")]
 ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt; the default with --method lgm), reference; zero123plus with --method lgm only (experimental).")]
 ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt for an image+text teacher (imagedream); optional there.")]
-Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh; for --method geco, the run folder of `distill stage1` or `stage2`.")]
 Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
 Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")]
 BorderRatio = Annotated[Optional[float], typer.Option(help="Empty border around the recentred object (default 0.2).")]
@@ -318,9 +318,9 @@ Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: how m
 GpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: GPUs per worker; 0.5 packs two workers on a GPU (default 1 when the cluster has GPUs, else 0).")]
 CpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: CPUs per worker, also its torch threads (default 1).")]
 MaxAttempts = Annotated[Optional[int], typer.Option(help="With --executor ray: tries of an input whose worker dies under it (default 3).")]
-Method = Annotated[Optional[str], typer.Option(help="sir (default): score-based iterative reconstruction; lgm: the teacher's four views → LGM → Gaussians in one network pass (imagedream, mvdream, reference, zero123plus).")]
+Method = Annotated[Optional[str], typer.Option(help="sir (default): score-based iterative reconstruction; lgm: the teacher's four views → LGM → Gaussians in one network pass (imagedream, mvdream, reference, zero123plus); geco: a distilled GECO run (--model RUN_DIR) → Gaussians in one generator pass and one LGM pass.")]
 Init = Annotated[Optional[str], typer.Option(help="Where SIR starts: random (default) or lgm, LGM's Gaussians with a shorter schedule (presets *-lgm-init).")]
-Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm: Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
+Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm (and a Stage I run's --method geco): Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
 ShardSpec = Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (0 <= I < N; an input's shard is a hash of its name, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); its manifest is OUT/manifest.shard-I-of-N.json, joined by 'microdreamer manifest merge'.")]
 
 
@@ -386,6 +386,10 @@ def _run_images(
     video_options = _video_options(video, video_format)
     check_run_outputs(out, manifest)
     _warn_cut_prompts(pipe.config, [prompt] if prompt else [], quiet)
+    if pipe.config.method == "geco":
+        from .distill.runs import LICENCE_LINE
+
+        print(f"GECO run {pipe.config.teacher.model}: {LICENCE_LINE}", file=sys.stderr)
     single = is_single_input(specs) and where.shard is None
     run_batch(
         lambda observer: pipe.run_batch(
@@ -1348,6 +1352,8 @@ def _training_progress(
     console: Console, out: Path, step_line: Callable[[dict[str, Any]], str]
 ) -> Callable[[dict[str, Any]], None]:
     """What a distillation run says about its events (``step_line``: a step's losses)."""
+    from .distill.runs import LICENCE_LINE
+
     steps = 1
 
     def show(event: dict[str, Any]) -> None:
@@ -1357,7 +1363,7 @@ def _training_progress(
             steps = event["steps"]
             start = f"resuming at step {event['step']}" if event["step"] else "starting"
             console.print(f"{start} of {steps} ({plural(event['processes'], 'process', 'processes')}); "
-                          f"the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)")
+                          + LICENCE_LINE)
         elif kind == "pseudo_gt_progress":
             console.print(f"pseudo ground truth: {event['done']}/{event['total']} samples made")
         elif kind == "pseudo_gt":

@@ -51,6 +51,14 @@ def workspace(tmp_path: Path):
     (tmp_path / "notes.png").write_text("this is not an image")
     (tmp_path / "notes.obj").write_text("this is not a mesh")
     (tmp_path / "afile.txt").write_text("a file, not a folder")
+    for name, steps in (("untrained", ()), ("stage1", (1,))):  # GECO Stage I run folders, with no weights
+        config = {"stage": 1, "config": {"model": None, "generator_timestep": 999, "guidance_generator": 4.0,
+                                         "view_size": 320}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        for step in steps:
+            (tmp_path / name / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+            (tmp_path / name / "checkpoints" / f"step-{step:08d}" / "state.json").write_text('{"files": []}')
     locked = tmp_path / "locked"
     locked.mkdir()
     _rgba_file(locked / "in.png")
@@ -204,7 +212,7 @@ REFUSALS = [
     (["export", "{tmp}/none.safetensors"], "result not found"),
     (["eval", "{tmp}/none.safetensors", "--reference", "{spot}"], "result not found"),
     # the feed-forward path (--method lgm, --init lgm) and its weights
-    (["image2gs", "{image}", *OUT, "--method", "nope"], "--method must be sir or lgm, got 'nope'"),
+    (["image2gs", "{image}", *OUT, "--method", "nope"], "--method must be sir, lgm or geco, got 'nope'"),
     (["image2gs", "{image}", *OUT, "--init", "nope"], "--init must be random or lgm, got 'nope'"),
     (["image2gs", "{image}", *OUT, "--method", "lgm", "--init", "lgm"], "--init lgm starts SIR from LGM's Gaussians"),
     (["image2gs", "{image}", *OUT, "--teacher", "zero123plus"], "not an SIR teacher"),
@@ -220,6 +228,21 @@ REFUSALS = [
      "'zero123plus' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0"),
     (["text2gs", "a cat", *OUT, "--method", "lgm", "--teacher", "imagedream"], "needs a text-to-3D teacher"),
     (["text2mesh", "a cat", *OUT, "--init", "lgm", "--reconstructor", "{tmp}/none"], "model folder not found"),
+    # a distilled GECO run (--method geco --model RUN_DIR)
+    (["image2gs", "{image}", *OUT, "--method", "geco"], "--method geco runs a distilled run: pass --model RUN_DIR"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}"],
+     "--model {tmp} is not a run folder of `microdreamer distill` (config.json is missing)"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/untrained"],
+     "--model {tmp}/untrained has no complete checkpoint yet"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--reconstructor", "{tmp}/none"],
+     "model folder not found: {tmp}/none"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--teacher", "imagedream"],
+     "--method geco runs a GECO run folder (--model RUN_DIR) and no other teacher: leave out --teacher"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--init", "lgm"],
+     "--init lgm starts SIR from LGM's Gaussians; --method geco gives them without SIR: choose one"),
+    (["image2gs", "{image}", *OUT, "--teacher", "geco"], "'geco' (a distilled GECO run) is no SIR teacher"),
+    (["image2mesh", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--refine-steps", "5"],
+     "'geco' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0"),
 ]
 
 
