@@ -14,10 +14,15 @@ from PIL import Image
 
 from microdreamer.cli import main
 from microdreamer.distill.config import Stage1Config, Stage2Config
+from microdreamer.distill.pseudo_gt import sample_inputs
+from microdreamer.distill.reconstruction import GECOReconstructor
 from microdreamer.distill.runs import open_run
-from microdreamer.distill.stage1 import run_stage1
+from microdreamer.distill.stage1 import latent_shape, onestep_generator, run_stage1
 from microdreamer.distill.stage2 import run_stage2
+from microdreamer.generators.zero123plus import GRAY, Zero123PlusGenerator, split_grid
+from microdreamer.io.images import load_image, to_reference
 from microdreamer.io.ply import read_gaussian_ply
+from microdreamer.reconstructors.lgm import MIN_OPACITY, splatter_to_gaussians
 from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
 from tiny_models import build_tiny_zero123plus, prepare_tiny_conditions, write_lgm
 
@@ -65,6 +70,7 @@ def test_a_stage2_run_makes_a_loadable_ply_reported_as_feed_forward_runs_are_and
     # the run's reconstructor sees four of the six views, 8² Gaussians each, less those under min_opacity
     assert ply.means.shape[0] == report["primitives"] and 0 < report["primitives"] <= 4 * 8 * 8
     assert torch.isfinite(ply.means).all()
+    assert torch.equal(ply.means, _by_hand(runs["stage2"], tmp_path / "a" / "cup_rgba.png", seed=3, radius=2.0))
     assert report["config"]["method"] == "geco" and report["optimisation_steps"] == 0 and report["iterations"] == []
     # one guided generator pass (both halves at once) and one LGM pass
     assert report["evaluations"] == {"total": 2, "guided": 1, "single_branch": 0, "view_evaluations": 12, "lgm": 1}
@@ -74,6 +80,26 @@ def test_a_stage2_run_makes_a_loadable_ply_reported_as_feed_forward_runs_are_and
     assert (tmp_path / "a" / "cup.ply").read_bytes() == (tmp_path / "b" / "cup.ply").read_bytes()
     _run(runs, tmp_path / "c", "stage2", "--seed", "4")
     assert (tmp_path / "a" / "cup.ply").read_bytes() != (tmp_path / "c" / "cup.ply").read_bytes()
+
+
+def _by_hand(run_dir: Path, rgba: Path, seed: int, radius: float) -> torch.Tensor:
+    """The Gaussians' centres of a Stage II run rebuilt as its author documents it (``open_run``, the one-step
+    generator with the checkpoint's weights, its six views, the fine-tuned LGM as the run feeds it, our world),
+    from the saved preprocessed input and the run's seed."""
+    run = open_run(run_dir)
+    model = Zero123PlusGenerator.from_pretrained(run.generator.model, dtype="fp32")
+    generator = onestep_generator(model, run.generator.timestep, run.generator.guidance)
+    generator.unet.load_state_dict(run.checkpoint.tensors("generator"))
+    network = LGMNetwork(run.reconstructor.network)
+    network.load_state_dict(run.checkpoint.tensors("reconstructor"))
+    reconstructor = GECOReconstructor(network.eval(), run.reconstructor)
+    size = run.generator.view_size
+    condition = to_reference(load_image(rgba), size, (GRAY,) * 3)[0]
+    with torch.no_grad():
+        conditioning, noise, _ = sample_inputs(model, [condition], [seed], latent_shape(model, size))
+        views = split_grid(model.decode(generator(noise, conditioning)).float())
+        splats, _ = reconstructor.splats(views[None])
+    return reconstructor.to_world(radius).apply(splatter_to_gaussians(splats[0], MIN_OPACITY)).means
 
 
 def test_a_stage1_run_uses_the_published_lgm_and_image2mesh_bakes_a_mesh(runs, tmp_path):
