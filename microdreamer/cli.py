@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .config import RunConfig
     from .evaluate import EvalReport
     from .evaluate_clip import ClipEvalReport
+    from .evaluate_geco import GECOEvalReport
     from .executors import Shard
     from .video import VideoOptions
 
@@ -907,14 +908,16 @@ def render(
     console.print(f"[green]wrote[/] {escape(str(target))} ({plural(frames, 'frame')}, {res}x{res}, {fps} fps)")
 
 
-EVAL_PROTOCOLS = ("held-out", "clip")
+EVAL_PROTOCOLS = ("held-out", "clip", "geco")
 
 
 @app.command("eval")
 def eval_(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, a NeRF .safetensors written by image2nerf, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Optional[Path], typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf) of the held-out protocol.")] = None,
-    protocol: Annotated[str, typer.Option(help="held-out: PSNR/SSIM on 16 held-out views against --reference; clip: CLIP similarity of 8 views at elevation 0 to the run's input image or prompt (MicroDreamer's Table III).")] = "held-out",
+    protocol: Annotated[str, typer.Option(help="held-out: PSNR/SSIM on 16 held-out views against --reference; clip: CLIP similarity of 8 views at elevation 0 to the run's input image or prompt (MicroDreamer's Table III); geco: PSNR/SSIM (and LPIPS with --lpips-vgg/--lpips-heads) against --reference on the six Zero123++ views and 15 azimuths at elevation 0 (GECO's Table 1).")] = "held-out",
+    lpips_vgg: Annotated[Optional[Path], typer.Option(help="--protocol geco: torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS.")] = None,
+    lpips_heads: Annotated[Optional[Path], typer.Option(help="--protocol geco: the lpips v0.1 VGG heads (vgg.pth) for LPIPS.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="The CLIP checkpoint of --protocol clip: a folder in the transformers layout or a Hugging Face id (the paper's: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).")] = None,
     image: Annotated[Optional[Path], typer.Option(help="--protocol clip: compare with this image (default: the run's preprocessed input, else its input image).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="--protocol clip: compare with this text (default: the run's prompt when it had no input image).")] = None,
@@ -934,11 +937,13 @@ def eval_(
     if not result.is_file():
         raise UserError(f"result not found: {result}")
     if protocol not in EVAL_PROTOCOLS:
-        raise UserError(f"unknown protocol '{protocol}' (use {' or '.join(EVAL_PROTOCOLS)})")
+        raise UserError(f"unknown protocol '{protocol}' (use {', '.join(EVAL_PROTOCOLS[:-1])} or {EVAL_PROTOCOLS[-1]})")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
     if json_out is not None:
         check_output_file(json_out, "--json")
+    if protocol != "geco" and (lpips_vgg is not None or lpips_heads is not None):
+        raise UserError("--lpips-vgg and --lpips-heads belong to --protocol geco")
     if protocol == "clip":
         if reference is not None or shading is not None:
             raise UserError("--reference and --shading belong to the held-out protocol; --protocol clip compares "
@@ -950,9 +955,14 @@ def eval_(
     else:
         if clip_model is not None or image is not None or prompt is not None:
             raise UserError("--clip-model, --image and --prompt belong to --protocol clip")
-        if reference is None:
+        if reference is None and protocol == "geco":
+            raise UserError("eval --protocol geco needs --reference MESH (the ground truth of its views)")
+        if protocol == "geco":
+            report = _eval_geco(result, reference, lpips_vgg, lpips_heads, shading, radius, res, device)
+        elif reference is None:
             raise UserError("eval needs --reference MESH (the ground truth of the held-out views), or --protocol clip")
-        report = _eval_held_out(result, reference, shading, radius, res, device)
+        else:
+            report = _eval_held_out(result, reference, shading, radius, res, device)
     if json_out is not None:
         from .io.atomic import atomic_path
 
@@ -986,6 +996,32 @@ def _eval_held_out(result: Path, reference: Path, shading: str | None, radius: f
             f"F-score@0.01 {s.fscore[0.01]:.3f}, "
             f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
         )
+    return report
+
+
+def _eval_geco(result: Path, reference: Path, lpips_vgg: Path | None, lpips_heads: Path | None,
+               shading: str | None, radius: float | None, res: int | None, device: str) -> "GECOEvalReport":
+    from .api import evaluate_geco
+    from .render.mesh import shading_light
+
+    if shading is not None:
+        shading_light(shading)  # one line for an unknown mode
+    report = evaluate_geco(result, reference, lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device,
+                           radius=2.0 if radius is None else radius, resolution=res or 256, shading=shading)
+    table = Table("view", "set", "elevation", "azimuth", "PSNR (dB)", "SSIM", "LPIPS",
+                  title=escape(f"{result.name} vs {reference.name} ({report.shading}, GECO's views)"))
+
+    def lpips(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for v in report.views:
+        table.add_row(str(v.view), v.set, f"{v.elevation:.1f}", f"{v.azimuth:.1f}", f"{v.psnr:.2f}",
+                      f"{v.ssim:.4f}", lpips(v.lpips))
+    for name in ("zero123plus", "azimuths", None):
+        m = report.means(name)
+        table.add_row("mean", name or "all", "", "", f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", lpips(m["lpips"]),
+                      style="bold")
+    _console(stderr=False).print(table)
     return report
 
 

@@ -78,7 +78,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 def _no_work(monkeypatch) -> None:
     """Fail the test if a command starts what a refusal must come before: a teacher, a mesh export, a
     render, an evaluation or a download."""
-    from microdreamer import api, evaluate, metrics_clip, pipeline, video
+    from microdreamer import api, evaluate, evaluate_geco, metrics_clip, pipeline, video
     from microdreamer.teachers import catalog
 
     def refuse(*args, **kwargs):
@@ -88,7 +88,7 @@ def _no_work(monkeypatch) -> None:
     for name in ("export_saved_run", "result_renderer", "evaluate_model", "evaluate_mesh"):
         monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
     for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_model"),
-                         (evaluate, "evaluate_mesh"), (catalog, "download"), (metrics_clip.ClipSimilarity, "load")]:
+                         (evaluate, "evaluate_mesh"), (evaluate_geco, "evaluate_geco"), (catalog, "download"), (metrics_clip.ClipSimilarity, "load")]:
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -173,7 +173,11 @@ REFUSALS = [
     (["export", "{tmp}/none.ply"], "result not found"),
     (["eval", "{tmp}/none.ply", "--reference", "{spot}"], "result not found"),
     (["eval", "{file}"], "eval needs --reference MESH"),
-    (["eval", "{file}", "--protocol", "psnr"], "unknown protocol 'psnr' (use held-out or clip)"),
+    (["eval", "{file}", "--protocol", "psnr"], "unknown protocol 'psnr' (use held-out, clip or geco)"),
+    (["eval", "{file}", "--protocol", "geco"], "eval --protocol geco needs --reference MESH"),
+    (["eval", "{file}", "--reference", "{spot}", "--lpips-vgg", "{file}"], "--lpips-vgg and --lpips-heads belong to --protocol geco"),
+    (["eval", "{file}", "--protocol", "geco", "--reference", "{spot}", "--lpips-vgg", "{file}"], "LPIPS needs both --lpips-vgg and --lpips-heads"),
+    (["eval", "{file}", "--protocol", "geco", "--reference", "{tmp}/none.obj"], "reference mesh not found: {tmp}/none.obj"),
     (["eval", "{file}", "--reference", "{spot}", "--prompt", "a cat"], "--clip-model, --image and --prompt belong to --protocol clip"),
     # eval --protocol clip: the CLIP model, what the result is compared with
     (["eval", "{file}", "--protocol", "clip"], "--protocol clip needs --clip-model"),
