@@ -13,38 +13,27 @@ import torch
 from PIL import Image
 
 from microdreamer.cli import main
-from microdreamer.distill.config import Stage1Config, Stage2Config
+from microdreamer.distill.config import Stage2Config
 from microdreamer.distill.pseudo_gt import sample_inputs
 from microdreamer.distill.reconstruction import GECOReconstructor
 from microdreamer.distill.runs import open_run
-from microdreamer.distill.stage1 import latent_shape, onestep_generator, run_stage1
+from microdreamer.distill.stage1 import latent_shape, onestep_generator
 from microdreamer.distill.stage2 import run_stage2
 from microdreamer.generators.zero123plus import GRAY, Zero123PlusGenerator, split_grid
 from microdreamer.io.images import load_image, to_reference
 from microdreamer.io.ply import read_gaussian_ply
 from microdreamer.reconstructors.lgm import MIN_OPACITY, splatter_to_gaussians
-from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
-from tiny_models import build_tiny_zero123plus, prepare_tiny_conditions, write_lgm
+from microdreamer.reconstructors.lgm_unet import LGMNetwork
+from tiny_models import build_tiny_stage1_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-#: an LGM for 16² inputs: 8² splatter images per view
-SMALL_LGM = dict(input_size=16, down_channels=(32, 32, 64), down_attention=(False, False, True),
-                 up_channels=(64, 32), up_attention=(True, False))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """A tiny Zero123++, a one-step Stage I run on it, a small LGM, a one-step Stage II run, an RGBA input."""
-    root = tmp_path_factory.mktemp("geco")
-    prepare_tiny_conditions(root)
-    zero123plus = build_tiny_zero123plus(root / "zero123plus")
-    run_stage1(Stage1Config(data=str(root / "data"), model=str(zero123plus), view_size=8, steps=1, validate_every=0,
-                            device="cpu", lr_generator=1e-3, lr_student=1e-3), root / "stage1")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        write_lgm(root / "lgm", LGMNetwork(LGMConfig(**SMALL_LGM)))
-    (root / "lgm" / "config.json").write_text(json.dumps(SMALL_LGM))
+    world = build_tiny_stage1_world(tmp_path_factory.mktemp("geco"))
+    root = world["root"]
     run_stage2(Stage2Config(data=str(root / "data"), model=str(root / "stage1"), reconstructor=str(root / "lgm"),
                             lambda_lpips=0.0, device="cpu", teacher_steps=2, poses=4, render_views=2, render_size=16,
                             renderer="torch", validate_every=0, steps=1, batch_size=1, lr_reconstructor=1e-3),
