@@ -60,7 +60,8 @@ ZERO123PLUS_VIEWS = (0, 1, 3, 4)
 
 @dataclass
 class Views:
-    """LGM's input: four views of one object and the cameras that saw them."""
+    """LGM's input: four views of one object and the cameras that saw them (``method = "geco"``: the generator's
+    six views on gray, at Zero123++'s cameras)."""
 
     images: Tensor  # [4,3,H,W] in [0,1] over white, the front view first
     cameras: Cameras  # in our world

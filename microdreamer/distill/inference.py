@@ -14,7 +14,7 @@ elevation 0 and the run's camera distance (:meth:`~.reconstruction.GECOReconstru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,12 +23,14 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..feedforward import Views
 from ..generators.zero123plus import GRAY, Zero123PlusGenerator, split_grid, zero123plus_cameras
 from ..io.images import to_reference
 from ..io.ply import GaussianPLY
 from ..reconstructors.lgm import LGMReconstructor, check_weights_source, splatter_to_gaussians
 from ..reconstructors.lgm_unet import LGMConfig, LGMNetwork
 from ..sir.cameras import Cameras
+from ..teachers.base import EvaluationCounter
 from ..teachers.catalog import find_entry
 from ..teachers.loading import load_module, local_model_dir, resolve_dtype, resolve_model_dir
 from .config import Stage2Config
@@ -69,15 +71,6 @@ def stage1_reconstructor(network: LGMConfig) -> ReconstructorSpec:
     return ReconstructorSpec(network, tuple(defaults["lgm_views"]), defaults["background"], defaults["fovy"])
 
 
-@dataclass
-class Views:
-    """The generator's six views of one input and their cameras."""
-
-    images: Tensor  # [6,3,s,s] in [0,1] on gray
-    cameras: Cameras
-    evaluations: dict[str, int]
-
-
 class GECOViews:
     """The one-step generator of a run: an input image → six views in one (guided) network pass."""
 
@@ -95,10 +88,9 @@ class GECOViews:
         conditioning = condition_batch(self.model, [condition], [generator])
         noise = torch.randn(latent_shape(self.model, size), generator=generator)[None].to(self.model.device)
         views = split_grid(self.model.decode(self.generator(noise, conditioning)).float())
-        guided = int(self.generator.guidance != 1.0)
-        evaluations = {"total": 1, "guided": guided, "single_branch": 1 - guided,
-                       "view_evaluations": (1 + guided) * len(views)}
-        return Views(views, zero123plus_cameras(resolution=size, fovy=30.0), evaluations)
+        counter = EvaluationCounter()  # one pass over the grid of six views, both halves at once when guided
+        counter.add("guided" if self.generator.guidance != 1.0 else "cond", len(views))
+        return Views(views, zero123plus_cameras(resolution=size), counter.as_dict())
 
 
 class GECOLGM:
@@ -114,6 +106,7 @@ class GECOLGM:
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, cameras: Cameras, min_opacity: float) -> list[GaussianPLY]:
+        """The Gaussians of the six views ``images`` (``cameras`` unused: the run's reconstructor knows them)."""
         splats, _ = self.reconstructor.splats(images[None])
         to_world = self.reconstructor.to_world(self.radius)
         return [to_world.apply(splatter_to_gaussians(s, min_opacity)) for s in splats]
