@@ -204,8 +204,8 @@ def fetch_reconstructor(cfg: RunConfig, allow_download: bool = True) -> None:
 
 class LGMTo3D(ImageTo3D):
     """``method = "lgm"``: the teacher's four views → LGM → the run's Gaussians, without SIR (``"geco"``: a
-    GECO run's views and reconstructor). Saved,
-    rendered, exported and reported as every run is (no SIR iterations; ``lgm`` timings)."""
+    GECO run's views and reconstructor). Saved, rendered, exported and reported as every run is (no SIR
+    iterations; ``lgm`` timings)."""
 
     def reconstruct(
         self,

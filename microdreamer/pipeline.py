@@ -351,8 +351,8 @@ class Reconstruction:
 
 
 def load_runner(cfg: RunConfig, device: torch.device, allow_download: bool = True) -> "ImageTo3D":
-    """The loaded models of a run: SIR's (:class:`ImageTo3D`), or for ``method = "lgm"`` the feed-forward
-    path's (:class:`~microdreamer.feedforward.LGMTo3D`)."""
+    """The loaded models of a run: SIR's (:class:`ImageTo3D`), or for ``method = "lgm"`` or ``"geco"`` the
+    feed-forward path's (:class:`~microdreamer.feedforward.LGMTo3D`)."""
     if cfg.method in FEEDFORWARD_METHODS:
         from .feedforward import LGMTo3D
 

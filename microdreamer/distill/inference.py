@@ -9,7 +9,9 @@ feeds it (views, background, field of view); a Stage I run has none, so the publ
 
 The conditioning's VAE draws and then z come from the run's generator (as :func:`.pseudo_gt.sample_inputs`
 draws them from a sample's). The Gaussians land in our world with the condition view's camera at azimuth 0,
-elevation 0 and the run's camera distance (:meth:`~.reconstruction.GECOReconstructor.to_world`).
+elevation 0 and the distance of SIR's reference camera, ``cameras.radius``
+(:meth:`~.reconstruction.GECOReconstructor.to_world`), so that the contact sheet and turntable frame them as
+any run's.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .stage1 import latent_shape
 
 if TYPE_CHECKING:
     from ..pipeline import PreparedInput
+
 
 def check_run(cfg: RunConfig) -> DistilledRun:
     """``cfg``'s GECO run (``--model``) read and checked before anything loads: a run folder with a complete
