@@ -43,6 +43,7 @@ from .executors import Shard, make_executor
 from .io.atomic import check_output_dir, check_output_file
 from .evaluate import HELD_OUT_VIEWS, EvalReport, MeshEvalReport, evaluate_mesh, evaluate_model, held_out_scores
 from .evaluate_clip import CLIP_RESOLUTION, ClipEvalReport, ClipTarget, clip_cameras, clip_scores, score_result
+from .evaluate_geco import GECOEvalReport
 from .export import STAGES, MeshExportReport, TexturedMesh
 from .io.mesh import load_mesh
 from .metrics_clip import load_clip
@@ -657,6 +658,36 @@ def evaluate_clip(
         raise UserError(f"result not found: {result}")
     return score_result(result, clip_model, resolve_device(device), image=image, prompt=prompt, radius=radius,
                         resolution=resolution, allow_download=allow_download)
+
+
+def evaluate_geco(
+    result: str | Path,
+    reference: str | Path,
+    *,
+    lpips_vgg: str | Path | None = None,
+    lpips_heads: str | Path | None = None,
+    device: str = "auto",
+    radius: float = 2.0,
+    resolution: int = 256,
+    shading: str | None = None,
+) -> GECOEvalReport:
+    """``microdreamer eval --protocol geco``: GECO's PSNR, SSIM and (given both LPIPS files) LPIPS of a saved
+    result against its reference mesh on the six Zero123++ views and 15 azimuths at elevation 0
+    (:mod:`microdreamer.evaluate_geco`). Files are checked and the LPIPS weights read before anything renders."""
+    from .evaluate_geco import evaluate_geco as score
+    from .metrics_lpips import LPIPS, WEIGHTS_HELP
+
+    result, reference = Path(result), Path(reference)
+    if not result.is_file():
+        raise UserError(f"result not found: {result}")
+    if not reference.is_file():
+        raise UserError(f"reference mesh not found: {reference}")
+    if (lpips_vgg is None) != (lpips_heads is None):
+        raise UserError(f"LPIPS needs both --lpips-vgg and --lpips-heads ({WEIGHTS_HELP}); give both, or neither "
+                        "for PSNR and SSIM alone")
+    lpips = None if lpips_vgg is None else LPIPS.from_files(lpips_vgg, lpips_heads)
+    return score(result, reference, resolve_device(device), lpips=lpips, radius=radius, resolution=resolution,
+                 shading=shading)
 
 
 def render_video(

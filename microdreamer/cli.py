@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .config import RunConfig
     from .evaluate import EvalReport
     from .evaluate_clip import ClipEvalReport
+    from .evaluate_geco import GECOEvalReport
     from .executors import Shard
     from .video import VideoOptions
 
@@ -305,7 +306,7 @@ JsonOut = Annotated[bool, _flag("--json", help="Print the run summary as JSON on
 Quiet = Annotated[bool, _flag("--quiet", "-q", help="Print only errors.")]
 ImageTeacher = Annotated[Optional[str], typer.Option("--teacher", help="Teacher: stable-zero123 (default), zero123-xl, imagedream (with --prompt; the default with --method lgm), reference; zero123plus with --method lgm only (experimental).")]
 ImagePrompt = Annotated[Optional[str], typer.Option("--prompt", help="Text prompt for an image+text teacher (imagedream); optional there.")]
-Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh.")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Hugging Face id or local folder; for --teacher reference, a mesh; for --method geco, the run folder of `distill stage1` or `stage2`.")]
 Views = Annotated[Optional[int], typer.Option(help="Views B per iteration.")]
 Elevation = Annotated[Optional[float], typer.Option(help="Input view elevation in degrees (negative = photo from above).")]
 Shading = Annotated[Optional[str], typer.Option(help="--teacher reference: its renders lit (a key light fixed to the object plus ambient, the default) or albedo.")]
@@ -320,9 +321,9 @@ Workers = Annotated[Optional[int], typer.Option(help="With --executor ray: how m
 GpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: GPUs per worker; 0.5 packs two workers on a GPU (default 1 when the cluster has GPUs, else 0).")]
 CpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: CPUs per worker, also its torch threads (default 1).")]
 MaxAttempts = Annotated[Optional[int], typer.Option(help="With --executor ray: tries of an input whose worker dies under it (default 3).")]
-Method = Annotated[Optional[str], typer.Option(help="sir (default): score-based iterative reconstruction; lgm: the teacher's four views → LGM → Gaussians in one network pass (imagedream, mvdream, reference, zero123plus).")]
+Method = Annotated[Optional[str], typer.Option(help="sir (default): score-based iterative reconstruction; lgm: the teacher's four views → LGM → Gaussians in one network pass (imagedream, mvdream, reference, zero123plus); geco: a distilled GECO run (--model RUN_DIR) → Gaussians in one generator pass and one LGM pass.")]
 Init = Annotated[Optional[str], typer.Option(help="Where SIR starts: random (default) or lgm, LGM's Gaussians with a shorter schedule (presets *-lgm-init).")]
-Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm: Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
+Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm (and a Stage I run's --method geco): Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
 ShardSpec = Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (0 <= I < N; an input's shard is a hash of its name, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); its manifest is OUT/manifest.shard-I-of-N.json, joined by 'microdreamer manifest merge'.")]
 
 
@@ -388,6 +389,10 @@ def _run_images(
     video_options = _video_options(video, video_format)
     check_run_outputs(out, manifest)
     _warn_cut_prompts(pipe.config, [prompt] if prompt else [], quiet)
+    if pipe.config.method == "geco":
+        from .distill.runs import LICENCE_LINE
+
+        print(f"GECO run {pipe.config.teacher.model}: {LICENCE_LINE}", file=sys.stderr)
     single = is_single_input(specs) and where.shard is None
     run_batch(
         lambda observer: pipe.run_batch(
@@ -911,14 +916,16 @@ def render(
     console.print(f"[green]wrote[/] {escape(str(target))} ({plural(frames, 'frame')}, {res}x{res}, {fps} fps)")
 
 
-EVAL_PROTOCOLS = ("held-out", "clip")
+EVAL_PROTOCOLS = ("held-out", "clip", "geco")
 
 
 @app.command("eval")
 def eval_(
     result: Annotated[Path, typer.Argument(help="A 3DGS .ply written by image2gs, a NeRF .safetensors written by image2nerf, or a mesh written by image2mesh/export (.glb, .obj, _mesh.ply; Y-up).")],
     reference: Annotated[Optional[Path], typer.Option(help="Ground-truth mesh (.obj, .glb, .gltf) of the held-out protocol.")] = None,
-    protocol: Annotated[str, typer.Option(help="held-out: PSNR/SSIM on 16 held-out views against --reference; clip: CLIP similarity of 8 views at elevation 0 to the run's input image or prompt (MicroDreamer's Table III).")] = "held-out",
+    protocol: Annotated[str, typer.Option(help="held-out: PSNR/SSIM on 16 held-out views against --reference; clip: CLIP similarity of 8 views at elevation 0 to the run's input image or prompt (MicroDreamer's Table III); geco: PSNR/SSIM (and LPIPS with --lpips-vgg/--lpips-heads) against --reference on the six Zero123++ views and 15 azimuths at elevation 0 (GECO's Table 1).")] = "held-out",
+    lpips_vgg: Annotated[Optional[Path], typer.Option(help="--protocol geco: torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS.")] = None,
+    lpips_heads: Annotated[Optional[Path], typer.Option(help="--protocol geco: the lpips v0.1 VGG heads (vgg.pth) for LPIPS.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="The CLIP checkpoint of --protocol clip: a folder in the transformers layout or a Hugging Face id (the paper's: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).")] = None,
     image: Annotated[Optional[Path], typer.Option(help="--protocol clip: compare with this image (default: the run's preprocessed input, else its input image).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="--protocol clip: compare with this text (default: the run's prompt when it had no input image).")] = None,
@@ -938,11 +945,13 @@ def eval_(
     if not result.is_file():
         raise UserError(f"result not found: {result}")
     if protocol not in EVAL_PROTOCOLS:
-        raise UserError(f"unknown protocol '{protocol}' (use {' or '.join(EVAL_PROTOCOLS)})")
+        raise UserError(f"unknown protocol '{protocol}' (use {', '.join(EVAL_PROTOCOLS[:-1])} or {EVAL_PROTOCOLS[-1]})")
     if json_out is not None and json_out.exists():
         raise UserError(f"{json_out} already exists: remove it or choose another --json path")
     if json_out is not None:
         check_output_file(json_out, "--json")
+    if protocol != "geco" and (lpips_vgg is not None or lpips_heads is not None):
+        raise UserError("--lpips-vgg and --lpips-heads belong to --protocol geco")
     if protocol == "clip":
         if reference is not None or shading is not None:
             raise UserError("--reference and --shading belong to the held-out protocol; --protocol clip compares "
@@ -954,9 +963,14 @@ def eval_(
     else:
         if clip_model is not None or image is not None or prompt is not None:
             raise UserError("--clip-model, --image and --prompt belong to --protocol clip")
-        if reference is None:
+        if reference is None and protocol == "geco":
+            raise UserError("eval --protocol geco needs --reference MESH (the ground truth of its views)")
+        if protocol == "geco":
+            report = _eval_geco(result, reference, lpips_vgg, lpips_heads, shading, radius, res, device)
+        elif reference is None:
             raise UserError("eval needs --reference MESH (the ground truth of the held-out views), or --protocol clip")
-        report = _eval_held_out(result, reference, shading, radius, res, device)
+        else:
+            report = _eval_held_out(result, reference, shading, radius, res, device)
     if json_out is not None:
         from .io.atomic import atomic_path
 
@@ -990,6 +1004,32 @@ def _eval_held_out(result: Path, reference: Path, shading: str | None, radius: f
             f"F-score@0.01 {s.fscore[0.01]:.3f}, "
             f"F-score@0.05 {s.fscore[0.05]:.3f}, normal consistency {s.normal_consistency:.3f}"
         )
+    return report
+
+
+def _eval_geco(result: Path, reference: Path, lpips_vgg: Path | None, lpips_heads: Path | None,
+               shading: str | None, radius: float | None, res: int | None, device: str) -> "GECOEvalReport":
+    from .api import evaluate_geco
+    from .render.mesh import shading_light
+
+    if shading is not None:
+        shading_light(shading)  # one line for an unknown mode
+    report = evaluate_geco(result, reference, lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device,
+                           radius=2.0 if radius is None else radius, resolution=res or 256, shading=shading)
+    table = Table("view", "set", "elevation", "azimuth", "PSNR (dB)", "SSIM", "LPIPS",
+                  title=escape(f"{result.name} vs {reference.name} ({report.shading}, GECO's views)"))
+
+    def lpips(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for v in report.views:
+        table.add_row(str(v.view), v.set, f"{v.elevation:.1f}", f"{v.azimuth:.1f}", f"{v.psnr:.2f}",
+                      f"{v.ssim:.4f}", lpips(v.lpips))
+    for name in ("zero123plus", "azimuths", None):
+        m = report.means(name)
+        table.add_row("mean", name or "all", "", "", f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", lpips(m["lpips"]),
+                      style="bold")
+    _console(stderr=False).print(table)
     return report
 
 
@@ -1356,6 +1396,8 @@ def _training_progress(
     console: Console, out: Path, step_line: Callable[[dict[str, Any]], str]
 ) -> Callable[[dict[str, Any]], None]:
     """What a distillation run says about its events (``step_line``: a step's losses)."""
+    from .distill.runs import LICENCE_LINE
+
     steps = 1
 
     def show(event: dict[str, Any]) -> None:
@@ -1365,7 +1407,7 @@ def _training_progress(
             steps = event["steps"]
             start = f"resuming at step {event['step']}" if event["step"] else "starting"
             console.print(f"{start} of {steps} ({plural(event['processes'], 'process', 'processes')}); "
-                          f"the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)")
+                          + LICENCE_LINE)
         elif kind == "pseudo_gt_progress":
             console.print(f"pseudo ground truth: {event['done']}/{event['total']} samples made")
         elif kind == "pseudo_gt":

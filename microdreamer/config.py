@@ -212,8 +212,10 @@ class FeedForwardConfig:
     min_opacity: float = 0.005  # Gaussians less opaque are dropped, as LGM's save_ply does
 
 
-#: run methods: SIR, or the feed-forward LGM result alone
-METHODS = ("sir", "lgm")
+#: run methods: SIR, the feed-forward LGM result alone, or a distilled GECO run's one-pass result
+METHODS = ("sir", "lgm", "geco")
+#: the methods whose result is the feed-forward path's (:mod:`microdreamer.feedforward`)
+FEEDFORWARD_METHODS = ("lgm", "geco")
 #: where SIR starts: the representation's own initialisation, or LGM's Gaussians
 INITS = ("random", "lgm")
 
@@ -229,13 +231,18 @@ class RunConfig:
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     nerf: NerfConfig = field(default_factory=NerfConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    method: str = "sir"  # sir | lgm: the teacher's four views → LGM → Gaussians, no SIR
+    method: str = "sir"  # sir | lgm: the teacher's four views → LGM → Gaussians, no SIR | geco: the same from a GECO run
     init: str = "random"  # random | lgm: SIR starts from LGM's Gaussians (presets *-lgm-init)
     lgm: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     seed: int = 0
     device: str = "auto"
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     preset: str = ""
+
+    @property
+    def feedforward(self) -> bool:
+        """Whether the run uses the feed-forward path: as its result (``method`` lgm or geco) or SIR's start."""
+        return self.method in FEEDFORWARD_METHODS or self.init == "lgm"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,13 +347,16 @@ class RunConfig:
     def _lgm_checks(self) -> list[tuple[bool, str]]:
         f = self.lgm
         return [
-            (self.method in METHODS, f"--method must be {' or '.join(METHODS)}, got '{self.method}'"),
+            (self.method in METHODS, f"--method must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, got '{self.method}'"),
             (self.init in INITS, f"--init must be {' or '.join(INITS)}, got '{self.init}'"),
             (self.method == "sir" or self.init == "random",
-             "--init lgm starts SIR from LGM's Gaussians; --method lgm gives them without SIR: choose one"),
-            ("lgm" not in (self.method, self.init) or self.representation == "gaussians",
-             f"LGM makes 3D Gaussians: --method lgm and --init lgm need representation = \"gaussians\", "
-             f"not \"{self.representation}\""),
+             f"--init lgm starts SIR from LGM's Gaussians; --method {self.method} gives them without SIR: choose one"),
+            ((self.method == "geco") == (self.teacher.name == "geco"),
+             "--method geco runs a GECO run folder (--model RUN_DIR) and no other teacher: leave out --teacher"
+             if self.method == "geco" else "the 'geco' generator runs with --method geco only"),
+            (not self.feedforward or self.representation == "gaussians",
+             f"LGM makes 3D Gaussians: --method lgm, --method geco and --init lgm need representation = "
+             f"\"gaussians\", not \"{self.representation}\""),
             (1 <= f.steps <= 1000, f"lgm.steps must lie in 1..1000, got {f.steps}"),
             (math.isfinite(f.guidance) and f.guidance >= 0, "lgm.guidance must be >= 0"),
             (0.0 <= f.min_opacity < 1.0, "lgm.min_opacity must lie in [0, 1)"),

@@ -129,17 +129,27 @@ def held_out_scores(
     """Per-view PSNR/SSIM of ``render`` against the (antialiased) renders of ``truth`` on the held-out views,
     shaded as ``shading`` says, and the PSNR against its albedo renders."""
     cams = held_out_cameras(radius, resolution).to(device)
-    bg = torch.tensor(background, dtype=torch.float32, device=device)
-    truth = truth.to(device)
     with torch.no_grad():
-        pred = render(cams, bg).rgb.clamp(0, 1)
-        gt = rasterize_mesh(truth, cams, bg, supersample=2, light=shading_light(shading)).rgb.clamp(0, 1)
-        albedo = gt if shading == "albedo" else rasterize_mesh(truth, cams, bg, supersample=2).rgb.clamp(0, 1)
+        pred = render(cams, torch.tensor(background, dtype=torch.float32, device=device)).rgb.clamp(0, 1)
+    gt, albedo = reference_renders(truth, cams, background, shading)
     p, s, a = psnr(pred, gt), ssim(pred, gt), psnr(pred, albedo)
     return [
         ViewScore(i, float(cams.elevation[i]), float(cams.azimuth[i]), float(p[i]), float(s[i]), float(a[i]))
         for i in range(len(cams))
     ]
+
+
+def reference_renders(truth: TexturedMesh, cams: Cameras, background: tuple[float, float, float],
+                      shading: str = "lit") -> tuple[Tensor, Tensor]:
+    """The (antialiased) renders of ``truth`` by ``cams`` (on their device), shaded as ``shading`` says and in
+    albedo, each ``[V,3,H,W]`` in [0, 1]."""
+    device = cams.c2w.device
+    bg = torch.tensor(background, dtype=torch.float32, device=device)
+    truth = truth.to(device)
+    with torch.no_grad():
+        gt = rasterize_mesh(truth, cams, bg, supersample=2, light=shading_light(shading)).rgb.clamp(0, 1)
+        albedo = gt if shading == "albedo" else rasterize_mesh(truth, cams, bg, supersample=2).rgb.clamp(0, 1)
+    return gt, albedo
 
 
 def export_frame(mesh_path: Path) -> OutputFrame | None:

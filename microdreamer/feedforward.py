@@ -47,6 +47,7 @@ from .teachers.loading import resolve_model_dir
 from .video import VideoOptions
 
 if TYPE_CHECKING:
+    from .distill.inference import GECOLGM, GECOViews
     from .generators.zero123plus import Zero123PlusGenerator
     from .sir.engine import ProgressCallback
     from .teachers.reference import ReferenceTeacher
@@ -59,7 +60,8 @@ ZERO123PLUS_VIEWS = (0, 1, 3, 4)
 
 @dataclass
 class Views:
-    """LGM's input: four views of one object and the cameras that saw them."""
+    """LGM's input: four views of one object and the cameras that saw them (``method = "geco"``: the generator's
+    six views on gray, at Zero123++'s cameras)."""
 
     images: Tensor  # [4,3,H,W] in [0,1] over white, the front view first
     cameras: Cameras  # in our world
@@ -132,12 +134,21 @@ ViewSource = TeacherViews | MeshViews | Zero123PlusViews
 
 
 class FeedForward:
-    """LGM and the source of its four views, loaded once: a prepared input → raw Gaussians in our world."""
+    """LGM and the source of its four views, loaded once: a prepared input → raw Gaussians in our world. For
+    ``method = "geco"`` a distilled run's generator (six views in one pass) and reconstructor
+    (:mod:`microdreamer.distill.inference`)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, allow_download: bool = True,
                  teacher: Teacher | None = None) -> None:
         f = cfg.lgm
         self.cfg = cfg
+        self.lgm: LGMReconstructor | GECOLGM
+        self.views: ViewSource | GECOViews
+        if cfg.method == "geco":
+            from .distill.inference import load_run
+
+            self.views, self.lgm = load_run(cfg, device, allow_download)
+            return
         self.lgm = LGMReconstructor.from_pretrained(f.reconstructor, f.weights, device=device,
                                                     dtype=cfg.teacher.dtype, allow_download=allow_download)
         self.views = view_source(cfg, device, allow_download, teacher, self.lgm.config)
@@ -179,15 +190,22 @@ def with_lgm(evaluations: dict[str, int]) -> dict[str, int]:
 
 
 def fetch_reconstructor(cfg: RunConfig, allow_download: bool = True) -> None:
-    """LGM's weights on this machine (downloaded into the cache first when missing and ``allow_download``)."""
+    """LGM's weights on this machine (downloaded into the cache first when missing and ``allow_download``);
+    nothing for a Stage II GECO run, which brings its own."""
+    if cfg.method == "geco":
+        from .distill.inference import check_run
+
+        if check_run(cfg).reconstructor is not None:
+            return
     source = cfg.lgm.reconstructor
     if not Path(source).expanduser().is_file():
         resolve_model_dir(source, allow_download=allow_download, files=(cfg.lgm.weights,))
 
 
 class LGMTo3D(ImageTo3D):
-    """``method = "lgm"``: the teacher's four views → LGM → the run's Gaussians, without SIR. Saved,
-    rendered, exported and reported as every run is (no SIR iterations; ``lgm`` timings)."""
+    """``method = "lgm"``: the teacher's four views → LGM → the run's Gaussians, without SIR (``"geco"``: a
+    GECO run's views and reconstructor). Saved, rendered, exported and reported as every run is (no SIR
+    iterations; ``lgm`` timings)."""
 
     def reconstruct(
         self,

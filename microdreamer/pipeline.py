@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .batch import Job, JobResult, StepCallback
-from .config import RunConfig, read_config_file
+from .config import FEEDFORWARD_METHODS, RunConfig, read_config_file
 from .errors import UserError, about_input
 from .export import STAGES, MeshExportReport, StageCallback, TexturedMesh, export_mesh, make_mesh, mesh_output_paths
 from .io.atomic import atomic_path
@@ -352,9 +352,9 @@ class Reconstruction:
 
 
 def load_runner(cfg: RunConfig, device: torch.device, allow_download: bool = True) -> "ImageTo3D":
-    """The loaded models of a run: SIR's (:class:`ImageTo3D`), or for ``method = "lgm"`` the feed-forward
-    path's (:class:`~microdreamer.feedforward.LGMTo3D`)."""
-    if cfg.method == "lgm":
+    """The loaded models of a run: SIR's (:class:`ImageTo3D`), or for ``method = "lgm"`` or ``"geco"`` the
+    feed-forward path's (:class:`~microdreamer.feedforward.LGMTo3D`)."""
+    if cfg.method in FEEDFORWARD_METHODS:
         from .feedforward import LGMTo3D
 
         return LGMTo3D(cfg, device, allow_download)
@@ -374,7 +374,7 @@ class ImageTo3D:
         # None: a multi-view generator that is no teacher (it only makes LGM's views)
         self.teacher: Teacher | None = entry.build(cfg, device, allow_download) if entry.sir else None
         self.feedforward = None
-        if "lgm" in (cfg.method, cfg.init):
+        if cfg.feedforward:
             from .feedforward import FeedForward
 
             self.feedforward = FeedForward(cfg, device, allow_download, self.teacher)
@@ -644,7 +644,7 @@ class ImageTask:
 
     def fetch(self) -> None:
         fetch_weights(self.cfg, self.allow_download)
-        if "lgm" in (self.cfg.method, self.cfg.init):
+        if self.cfg.feedforward:
             from .feedforward import fetch_reconstructor
 
             fetch_reconstructor(self.cfg, self.allow_download)

@@ -51,6 +51,14 @@ def workspace(tmp_path: Path):
     (tmp_path / "notes.png").write_text("this is not an image")
     (tmp_path / "notes.obj").write_text("this is not a mesh")
     (tmp_path / "afile.txt").write_text("a file, not a folder")
+    for name, steps in (("untrained", ()), ("stage1", (1,))):  # GECO Stage I run folders, with no weights
+        config = {"stage": 1, "config": {"model": None, "generator_timestep": 999, "guidance_generator": 4.0,
+                                         "view_size": 320}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        for step in steps:
+            (tmp_path / name / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+            (tmp_path / name / "checkpoints" / f"step-{step:08d}" / "state.json").write_text('{"files": []}')
     locked = tmp_path / "locked"
     locked.mkdir()
     _rgba_file(locked / "in.png")
@@ -70,7 +78,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 def _no_work(monkeypatch) -> None:
     """Fail the test if a command starts what a refusal must come before: a teacher, a mesh export, a
     render, an evaluation or a download."""
-    from microdreamer import api, evaluate, metrics_clip, pipeline, video
+    from microdreamer import api, evaluate, evaluate_geco, metrics_clip, pipeline, video
     from microdreamer.teachers import catalog
 
     def refuse(*args, **kwargs):
@@ -80,7 +88,7 @@ def _no_work(monkeypatch) -> None:
     for name in ("export_saved_run", "result_renderer", "evaluate_model", "evaluate_mesh"):
         monkeypatch.setattr(api, name, refuse)  # the commands reach them through the API
     for module, name in [(pipeline, "export_saved_run"), (video, "result_renderer"), (evaluate, "evaluate_model"),
-                         (evaluate, "evaluate_mesh"), (catalog, "download"), (metrics_clip.ClipSimilarity, "load")]:
+                         (evaluate, "evaluate_mesh"), (evaluate_geco, "evaluate_geco"), (catalog, "download"), (metrics_clip.ClipSimilarity, "load")]:
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -169,7 +177,11 @@ REFUSALS = [
     (["export", "{tmp}/none.ply"], "result not found"),
     (["eval", "{tmp}/none.ply", "--reference", "{spot}"], "result not found"),
     (["eval", "{file}"], "eval needs --reference MESH"),
-    (["eval", "{file}", "--protocol", "psnr"], "unknown protocol 'psnr' (use held-out or clip)"),
+    (["eval", "{file}", "--protocol", "psnr"], "unknown protocol 'psnr' (use held-out, clip or geco)"),
+    (["eval", "{file}", "--protocol", "geco"], "eval --protocol geco needs --reference MESH"),
+    (["eval", "{file}", "--reference", "{spot}", "--lpips-vgg", "{file}"], "--lpips-vgg and --lpips-heads belong to --protocol geco"),
+    (["eval", "{file}", "--protocol", "geco", "--reference", "{spot}", "--lpips-vgg", "{file}"], "LPIPS needs both --lpips-vgg and --lpips-heads"),
+    (["eval", "{file}", "--protocol", "geco", "--reference", "{tmp}/none.obj"], "reference mesh not found: {tmp}/none.obj"),
     (["eval", "{file}", "--reference", "{spot}", "--prompt", "a cat"], "--clip-model, --image and --prompt belong to --protocol clip"),
     # eval --protocol clip: the CLIP model, what the result is compared with
     (["eval", "{file}", "--protocol", "clip"], "--protocol clip needs --clip-model"),
@@ -208,7 +220,7 @@ REFUSALS = [
     (["export", "{tmp}/none.safetensors"], "result not found"),
     (["eval", "{tmp}/none.safetensors", "--reference", "{spot}"], "result not found"),
     # the feed-forward path (--method lgm, --init lgm) and its weights
-    (["image2gs", "{image}", *OUT, "--method", "nope"], "--method must be sir or lgm, got 'nope'"),
+    (["image2gs", "{image}", *OUT, "--method", "nope"], "--method must be sir, lgm or geco, got 'nope'"),
     (["image2gs", "{image}", *OUT, "--init", "nope"], "--init must be random or lgm, got 'nope'"),
     (["image2gs", "{image}", *OUT, "--method", "lgm", "--init", "lgm"], "--init lgm starts SIR from LGM's Gaussians"),
     (["image2gs", "{image}", *OUT, "--teacher", "zero123plus"], "not an SIR teacher"),
@@ -224,6 +236,21 @@ REFUSALS = [
      "'zero123plus' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0"),
     (["text2gs", "a cat", *OUT, "--method", "lgm", "--teacher", "imagedream"], "needs a text-to-3D teacher"),
     (["text2mesh", "a cat", *OUT, "--init", "lgm", "--reconstructor", "{tmp}/none"], "model folder not found"),
+    # a distilled GECO run (--method geco --model RUN_DIR)
+    (["image2gs", "{image}", *OUT, "--method", "geco"], "--method geco runs a distilled run: pass --model RUN_DIR"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}"],
+     "--model {tmp} is not a run folder of `microdreamer distill` (config.json is missing)"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/untrained"],
+     "--model {tmp}/untrained has no complete checkpoint yet"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--reconstructor", "{tmp}/none"],
+     "model folder not found: {tmp}/none"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--teacher", "imagedream"],
+     "--method geco runs a GECO run folder (--model RUN_DIR) and no other teacher: leave out --teacher"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--init", "lgm"],
+     "--init lgm starts SIR from LGM's Gaussians; --method geco gives them without SIR: choose one"),
+    (["image2gs", "{image}", *OUT, "--teacher", "geco"], "'geco' (a distilled GECO run) is no SIR teacher"),
+    (["image2mesh", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--refine-steps", "5"],
+     "'geco' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0"),
 ]
 
 

@@ -14,12 +14,11 @@ import torch
 
 from microdreamer.cli import main
 from microdreamer.distill.checkpoints import latest_checkpoint
-from microdreamer.distill.config import Stage1Config, Stage2Config
+from microdreamer.distill.config import Stage2Config
 from microdreamer.distill.data import load_conditions
 from microdreamer.distill.randomness import batch_items
 from microdreamer.distill.reconstruction import GECOReconstructor
 from microdreamer.distill.runs import LOG, NOTICE, ReconstructorSpec, open_run
-from microdreamer.distill.stage1 import run_stage1
 from microdreamer.distill.stage2 import Stage2, load_lpips, run_stage2, stage1_run, stage2_config
 from microdreamer.errors import UserError
 from microdreamer.generators.euler_ancestral import EulerAncestral
@@ -27,32 +26,20 @@ from microdreamer.generators.zero123plus import GRAY, Zero123PlusGenerator
 from microdreamer.reconstructors.lgm import LGMReconstructor, plucker_rays
 from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
 from microdreamer.sir.cameras import orbit_camera
-from tiny_models import build_tiny_zero123plus, prepare_tiny_conditions, write_lgm, write_lpips_weights
+from tiny_models import SMALL_LGM, build_tiny_stage1_world, write_lpips_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS32 = torch.finfo(torch.float32).eps
-#: an LGM for 16² inputs: 8² splatter images, 256 Gaussians from four views
-SMALL_LGM = dict(input_size=16, down_channels=(32, 32, 64), down_attention=(False, False, True),
-                 up_channels=(64, 32), up_attention=(True, False))
 GROUPS = ("generator", "reconstructor", "optimizer_generator", "optimizer_reconstructor")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """Condition images, a tiny Zero123++, a one-step Stage I run on it, a small LGM and LPIPS weights."""
-    root = tmp_path_factory.mktemp("stage2")
-    prepare_tiny_conditions(root)
-    zero123plus = build_tiny_zero123plus(root / "zero123plus")
-    run_stage1(Stage1Config(data=str(root / "data"), model=str(zero123plus), view_size=8, steps=1, validate_every=0,
-                            device="cpu", lr_generator=1e-3, lr_student=1e-3), root / "stage1")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        write_lgm(root / "lgm", LGMNetwork(LGMConfig(**SMALL_LGM)))
-    (root / "lgm" / "config.json").write_text(json.dumps(SMALL_LGM))
-    vgg, heads = write_lpips_weights(root / "lpips")
-    return {"data": root / "data", "stage1": root / "stage1", "lgm": root / "lgm", "vgg": vgg, "heads": heads,
-            "root": root}
+    world = build_tiny_stage1_world(tmp_path_factory.mktemp("stage2"))
+    vgg, heads = write_lpips_weights(world["root"] / "lpips")
+    return {**world, "vgg": vgg, "heads": heads}
 
 
 def _settings(world: dict[str, Path], **changes) -> dict:

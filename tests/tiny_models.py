@@ -574,3 +574,29 @@ def prepare_tiny_conditions(root: Path) -> Path:
         save_image(root / "pictures" / f"p{i}.png", rgba)
     prepare_conditions([root / "pictures"], root / "data")
     return root / "data"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GECO: a tiny Stage I run and a small LGM
+
+#: an LGM for 16² inputs: 8² splatter images per view
+SMALL_LGM = dict(input_size=16, down_channels=(32, 32, 64), down_attention=(False, False, True),
+                 up_channels=(64, 32), up_attention=(True, False))
+
+
+def build_tiny_stage1_world(root: Path) -> dict[str, Path]:
+    """Condition images (``data``), a tiny Zero123++, a one-step Stage I run on it (``stage1``, views of 8²) and a
+    small LGM (``lgm``: :data:`SMALL_LGM`, weights from seed 0, its config.json beside them)."""
+    from microdreamer.distill.config import Stage1Config
+    from microdreamer.distill.stage1 import run_stage1
+    from microdreamer.reconstructors.lgm_unet import LGMConfig, LGMNetwork
+
+    prepare_tiny_conditions(root)
+    zero123plus = build_tiny_zero123plus(root / "zero123plus")
+    run_stage1(Stage1Config(data=str(root / "data"), model=str(zero123plus), view_size=8, steps=1, validate_every=0,
+                            device="cpu", lr_generator=1e-3, lr_student=1e-3), root / "stage1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        write_lgm(root / "lgm", LGMNetwork(LGMConfig(**SMALL_LGM)))
+    (root / "lgm" / "config.json").write_text(json.dumps(SMALL_LGM))
+    return {"data": root / "data", "stage1": root / "stage1", "lgm": root / "lgm", "root": root}

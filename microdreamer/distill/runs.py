@@ -39,6 +39,8 @@ LICENCE_NOTICES = {
     + "The reconstructor weights were fine-tuned from LGM (ashawkey/LGM) and keep the licence of those weights: "
     "see the model card at https://huggingface.co/ashawkey/LGM (the LGM code is MIT).\n",
 }
+#: what commands that train or run distilled weights say about them, in one line
+LICENCE_LINE = "the weights are for non-commercial use only (CC-BY-NC 4.0, from Zero123++)"
 
 
 def run_settings(cls: type[TrainingConfig], run_dir: str | Path, settings: dict[str, Any], resume: bool,

@@ -101,6 +101,7 @@ NOT_TEACHERS: dict[str, str] = {
         "have fixed poses, so it cannot refine renders from SIR's cameras (it feeds the multi-view "
         "reconstruction path, --method lgm)"
     ),
+    "geco": "'geco' (a distilled GECO run) is no SIR teacher: run it with --method geco --model RUN_DIR",
 }
 
 
@@ -117,6 +118,11 @@ VIEW_SOURCES: dict[str, TeacherEntry] = {
     "zero123plus": TeacherEntry("zero123plus", "zero123plus-lgm", "image", _not_a_teacher("zero123plus"),
                                 weights="zero123plus", sir=False),
 }
+
+
+#: a distilled GECO run (--method geco, --model RUN_DIR): its one-step generator makes the views and its
+#: reconstructor (or, for a Stage I run, the published LGM) the Gaussians (:mod:`microdreamer.distill.inference`)
+GECO = TeacherEntry("geco", "geco", "image", _not_a_teacher("geco"), sir=False)
 
 
 def teacher_entry(name: str) -> TeacherEntry:
@@ -138,7 +144,10 @@ def view_source_entry(name: str, sir: bool = False) -> TeacherEntry:
 
 
 def run_entry(cfg: RunConfig) -> TeacherEntry:
-    """The entry of ``cfg``'s teacher: an SIR teacher, or for ``method = "lgm"`` the source of LGM's views."""
+    """The entry of ``cfg``'s teacher: an SIR teacher, or for ``method = "lgm"`` the source of LGM's views (for
+    ``method = "geco"`` the GECO run)."""
+    if cfg.method == "geco":
+        return GECO
     if cfg.method == "lgm":
         return view_source_entry(cfg.teacher.name)
     return view_source_entry(cfg.teacher.name, sir=True) if cfg.init == "lgm" else teacher_entry(cfg.teacher.name)
@@ -146,7 +155,9 @@ def run_entry(cfg: RunConfig) -> TeacherEntry:
 
 def default_preset(name: str, method: str | None = None, init: str | None = None) -> str:
     """The preset a run starts from when none is named: the teacher's own, ``<name>-lgm`` for --method lgm,
-    the teacher's ``-lgm-init`` variant for --init lgm."""
+    the teacher's ``-lgm-init`` variant for --init lgm, ``geco`` for --method geco."""
+    if method == "geco":
+        return GECO.preset
     if method == "lgm":
         return f"{view_source_entry(name).name}-lgm"
     if init == "lgm":
@@ -158,14 +169,19 @@ def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
     """The entry of ``cfg``'s teacher (:func:`run_entry`), once ``cfg`` is checked for what that teacher needs,
     before it loads: the reference teacher a mesh file, a model folder given as a path its layout, the
     multi-view teachers views in groups they denoise together, LGM (when used) its weights' source, a
-    generator that is no teacher no texture refinement."""
+    generator that is no teacher no texture refinement, a GECO run its folder and checkpoint."""
     entry = run_entry(cfg)
-    if "lgm" in (cfg.method, cfg.init):
+    if not entry.sir and cfg.mesh.refine_steps:
+        raise UserError(f"'{entry.name}' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0")
+    if entry is GECO:
+        from ..distill.inference import check_run
+
+        check_run(cfg)
+        return entry
+    if cfg.feedforward:
         from ..reconstructors.lgm import check_weights_source
 
         check_weights_source(cfg.lgm.reconstructor, cfg.lgm.weights)
-    if not entry.sir and cfg.mesh.refine_steps:
-        raise UserError(f"'{entry.name}' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0")
     model = cfg.teacher.model
     if entry.name == "reference":
         if not model:
@@ -187,6 +203,10 @@ def fetch_weights(cfg: RunConfig, allow_download: bool = True) -> Path | None:
     """The folder of ``cfg``'s teacher weights on this machine, downloaded into the cache first when they are
     missing and ``allow_download``; None for a teacher without weights (the reference teacher)."""
     entry = run_entry(cfg)
+    if entry is GECO:
+        from ..distill.inference import fetch_generator
+
+        return fetch_generator(cfg, allow_download)
     if entry.weights is None:
         return None
     return resolve_model_dir(cfg.teacher.model or find_entry(entry.weights).repo_id, allow_download=allow_download)
