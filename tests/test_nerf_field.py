@@ -206,6 +206,8 @@ def test_save_and_load_round_trip(tmp_path, one_thread):
     field.finalize()
     path = tmp_path / "run.safetensors"
     field.save(path)
+    field.save(tmp_path / "again.safetensors")  # the same field, the same bytes (one metadata key: no random order)
+    assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
     loaded = NerfField.load(path, "cpu")
     assert loaded.cfg == field.cfg and not loaded.training
     for key, value in field.state_dict().items():
@@ -214,7 +216,7 @@ def test_save_and_load_round_trip(tmp_path, one_thread):
         assert torch.equal(loaded.render(_cams(), WHITE).rgb, field.render(_cams(), WHITE).rgb)
     state = field.state_dict()
     save_file({k: v for k, v in state.items() if "feature" not in k}, str(tmp_path / "cut.safetensors"),
-              metadata={"format": "microdreamer-nerf", "config": "{}"})
+              metadata={"microdreamer-nerf": "{}"})
     with pytest.raises(UserError, match="missing keys 'geometry.feature_network"):
         NerfField.load(tmp_path / "cut.safetensors", "cpu")
     save_file(state, str(tmp_path / "foreign.safetensors"))

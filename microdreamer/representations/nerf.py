@@ -14,7 +14,8 @@ The background is the run's colour, or threestudio's learned environment map dur
 random-colour augmentation); after :meth:`NerfField.finalize` renders composite over the colour passed in.
 Files are safetensors with threestudio's state-dict names (``geometry.encoding.encoding.encoding.params``,
 ``geometry.density_network.layers.0.weight``, …, ``renderer.estimator.occs``) and the configuration
-as JSON in the file's metadata.
+as JSON in the file's metadata, under the one key ``microdreamer-nerf`` (safetensors writes several
+metadata keys in a random order, which would make the same field's files differ).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class NerfField(Representation):
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def save(self, path: Path) -> None:
-        metadata = {"format": FILE_FORMAT, "config": json.dumps(dataclasses.asdict(self.cfg))}
+        metadata = {FILE_FORMAT: json.dumps(dataclasses.asdict(self.cfg), sort_keys=True)}
         save_file(self.state_dict(), str(path), metadata=metadata)
 
     @classmethod
@@ -243,9 +244,9 @@ class NerfField(Representation):
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError) as exc:
             raise UserError(f"cannot read {path}: {exc}") from None
-        if metadata.get("format") != FILE_FORMAT:
+        if FILE_FORMAT not in metadata:
             raise UserError(f"{path} is not a NeRF written by microdreamer (no '{FILE_FORMAT}' metadata)")
-        cfg = nerf_config(json.loads(metadata["config"]))
+        cfg = nerf_config(json.loads(metadata[FILE_FORMAT]))
         field = cls(cfg, device, generator if generator is not None else torch.Generator().manual_seed(0))
         expected = field.state_dict()
         check_state(state, expected, path, "this NeRF configuration")
