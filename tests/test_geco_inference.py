@@ -95,6 +95,6 @@ def test_a_stage1_run_uses_the_published_lgm_and_image2mesh_bakes_a_mesh(runs, t
     assert open_run(runs["stage1"]).reconstructor is None
     report = _run(runs, tmp_path / "m", "stage1", "--reconstructor", str(runs["lgm"]), "--grid", "16",
                   "--texture-size", "64", command="image2mesh")
-    assert report["config"]["lgm"]["reconstructor"] == str(runs["lgm"])
+    assert report["config"]["lgm"]["reconstructor"]["absolute"] == str(runs["lgm"])  # a FileRef, as --model
     assert read_gaussian_ply(tmp_path / "m" / "cup.ply").means.shape[0] == report["primitives"] > 0
     assert (tmp_path / "m" / "cup.glb").stat().st_size > 0
