@@ -15,7 +15,16 @@ of a full step: the weights of all three UNets (float32, as the trainer keeps th
 student's gradients and Adam moments, the frozen VAE and CLIP vision encoder, and the activations of the
 larger backward pass. It does not run a full step.
 
+A Stage II step (:mod:`microdreamer.distill.stage2`, the README's defaults: batch 1, LGM "big" on views
+0, 1, 3, 4, 8 renders of 256², λ = 1) trains the generator and LGM end to end: generator (guided, both
+halves) → the frozen VAE decoder (gradients pass through it) → LGM → renders → MSE + LPIPS (frozen VGG16).
+Its memory is estimated on the meta device (no weights, no compute): the saved activations of each part's
+forward pass with gradients (the distinct non-parameter storages autograd keeps, float32), plus the
+weights, gradients and Adam moments of generator and LGM and the frozen VAE, vision encoder and VGG16. The
+rasteriser's own buffers (backend-specific) are not counted.
+
     python benchmarks/bench_distill.py [--device cpu|cuda] [--view-size 320] [--repeats 1] [--no-backward] [--json F]
+    python benchmarks/bench_distill.py --stage2-memory [--view-size 320]
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -129,14 +140,101 @@ def step_memory(params: int, activations_gib: float) -> dict[str, float]:
     return memory
 
 
+#: the SD VAE of Zero123++ v1.1 (diffusers AutoencoderKL, 4 latent channels, factor 8)
+SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+          "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4,
+          "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32}
+#: torchvision's VGG16 features (LPIPS' trunk; the classifier is not loaded)
+VGG16_FEATURE_PARAMS = 14.71e6
+
+
+def _fused_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None) -> Tensor:
+    """Scaled dot-product attention by the fused (flash) kernel, whose meta implementation saves what the CPU
+    and GPU kernels save (output and log-sum-exp); the meta device's default, the math path, would also
+    save the N × N probabilities (3.6× the generator's activations)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def saved_activations_gib(model: torch.nn.Module, forward: Callable[[], Tensor]) -> float:
+    """GiB of the distinct non-parameter storages autograd saves while ``forward`` runs on the meta device
+    (storages told apart by identity, not by address; attention as the fused kernels save it)."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with (torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+          mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention)):
+        forward()
+    return sum(saved.values()) / GIB
+
+
+def stage2_memory(view_size: int, lgm_views: int = 4, renders: int = 8, render_size: int = 256) -> dict[str, float]:
+    """GiB held at the peak of a Stage II step (end of the forward pass, batch 1) at the README's defaults,
+    counted on the meta device."""
+    from diffusers import AutoencoderKL
+
+    from microdreamer.metrics_lpips import LPIPS
+    from microdreamer.reconstructors.lgm_unet import IN_CHANNELS, LGMConfig, LGMNetwork
+
+    meta = torch.device("meta")
+    unet, bank = build(meta)
+    unet.requires_grad_(True)
+    sample, t, context, reference, t_ref = inputs(meta, view_size)
+    sample.requires_grad_(True)
+    generator = 2 * saved_activations_gib(unet, lambda: reference_call(unet, bank, sample, t, context, reference, t_ref))
+    with meta:
+        vae = AutoencoderKL(**SD_VAE).requires_grad_(False)
+        lgm = LGMNetwork(LGMConfig())
+        lpips = LPIPS().requires_grad_(False)
+        latents = torch.randn(1, 4, 3 * view_size // 8, 2 * view_size // 8, requires_grad=True)
+        x = torch.randn(1, lgm_views, IN_CHANNELS, 256, 256, requires_grad=True)
+        made = torch.randn(renders, 3, render_size, render_size, requires_grad=True)
+        target = torch.randn(renders, 3, render_size, render_size)
+    decoder = saved_activations_gib(vae, lambda: vae.decode(latents).sample)
+    reconstructor = saved_activations_gib(lgm, lambda: lgm(x))
+    lpips_gib = saved_activations_gib(lpips, lambda: lpips(made, target))
+    params = {"generator": sum(p.numel() for p in unet.parameters()), "lgm": sum(p.numel() for p in lgm.parameters())}
+    trained = 4 * (params["generator"] + params["lgm"]) / GIB
+    frozen = 4 * (sum(p.numel() for p in vae.parameters()) + FROZEN_PARAMS["vision_encoder"] + VGG16_FEATURE_PARAMS)
+    memory = {
+        f"weights (generator {params['generator'] / 1e6:.0f} M, LGM {params['lgm'] / 1e6:.0f} M)": trained,
+        "adam moments (generator, LGM)": 2 * trained,
+        "gradients (generator, LGM)": trained,
+        "frozen vae + vision encoder + vgg16": frozen / GIB,
+        "activations: generator (2 halves)": generator,
+        f"activations: vae decoder ({3 * view_size}x{2 * view_size})": decoder,
+        f"activations: LGM big ({lgm_views} views)": reconstructor,
+        f"activations: LPIPS VGG16 ({renders} renders of {render_size}²)": lpips_gib,
+    }
+    memory["total"] = sum(memory.values())
+    return memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--view-size", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    parser.add_argument("--stage2-memory", action="store_true",
+                        help="only the memory of a Stage II step, counted on the meta device")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.stage2_memory:
+        memory = stage2_memory(args.view_size)
+        print(f"memory of a full Stage II step (GiB), views {args.view_size}², meta device:")
+        for what, gib in memory.items():
+            print(f"    {what:52s} {gib:7.2f}")
+        if args.json:
+            args.json.write_text(json.dumps({"view_size": args.view_size, "stage2_memory_gib": memory}, indent=2))
+        return
     device = resolve_device(args.device)
     result = bench(device, args.view_size, args.repeats, not args.no_backward)
     print(f"Zero123++ UNet, {result['unet_params'] / 1e6:.1f} M parameters, {device}, views {args.view_size}²: "

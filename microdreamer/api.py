@@ -16,7 +16,7 @@ A NeRF instead of Gaussians: ``Pipeline.from_preset(teacher=..., representation=
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
 ``elevation``, ``backend``, ``nerf_backend`` (the NeRF commands' ``--backend``), ``device``, ``model``,
 ``negative_prompt``, ``representation``, ``mesh_format``, ``faces``, ``texture_size``, ``grid``,
-``threshold``, ``refine_steps``, ``up``, ``scale``, ``method``, ``init``, ``reconstructor``), applied over a
+``threshold``, ``refine_steps``, ``up``, ``scale``, ``method``, ``init``, ``reconstructor``, ``init_model``), applied over a
 preset and an optional saved config exactly as the CLI applies its flags. Everything the CLI would report in
 one line is raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress
 reaches an optional callback.
@@ -103,6 +103,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "method": ("method",),
     "init": ("init",),
     "reconstructor": ("lgm", "reconstructor"),
+    "init_model": ("lgm", "init_model"),
 }
 
 
@@ -138,7 +139,7 @@ def resolve_config(
     teacher, nor the ``representation`` setting the representation), else the teacher's own for the
     representation (the setting's, else the saved config's, else Gaussians: ``stable-zero123`` or
     ``stable-zero123-nerf``; for Gaussians its ``-lgm`` or ``-lgm-init`` variant with ``method``/``init``
-    lgm). Without ``needs_teacher`` a model file named by a run report is not looked for (a mesh export
+    lgm, and its ``-lgm-init`` with ``init`` geco). Without ``needs_teacher`` a model file named by a run report is not looked for (a mesh export
     without refinement needs none).
     """
     config = None if config is None else Path(config)

@@ -322,8 +322,9 @@ GpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ra
 CpusPerWorker = Annotated[Optional[float], typer.Option(help="With --executor ray: CPUs per worker, also its torch threads (default 1).")]
 MaxAttempts = Annotated[Optional[int], typer.Option(help="With --executor ray: tries of an input whose worker dies under it (default 3).")]
 Method = Annotated[Optional[str], typer.Option(help="sir (default): score-based iterative reconstruction; lgm: the teacher's four views → LGM → Gaussians in one network pass (imagedream, mvdream, reference, zero123plus); geco: a distilled GECO run (--model RUN_DIR) → Gaussians in one generator pass and one LGM pass.")]
-Init = Annotated[Optional[str], typer.Option(help="Where SIR starts: random (default) or lgm, LGM's Gaussians with a shorter schedule (presets *-lgm-init).")]
-Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm (and a Stage I run's --method geco): Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
+Init = Annotated[Optional[str], typer.Option(help="Where SIR starts: random (default); lgm, LGM's Gaussians with a shorter schedule (presets *-lgm-init); geco, a GECO run's (--init-model) with the same schedule.")]
+InitModel = Annotated[Optional[str], typer.Option(help="The GECO run SIR starts from with --init geco: the --out folder of `distill stage1` or `distill stage2`.")]
+Reconstructor = Annotated[Optional[str], typer.Option(help="LGM weights for --method lgm / --init lgm (and a Stage I run's --method geco / --init geco): Hugging Face id or local folder holding model_fp16_fixrot.safetensors (default ashawkey/LGM).")]
 ShardSpec = Annotated[Optional[str], typer.Option("--shard", help="Run only shard I of N (0 <= I < N; an input's shard is a hash of its name, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); its manifest is OUT/manifest.shard-I-of-N.json, joined by 'microdreamer manifest merge'.")]
 
 
@@ -389,10 +390,11 @@ def _run_images(
     video_options = _video_options(video, video_format)
     check_run_outputs(out, manifest)
     _warn_cut_prompts(pipe.config, [prompt] if prompt else [], quiet)
-    if pipe.config.method == "geco":
+    geco_run = {"geco": pipe.config.teacher.model}.get(pipe.config.method) or pipe.config.lgm.init_model
+    if geco_run:  # --method geco, or --init geco
         from .distill.runs import LICENCE_LINE
 
-        print(f"GECO run {pipe.config.teacher.model}: {LICENCE_LINE}", file=sys.stderr)
+        print(f"GECO run {geco_run}: {LICENCE_LINE}", file=sys.stderr)
     single = is_single_input(specs) and where.shard is None
     run_batch(
         lambda observer: pipe.run_batch(
@@ -427,6 +429,7 @@ def image2gs(
     method: Method = None,
     init: Init = None,
     reconstructor: Reconstructor = None,
+    init_model: InitModel = None,
     border_ratio: BorderRatio = None,
     rembg: Rembg = None,
     video: Video = False,
@@ -451,7 +454,7 @@ def image2gs(
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, shading=shading, imperfection=imperfection, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
-        method=method, init=init, reconstructor=reconstructor,
+        method=method, init=init, reconstructor=reconstructor, init_model=init_model,
         representation="gaussians",
     )
 
@@ -539,6 +542,7 @@ def image2mesh(
     method: Method = None,
     init: Init = None,
     reconstructor: Reconstructor = None,
+    init_model: InitModel = None,
     border_ratio: BorderRatio = None,
     rembg: Rembg = None,
     representation: MeshRepresentation = None,
@@ -576,7 +580,7 @@ def image2mesh(
         skip_existing=skip_existing, manifest=manifest, json_out=json_out, quiet=quiet,
         where=_where(executor, address, workers, gpus_per_worker, cpus_per_worker, max_attempts, shard), model=model, shading=shading, imperfection=imperfection, seed=seed,
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
-        method=method, init=init, reconstructor=reconstructor,
+        method=method, init=init, reconstructor=reconstructor, init_model=init_model,
         mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
         refine_steps=refine_steps, up=up, scale=scale, representation=representation,
     )

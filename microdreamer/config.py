@@ -210,14 +210,15 @@ class FeedForwardConfig:
     guidance: float = 5.0  # their classifier-free guidance (LGM: ImageDream 5, MVDream 7.5)
     negative_prompt: str = ""  # of the views (LGM infer.py: none)
     min_opacity: float = 0.005  # Gaussians less opaque are dropped, as LGM's save_ply does
+    init_model: str | None = None  # init = "geco": the GECO run folder (``distill`` --out) SIR starts from
 
 
 #: run methods: SIR, the feed-forward LGM result alone, or a distilled GECO run's one-pass result
 METHODS = ("sir", "lgm", "geco")
 #: the methods whose result is the feed-forward path's (:mod:`microdreamer.feedforward`)
 FEEDFORWARD_METHODS = ("lgm", "geco")
-#: where SIR starts: the representation's own initialisation, or LGM's Gaussians
-INITS = ("random", "lgm")
+#: where SIR starts: the representation's own initialisation, LGM's Gaussians, or a GECO run's
+INITS = ("random", "lgm", "geco")
 
 
 @dataclass
@@ -232,7 +233,7 @@ class RunConfig:
     nerf: NerfConfig = field(default_factory=NerfConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     method: str = "sir"  # sir | lgm: the teacher's four views → LGM → Gaussians, no SIR | geco: the same from a GECO run
-    init: str = "random"  # random | lgm: SIR starts from LGM's Gaussians (presets *-lgm-init)
+    init: str = "random"  # random | lgm: SIR starts from LGM's Gaussians (presets *-lgm-init) | geco: a GECO run's
     lgm: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     seed: int = 0
     device: str = "auto"
@@ -242,7 +243,7 @@ class RunConfig:
     @property
     def feedforward(self) -> bool:
         """Whether the run uses the feed-forward path: as its result (``method`` lgm or geco) or SIR's start."""
-        return self.method in FEEDFORWARD_METHODS or self.init == "lgm"
+        return self.method in FEEDFORWARD_METHODS or self.init != "random"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -348,14 +349,17 @@ class RunConfig:
         f = self.lgm
         return [
             (self.method in METHODS, f"--method must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, got '{self.method}'"),
-            (self.init in INITS, f"--init must be {' or '.join(INITS)}, got '{self.init}'"),
+            (self.init in INITS, f"--init must be {', '.join(INITS[:-1])} or {INITS[-1]}, got '{self.init}'"),
             (self.method == "sir" or self.init == "random",
-             f"--init lgm starts SIR from LGM's Gaussians; --method {self.method} gives them without SIR: choose one"),
+             f"--init {self.init} starts SIR from {'a GECO run' if self.init == 'geco' else 'LGM'}'s Gaussians; "
+             f"--method {self.method} gives them without SIR: choose one"),
+            (f.init_model is None or self.init == "geco",
+             "--init-model names the GECO run SIR starts from: add --init geco, or leave it out"),
             ((self.method == "geco") == (self.teacher.name == "geco"),
              "--method geco runs a GECO run folder (--model RUN_DIR) and no other teacher: leave out --teacher"
              if self.method == "geco" else "the 'geco' generator runs with --method geco only"),
             (not self.feedforward or self.representation == "gaussians",
-             f"LGM makes 3D Gaussians: --method lgm, --method geco and --init lgm need representation = "
+             f"LGM makes 3D Gaussians: --method lgm, --method geco and --init lgm/geco need representation = "
              f"\"gaussians\", not \"{self.representation}\""),
             (1 <= f.steps <= 1000, f"lgm.steps must lie in 1..1000, got {f.steps}"),
             (math.isfinite(f.guidance) and f.guidance >= 0, "lgm.guidance must be >= 0"),
@@ -466,12 +470,14 @@ def _saved_model(data: dict[str, Any], config_file: Path, overrides: dict[str, A
             teacher["model"] = str(ref.resolve(config_file.parent, "the run's model", "pass --model"))
         data["teacher"] = teacher
     lgm = data.get("lgm")
-    if isinstance(lgm, dict) and isinstance(lgm.get("reconstructor"), dict):
-        lgm = dict(lgm)
-        ref = FileRef.from_json(lgm.pop("reconstructor"))
-        if needed and "reconstructor" not in overrides.get("lgm", {}):
-            lgm["reconstructor"] = str(ref.resolve(config_file.parent, "the run's LGM weights", "pass --reconstructor"))
-        data["lgm"] = lgm
+    for key, what, flag in (("reconstructor", "the run's LGM weights", "--reconstructor"),
+                            ("init_model", "the GECO run SIR started from", "--init-model")):
+        if isinstance(lgm, dict) and isinstance(lgm.get(key), dict):
+            lgm = dict(lgm)
+            ref = FileRef.from_json(lgm.pop(key))
+            if needed and key not in overrides.get("lgm", {}):
+                lgm[key] = str(ref.resolve(config_file.parent, what, f"pass {flag}"))
+            data["lgm"] = lgm
     return data
 
 

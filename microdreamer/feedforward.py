@@ -1,7 +1,8 @@
 """The feed-forward path: four views of the object → LGM → 3D Gaussians in one network pass.
 
 ``method = "lgm"`` (``--method lgm``) makes these Gaussians the run's result, in seconds on a GPU;
-``init = "lgm"`` (``--init lgm``, presets ``*-lgm-init``) starts SIR from them instead of a random blob.
+``init = "lgm"`` (``--init lgm``, presets ``*-lgm-init``) starts SIR from them instead of a random blob;
+``init = "geco"`` (``--init geco --init-model RUN_DIR``) from those of a GECO run (``method = "geco"``'s).
 The four views come from the run's teacher (:data:`~microdreamer.teachers.registry.VIEW_SOURCES`):
 
 - ``imagedream`` (image, optional prompt) and ``mvdream`` (prompt): sampled from noise as LGM's
@@ -135,7 +136,7 @@ ViewSource = TeacherViews | MeshViews | Zero123PlusViews
 
 class FeedForward:
     """LGM and the source of its four views, loaded once: a prepared input → raw Gaussians in our world. For
-    ``method = "geco"`` a distilled run's generator (six views in one pass) and reconstructor
+    ``method`` or ``init = "geco"`` a distilled run's generator (six views in one pass) and reconstructor
     (:mod:`microdreamer.distill.inference`)."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, allow_download: bool = True,
@@ -144,7 +145,7 @@ class FeedForward:
         self.cfg = cfg
         self.lgm: LGMReconstructor | GECOLGM
         self.views: ViewSource | GECOViews
-        if cfg.method == "geco":
+        if "geco" in (cfg.method, cfg.init):
             from .distill.inference import load_run
 
             self.views, self.lgm = load_run(cfg, device, allow_download)
@@ -191,10 +192,12 @@ def with_lgm(evaluations: dict[str, int]) -> dict[str, int]:
 
 def fetch_reconstructor(cfg: RunConfig, allow_download: bool = True) -> None:
     """LGM's weights on this machine (downloaded into the cache first when missing and ``allow_download``);
-    nothing for a Stage II GECO run, which brings its own."""
-    if cfg.method == "geco":
-        from .distill.inference import check_run
+    nothing for a Stage II GECO run, which brings its own (for ``init = "geco"``: with the run's Zero123++)."""
+    if "geco" in (cfg.method, cfg.init):
+        from .distill.inference import check_run, fetch_generator
 
+        if cfg.init == "geco":  # --method geco's generator is fetched as its teacher's weights
+            fetch_generator(cfg, allow_download)
         if check_run(cfg).reconstructor is not None:
             return
     source = cfg.lgm.reconstructor

@@ -223,10 +223,12 @@ class RunReport:
 
 
 def report_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """``cfg`` as a report in ``run_dir`` stores it: a model or LGM weights file or folder as a FileRef."""
+    """``cfg`` as a report in ``run_dir`` stores it: a model, LGM weights or GECO run (``--init-model``) file or
+    folder as a FileRef."""
     config = cfg.to_dict()
     config["teacher"]["model"] = record_path(cfg.teacher.model, run_dir)
     config["lgm"]["reconstructor"] = record_path(cfg.lgm.reconstructor, run_dir)
+    config["lgm"]["init_model"] = record_path(cfg.lgm.init_model, run_dir)
     return config
 
 

@@ -221,7 +221,7 @@ REFUSALS = [
     (["eval", "{tmp}/none.safetensors", "--reference", "{spot}"], "result not found"),
     # the feed-forward path (--method lgm, --init lgm) and its weights
     (["image2gs", "{image}", *OUT, "--method", "nope"], "--method must be sir, lgm or geco, got 'nope'"),
-    (["image2gs", "{image}", *OUT, "--init", "nope"], "--init must be random or lgm, got 'nope'"),
+    (["image2gs", "{image}", *OUT, "--init", "nope"], "--init must be random, lgm or geco, got 'nope'"),
     (["image2gs", "{image}", *OUT, "--method", "lgm", "--init", "lgm"], "--init lgm starts SIR from LGM's Gaussians"),
     (["image2gs", "{image}", *OUT, "--teacher", "zero123plus"], "not an SIR teacher"),
     (["image2gs", "{image}", *OUT, "--teacher", "stable-zero123", "--method", "lgm"],
@@ -249,6 +249,22 @@ REFUSALS = [
     (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--init", "lgm"],
      "--init lgm starts SIR from LGM's Gaussians; --method geco gives them without SIR: choose one"),
     (["image2gs", "{image}", *OUT, "--teacher", "geco"], "'geco' (a distilled GECO run) is no SIR teacher"),
+    # SIR started from a GECO run's Gaussians (--init geco --init-model RUN_DIR)
+    (["image2gs", "{image}", *OUT, "--teacher", "imagedream", "--init", "geco"],
+     "--init geco starts SIR from a distilled run: pass --init-model RUN_DIR"),
+    (["image2gs", "{image}", *OUT, "--teacher", "imagedream", "--init", "geco", "--init-model", "{tmp}"],
+     "--init-model {tmp} is not a run folder of `microdreamer distill` (config.json is missing)"),
+    (["image2gs", "{image}", *OUT, "--teacher", "imagedream", "--init", "geco", "--init-model", "{tmp}/untrained"],
+     "--init-model {tmp}/untrained has no complete checkpoint yet"),
+    (["image2gs", "{image}", *OUT, "--method", "lgm", "--teacher", "imagedream", "--init", "geco", "--init-model",
+      "{tmp}/stage1"], "--init geco starts SIR from a GECO run's Gaussians; --method lgm gives them without SIR"),
+    (["image2gs", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--init", "geco", "--init-model",
+      "{tmp}/stage1"], "--init geco starts SIR from a GECO run's Gaussians; --method geco gives them without SIR"),
+    (["image2gs", "{image}", *OUT, "--init", "geco", "--init-model", "{tmp}/stage1"],
+     "--init geco runs SIR with a teacher's -lgm-init preset; 'stable-zero123' has none: pass --teacher imagedream, "
+     "mvdream or reference, or --preset"),
+    (["image2gs", "{image}", *OUT, "--teacher", "imagedream", "--init-model", "{tmp}/stage1"],
+     "--init-model names the GECO run SIR starts from: add --init geco, or leave it out"),
     (["image2mesh", "{image}", *OUT, "--method", "geco", "--model", "{tmp}/stage1", "--refine-steps", "5"],
      "'geco' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0"),
 ]

@@ -1,6 +1,7 @@
 """`image2gs --method geco` on tiny distilled runs: a Stage II run's generator and fine-tuned LGM (and a Stage I
 run's generator with the published LGM) → a loadable PLY, saved and reported as `--method lgm` runs are, the
-same bytes for the same seed; `image2mesh --method geco` bakes its mesh."""
+same bytes for the same seed; `image2mesh --method geco` bakes its mesh; `--init geco` starts SIR from a run's
+Gaussians."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from microdreamer import pipeline
 from microdreamer.cli import main
+from microdreamer.config import resolve
 from microdreamer.distill.config import Stage2Config
 from microdreamer.distill.pseudo_gt import sample_inputs
 from microdreamer.distill.reconstruction import GECOReconstructor
@@ -27,6 +30,8 @@ from microdreamer.reconstructors.lgm_unet import LGMNetwork
 from tiny_models import build_tiny_stage1_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPOT = Path(__file__).resolve().parents[1] / "microdreamer" / "assets" / "spot" / "spot.obj"
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,32 @@ def test_a_stage1_run_uses_the_published_lgm_and_image2mesh_bakes_a_mesh(runs, t
     assert report["config"]["lgm"]["reconstructor"]["absolute"] == str(runs["lgm"])  # a FileRef, as --model
     assert read_gaussian_ply(tmp_path / "m" / "cup.ply").means.shape[0] == report["primitives"] > 0
     assert (tmp_path / "m" / "cup.glb").stat().st_size > 0
+
+
+def test_init_geco_starts_sir_from_a_geco_runs_gaussians_and_the_same_seed_gives_the_same_bytes(
+        runs, tmp_path, monkeypatch, capsys):
+    started = []
+    engine = pipeline.SIREngine
+
+    def spy(teacher, representation, *args, **kwargs):
+        started.append(representation.means.detach().clone())
+        return engine(teacher, representation, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "SIREngine", spy)
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text("[schedule]\niterations = 1\nsteps = 2\n[cameras]\nviews = 2\nresolution = 32\n"
+                    "[mesh]\nrefine_steps = 0\n")
+    args = ["--teacher", "reference", "--model", str(SPOT), "--init", "geco", "--init-model", str(runs["stage2"]),
+            "--config", str(tiny), "--device", "cpu", "--no-rembg", "--seed", "3", "-q"]
+    assert main(["image2gs", str(runs["image"]), "--out", str(tmp_path / "a"), *args]) == 0
+    report = json.loads((tmp_path / "a" / "cup.json").read_text())
+    c = report["config"]
+    assert c["init"] == "geco" and c["preset"] == "reference-lgm-init" and c["schedule"]["init_steps"] == 0
+    assert c["lgm"]["init_model"]["absolute"] == str(runs["stage2"])  # a FileRef, as --model's and --reconstructor's
+    assert resolve("reference-lgm-init", tmp_path / "a" / "cup.json").lgm.init_model == str(runs["stage2"])
+    assert f"GECO run {runs['stage2']}: the weights are for non-commercial use only" in capsys.readouterr().err
+    expected = _by_hand(runs["stage2"], tmp_path / "a" / "cup_rgba.png", seed=3, radius=c["cameras"]["radius"])
+    assert torch.equal(started[0], expected)
+    assert report["iterations"][0]["loss"] is None and report["evaluations"]["lgm"] == 1
+    assert main(["image2gs", str(runs["image"]), "--out", str(tmp_path / "b"), *args]) == 0
+    assert (tmp_path / "a" / "cup.ply").read_bytes() == (tmp_path / "b" / "cup.ply").read_bytes()

@@ -1,4 +1,5 @@
-"""A distilled GECO run as the feed-forward path's view source and reconstructor (``--method geco``).
+"""A distilled GECO run as the feed-forward path's view source and reconstructor (``--method geco``, and
+SIR's start with ``--init geco``).
 
 One generator pass and one LGM pass (GECO §3): the input on Zero123++'s gray at the run's view size is the
 condition y, the run's one-step generator G (:mod:`.onestep`, the newest checkpoint's weights) turns noise z
@@ -47,13 +48,15 @@ if TYPE_CHECKING:
 
 
 def check_run(cfg: RunConfig) -> DistilledRun:
-    """``cfg``'s GECO run (``--model``) read and checked before anything loads: a run folder with a complete
-    checkpoint, its Zero123++ model where it names a folder, and for a Stage I run the published LGM's
-    weights source (``--reconstructor``)."""
-    if not cfg.teacher.model:
-        raise UserError("--method geco runs a distilled run: pass --model RUN_DIR (the --out of `distill stage1` "
-                        "or `distill stage2`)")
-    run = open_run(cfg.teacher.model, "--model")
+    """``cfg``'s GECO run (``--model`` for ``method = "geco"``, ``--init-model`` for ``init = "geco"``) read
+    and checked before anything loads: a run folder with a complete checkpoint, its Zero123++ model where it
+    names a folder, and for a Stage I run the published LGM's weights source (``--reconstructor``)."""
+    folder, flag, use = ((cfg.teacher.model, "--model", "--method geco runs a distilled run")
+                         if cfg.method == "geco" else
+                         (cfg.lgm.init_model, "--init-model", "--init geco starts SIR from a distilled run"))
+    if not folder:
+        raise UserError(f"{use}: pass {flag} RUN_DIR (the --out of `distill stage1` or `distill stage2`)")
+    run = open_run(folder, flag)
     if run.generator.model:
         local_model_dir(run.generator.model)
     if run.reconstructor is None:

@@ -155,13 +155,19 @@ def run_entry(cfg: RunConfig) -> TeacherEntry:
 
 def default_preset(name: str, method: str | None = None, init: str | None = None) -> str:
     """The preset a run starts from when none is named: the teacher's own, ``<name>-lgm`` for --method lgm,
-    the teacher's ``-lgm-init`` variant for --init lgm, ``geco`` for --method geco."""
+    the teacher's ``-lgm-init`` variant for --init lgm or geco, ``geco`` for --method geco."""
     if method == "geco":
         return GECO.preset
     if method == "lgm":
         return f"{view_source_entry(name).name}-lgm"
     if init == "lgm":
         return f"{view_source_entry(name, sir=True).preset}-lgm-init"
+    if init == "geco":  # the same kind of start as LGM's: the teacher's -lgm-init schedule
+        starts = [n for n, e in VIEW_SOURCES.items() if e.sir]
+        if name not in starts:
+            raise UserError(f"--init geco runs SIR with a teacher's -lgm-init preset; '{name}' has none: pass "
+                            f"--teacher {', '.join(starts[:-1])} or {starts[-1]}, or --preset")
+        return f"{teacher_entry(name).preset}-lgm-init"
     return teacher_entry(name).preset
 
 
@@ -169,7 +175,7 @@ def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
     """The entry of ``cfg``'s teacher (:func:`run_entry`), once ``cfg`` is checked for what that teacher needs,
     before it loads: the reference teacher a mesh file, a model folder given as a path its layout, the
     multi-view teachers views in groups they denoise together, LGM (when used) its weights' source, a
-    generator that is no teacher no texture refinement, a GECO run its folder and checkpoint."""
+    generator that is no teacher no texture refinement, a GECO run (--model, --init-model) its folder and checkpoint."""
     entry = run_entry(cfg)
     if not entry.sir and cfg.mesh.refine_steps:
         raise UserError(f"'{entry.name}' is no SIR teacher and cannot refine a mesh texture: pass --refine-steps 0")
@@ -178,7 +184,11 @@ def check_teacher_config(cfg: RunConfig) -> TeacherEntry:
 
         check_run(cfg)
         return entry
-    if cfg.feedforward:
+    if cfg.init == "geco":
+        from ..distill.inference import check_run
+
+        check_run(cfg)
+    elif cfg.feedforward:
         from ..reconstructors.lgm import check_weights_source
 
         check_weights_source(cfg.lgm.reconstructor, cfg.lgm.weights)
