@@ -454,30 +454,33 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot parse config file {path}: {exc}") from None
 
 
+#: settings that name a file or folder, which a run report stores as a FileRef:
+#: (table, key, what it is, the flag that gives another)
+RECORDED_PATHS = (
+    ("teacher", "model", "the run's model", "--model"),
+    ("lgm", "reconstructor", "the run's LGM weights", "--reconstructor"),
+    ("lgm", "init_model", "the GECO run SIR started from", "--init-model"),
+)
+
+
 def _saved_model(data: dict[str, Any], config_file: Path, overrides: dict[str, Any], needed: bool) -> dict[str, Any]:
-    """A run report names a model file or folder (the teacher's, LGM's) by a
+    """A run report names each :data:`RECORDED_PATHS` file or folder by a
     :class:`~microdreamer.io.provenance.FileRef`: found again beside the report or where it was, unless the
     flags give another one (or another teacher), or no teacher is ``needed``."""
     from .io.provenance import FileRef
 
     data = dict(data)
-    teacher = data.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("model"), dict):
-        given = overrides.get("teacher", {})
-        teacher = dict(teacher)
-        ref = FileRef.from_json(teacher.pop("model"))
-        if needed and "model" not in given and given.get("name", teacher.get("name")) == teacher.get("name"):
-            teacher["model"] = str(ref.resolve(config_file.parent, "the run's model", "pass --model"))
-        data["teacher"] = teacher
-    lgm = data.get("lgm")
-    for key, what, flag in (("reconstructor", "the run's LGM weights", "--reconstructor"),
-                            ("init_model", "the GECO run SIR started from", "--init-model")):
-        if isinstance(lgm, dict) and isinstance(lgm.get(key), dict):
-            lgm = dict(lgm)
-            ref = FileRef.from_json(lgm.pop(key))
-            if needed and key not in overrides.get("lgm", {}):
-                lgm[key] = str(ref.resolve(config_file.parent, what, f"pass {flag}"))
-            data["lgm"] = lgm
+    for table, key, what, flag in RECORDED_PATHS:
+        section = data.get(table)
+        if not isinstance(section, dict) or not isinstance(section.get(key), dict):
+            continue
+        given = overrides.get(table, {})
+        section = dict(section)
+        ref = FileRef.from_json(section.pop(key))
+        other_teacher = table == "teacher" and given.get("name", section.get("name")) != section.get("name")
+        if needed and key not in given and not other_teacher:
+            section[key] = str(ref.resolve(config_file.parent, what, f"pass {flag}"))
+        data[table] = section
     return data
 
 

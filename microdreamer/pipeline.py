@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .batch import Job, JobResult, StepCallback
-from .config import FEEDFORWARD_METHODS, RunConfig, read_config_file
+from .config import FEEDFORWARD_METHODS, RECORDED_PATHS, RunConfig, read_config_file
 from .errors import UserError, about_input
 from .export import STAGES, MeshExportReport, StageCallback, TexturedMesh, export_mesh, make_mesh, mesh_output_paths
 from .io.atomic import atomic_path
@@ -223,12 +223,11 @@ class RunReport:
 
 
 def report_config(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """``cfg`` as a report in ``run_dir`` stores it: a model, LGM weights or GECO run (``--init-model``) file or
-    folder as a FileRef."""
+    """``cfg`` as a report in ``run_dir`` stores it: each :data:`~microdreamer.config.RECORDED_PATHS` file or
+    folder (a model, LGM weights, a GECO run) as a FileRef."""
     config = cfg.to_dict()
-    config["teacher"]["model"] = record_path(cfg.teacher.model, run_dir)
-    config["lgm"]["reconstructor"] = record_path(cfg.lgm.reconstructor, run_dir)
-    config["lgm"]["init_model"] = record_path(cfg.lgm.init_model, run_dir)
+    for table, key, _, _ in RECORDED_PATHS:
+        config[table][key] = record_path(config[table][key], run_dir)
     return config
 
 
