@@ -324,6 +324,7 @@ class Pipeline:
         self.entry = check_teacher_config(config)  # what the teacher needs, checked before it loads
         self.config = config
         self.device = resolve_device(config.device)
+        representation_entry(config.representation).check(config, self.device)  # e.g. --backend gsplat on a CPU
         self.allow_download = allow_download
         self._runner: ImageTo3D | None = None
 

@@ -205,6 +205,11 @@ REFUSALS = [
     (["image2nerf", "{image}", *OUT, "--video", "true"], "--video is a flag and takes no value"),
     (["text2nerf", "a cat", *OUT, "--views", "6"], "--views must be a multiple of 4, got 6"),
     (["text2nerf", "a cat", *OUT, "--iters", "0"], "--iters"),
+    # a CUDA library's backend on the CPU: refused before the teacher loads
+    (["image2gs", "{image}", *OUT, "--device", "cpu", "--backend", "gsplat"],
+     "rasterizer backend 'gsplat' needs CUDA tensors, not cpu; use 'auto'"),
+    (["image2nerf", "{image}", *OUT, "--device", "cpu", "--backend", "nerfacc"],
+     "volume backend 'nerfacc' needs CUDA tensors, not cpu; use 'auto'"),
     (["image2nerf", "{image}", *OUT, "--backend", "gsplat"], "--backend (nerf.backend) must be auto, torch, cpu"),
     (["image2nerf", "{tmp}/missing.png", *OUT], "input image not found"),
     (["image2nerf", "{tmp}/notes.png", *OUT], "not an image"),

@@ -26,10 +26,15 @@ def note_fallback(kind: str, reason: str) -> None:
 
 
 def choose_backend(kind: str, name: str, device: torch.device | str, cpu_reason: Reason, cuda_name: str,
-                   cuda_reason: Reason, on_cuda_fallback: Callable[[str], None] | None = None) -> str:
+                   cuda_reason: Reason, on_cuda_fallback: Callable[[str], None] | None = None,
+                   build: bool = True) -> str:
     """The concrete backend (``"torch"``, ``"cpu"`` or ``cuda_name``) for ``name`` on ``device``;
-    ``kind`` names the renderer in messages."""
+    ``kind`` names the renderer in messages. ``build=False`` is the cheap check a run makes before any model
+    loads: the C++ kernel is assumed to build (it is checked when first used) and a CUDA fallback is not
+    announced yet."""
     device = torch.device(device)
+    if not build:
+        cpu_reason, on_cuda_fallback = (lambda: None), None
     if name == "auto":
         if device.type == "cuda":
             reason = cuda_reason()

@@ -39,15 +39,16 @@ def available_backends() -> dict[str, bool]:
     return {"torch": True, "cpu": unavailable_reason() is None, "gsplat": gsplat_unavailable_reason() is None}
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
+def resolve_backend(name: str, device: torch.device | str, build: bool = True) -> str:
     """The concrete backend for ``name`` on ``device``.
 
     ``"auto"`` picks gsplat on CUDA when it imports (else torch, with a warning once per process: see
     :data:`SLOW_CUDA_PATH`), the C++ kernel on CPU when it builds, else torch. An unknown name, or a
-    backend that cannot run on ``device``, raises :class:`UserError`.
+    backend that cannot run on ``device``, raises :class:`UserError` (``build=False``: the check before
+    models load, see :func:`~.backends.choose_backend`).
     """
     return choose_backend("rasterizer", name, device, unavailable_reason, "gsplat", gsplat_unavailable_reason,
-                          lambda _reason: _warn_slow_cuda_path())
+                          lambda _reason: _warn_slow_cuda_path(), build)
 
 
 def rasterize_gaussians(

@@ -151,14 +151,15 @@ def available_backends() -> dict[str, bool]:
     return {"torch": True, "cpu": unavailable_reason() is None, "tcnn": tcnn_unavailable_reason() is None}
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
+def resolve_backend(name: str, device: torch.device | str, build: bool = True) -> str:
     """The concrete backend for ``name`` on ``device``.
 
     ``"auto"`` picks tcnn on CUDA when it imports, else the C++ kernel on CPU when it builds, else
     torch (on CUDA without tinycudann, ``tcnn_unavailable_reason()`` is the line saying what to install).
-    An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError`.
+    An unknown name, or a backend that cannot run on ``device``, raises :class:`UserError` (``build=False``: the check before models load, see
+    :func:`~.backends.choose_backend`).
     """
-    return choose_backend("hash-grid", name, device, unavailable_reason, "tcnn", tcnn_unavailable_reason)
+    return choose_backend("hash-grid", name, device, unavailable_reason, "tcnn", tcnn_unavailable_reason, build=build)
 
 
 def hash_grid_encode(x: Tensor, params: Tensor, cfg: HashGridConfig, backend: str = "auto") -> Tensor:

@@ -53,15 +53,16 @@ def available_volume_backends() -> dict[str, bool]:
     return {"torch": True, "cpu": unavailable_reason() is None, "nerfacc": nerfacc_unavailable_reason() is None}
 
 
-def resolve_volume_backend(name: str, device: torch.device | str) -> str:
+def resolve_volume_backend(name: str, device: torch.device | str, build: bool = True) -> str:
     """The concrete backend for ``name`` on ``device``.
 
     ``"auto"`` picks nerfacc on CUDA when it is installed (else torch, with one warning saying what to
     install), the C++ kernel on the CPU when it builds, else torch. An unknown name, or a backend that
-    cannot run on ``device``, raises :class:`UserError`.
+    cannot run on ``device``, raises :class:`UserError` (``build=False``: the check before models load, see
+    :func:`~.backends.choose_backend`).
     """
     return choose_backend("volume", name, device, unavailable_reason, "nerfacc", nerfacc_unavailable_reason,
-                          partial(note_fallback, "NeRF ray marching"))
+                          partial(note_fallback, "NeRF ray marching"), build)
 
 
 def march_rays(rays_o: Tensor, rays_d: Tensor, settings: MarchSettings, grid: OccupancyGrid | None = None,

@@ -26,6 +26,9 @@ class RepresentationEntry:
     build: Callable[[RunConfig, torch.device, torch.Generator, GaussianPLY | None], Representation]
     load: Callable[[Path, RunConfig, torch.device], Representation]  # a saved file, ready to render
     holds: Callable[[Path], bool]  # whether a file with its suffix is one this representation saved (header)
+    # refuses, in one line, renderer backends the device cannot run; cheap (builds nothing), so a run makes it
+    # before any model loads
+    check: Callable[[RunConfig, torch.device], None]
 
 
 def _gaussians(cfg: RunConfig, device: torch.device, generator: torch.Generator,
@@ -39,6 +42,12 @@ def _load_gaussians(path: Path, cfg: RunConfig, device: torch.device) -> Represe
     from .gaussians import Gaussians
 
     return Gaussians.load(path, cfg.gaussians, device)
+
+
+def _check_gaussians(cfg: RunConfig, device: torch.device) -> None:
+    from ..render.gaussians import resolve_backend
+
+    resolve_backend(cfg.gaussians.backend, device, build=False)
 
 
 def _nerf(cfg: RunConfig, device: torch.device, generator: torch.Generator,
@@ -56,12 +65,21 @@ def _load_nerf(path: Path, cfg: RunConfig, device: torch.device) -> Representati
     return NerfField.load(path, device)  # its configuration travels in the file
 
 
+def _check_nerf(cfg: RunConfig, device: torch.device) -> None:
+    from ..render.hashgrid import resolve_backend
+    from ..render.volume import resolve_volume_backend
+
+    resolve_backend(cfg.nerf.encoding_backend, device, build=False)
+    resolve_volume_backend(cfg.nerf.backend, device, build=False)
+
+
 REPRESENTATIONS: dict[str, RepresentationEntry] = {
     e.name: e
     for e in (
-        RepresentationEntry("gaussians", "ply", ".ply", "Gaussian", _gaussians, _load_gaussians, is_gaussian_ply),
+        RepresentationEntry("gaussians", "ply", ".ply", "Gaussian", _gaussians, _load_gaussians, is_gaussian_ply,
+                            _check_gaussians),
         RepresentationEntry("nerf", "nerf", ".safetensors", "occupied grid cell", _nerf, _load_nerf,
-                            lambda path: True),
+                            lambda path: True, _check_nerf),
     )
 }
 
