@@ -434,10 +434,11 @@ class ImageTo3D:
         timings = self.load_timing()  # reported once, by the first run after loading
         reset_peak_memory(self.device)
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        before = self.teacher.evaluations.as_dict()
-        start_state = None  # init = "lgm": LGM's Gaussians, made before the teacher is prepared for SIR
+        start_state = None  # init = "lgm" / "geco": LGM's Gaussians, made before the teacher is prepared for SIR
+        made: dict[str, int] = {}  # ... and the evaluations that made their views (the teacher's or a generator's)
         if self.feedforward is not None:
-            start_state = self.feedforward(prepared, generator, timings)[0]
+            start_state, made = self.feedforward(prepared, generator, timings)
+        before = self.teacher.evaluations.as_dict()
         start = time.perf_counter()
         reference = None if self.text_only else self.reference_view(prepared)
         condition = Condition(
@@ -466,7 +467,7 @@ class ImageTo3D:
         if start_state is not None:
             from .feedforward import with_lgm
 
-            evaluations = with_lgm(evaluations)
+            evaluations = with_lgm({k: evaluations[k] + made.get(k, 0) for k in evaluations})
         views, frames = self.renders(model, video, self.teacher.reference_azimuth, timings)
         return Reconstruction(
             self.cfg, self.device, prepared, preprocess or PreprocessOptions(), model, views, frames, video,

@@ -107,11 +107,12 @@ def test_a_stage1_run_uses_the_published_lgm_and_image2mesh_bakes_a_mesh(runs, t
 
 def test_init_geco_starts_sir_from_a_geco_runs_gaussians_and_the_same_seed_gives_the_same_bytes(
         runs, tmp_path, monkeypatch, capsys):
-    started = []
+    started, teachers = [], []
     engine = pipeline.SIREngine
 
     def spy(teacher, representation, *args, **kwargs):
         started.append(representation.means.detach().clone())
+        teachers.append((teacher, teacher.evaluations.as_dict()))  # the count before SIR
         return engine(teacher, representation, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "SIREngine", spy)
@@ -129,6 +130,11 @@ def test_init_geco_starts_sir_from_a_geco_runs_gaussians_and_the_same_seed_gives
     assert f"GECO run {runs['stage2']}: the weights are for non-commercial use only" in capsys.readouterr().err
     expected = _by_hand(runs["stage2"], tmp_path / "a" / "cup_rgba.png", seed=3, radius=c["cameras"]["radius"])
     assert torch.equal(started[0], expected)
-    assert report["iterations"][0]["loss"] is None and report["evaluations"]["lgm"] == 1
+    assert report["iterations"][0]["loss"] is None
+    # the evaluations: SIR's teacher, plus the generator's one guided pass of six views, plus LGM's one pass
+    teacher, before = teachers[0]
+    sir = {k: v - before[k] for k, v in teacher.evaluations.as_dict().items()}
+    made = {"total": 1 + 1, "guided": 1, "single_branch": 0, "view_evaluations": 12, "lgm": 1}  # total: + LGM's
+    assert report["evaluations"] == {k: sir.get(k, 0) + made[k] for k in made}
     assert main(["image2gs", str(runs["image"]), "--out", str(tmp_path / "b"), *args]) == 0
     assert (tmp_path / "a" / "cup.ply").read_bytes() == (tmp_path / "b" / "cup.ply").read_bytes()
