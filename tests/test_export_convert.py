@@ -211,3 +211,15 @@ def test_export_repeats_the_run_method_byte_for_byte(lgm_run, tmp_path):
         assert main(["export", str(lgm_run / "spot.ply"), "--out", str(tmp_path / name), "--no-refine", "--quiet"]) == 0
     assert json.loads((tmp_path / "a" / "spot_mesh.json").read_text())["settings"]["method"] == "lgm"
     assert (tmp_path / "a" / "spot.glb").read_bytes() == (tmp_path / "b" / "spot.glb").read_bytes()
+
+
+def test_a_nerf_run_refuses_the_lgm_method(tmp_path, capsys):
+    from microdreamer.config import NerfConfig
+    from microdreamer.representations.nerf import NerfField
+
+    path = tmp_path / "field.safetensors"
+    NerfField(NerfConfig(hash_levels=4, hash_log2_size=12), "cpu", torch.Generator().manual_seed(0)).save(path)
+    assert main(["export", str(path), "--mesh-method", "lgm", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a nerf run is already a field: use --mesh-method density" in err
+    assert not (tmp_path / "out").exists()

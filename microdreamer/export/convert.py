@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..config import ConvertSchedule, RunConfig
 from ..io.mesh import TexturedMesh
-from ..render.mesh import rasterize_mesh
+from ..render.mesh import rasterize_faces
 from ..representations.base import Representation
 from ..representations.nerf import NerfField
 from ..sir.cameras import Cameras
@@ -189,7 +189,7 @@ def fit_vertices(model: Representation, field: NerfField, vertices: np.ndarray, 
         with torch.no_grad():
             target = model.render(run, background).rgb.reshape(3, -1)
         moved = start + scale * offsets
-        face_id = rasterize_mesh(TexturedMesh(moved.detach(), tris), run, background, backend).extras["face_id"]
+        face_id = rasterize_faces(TexturedMesh(moved.detach(), tris), run, backend)[0]
         pixels = (face_id.reshape(-1) >= 0).nonzero()[:, 0]
         origins, directions = run.rays(pixels[None])
         points = surface_points(moved, tris, face_id.reshape(-1)[pixels], origins[0], directions[0])
