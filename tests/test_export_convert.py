@@ -21,6 +21,7 @@ from microdreamer.mesh_metrics import compare_surfaces
 from microdreamer.render.mesh import rasterize_mesh
 from microdreamer.representations.nerf_heads import trunc_exp
 from microdreamer.sir.cameras import Cameras
+from test_export_cli import TINY as CLI_TINY
 from test_export_pipeline import gaussians_on
 
 SPOT = Path(__file__).resolve().parents[1] / "microdreamer" / "assets" / "spot" / "spot.obj"
@@ -147,24 +148,7 @@ def test_texture_fit_lowers_the_error_against_the_renders(sphere_fit):
 
 # the method end to end through the CLI --------------------------------------------------------------
 
-TINY = """
-[schedule]
-iterations = 1
-steps = 2
-init_steps = 2
-denoise_steps = 4
-[cameras]
-views = 2
-resolution = 48
-[gaussians]
-num_points = 300
-[mesh]
-faces = 1500
-texture = 64
-bake_resolution = 48
-refine_steps = 2
-refine_views = 2
-refine_resolution = 48
+TINY = CLI_TINY + """
 [mesh.lgm]
 resolution = 48
 threshold = 1.1  # the faint Gaussians of one SIR iteration give a faint field (σ ≈ 1 untrained); σ = 5: the sphere test
@@ -195,8 +179,8 @@ def lgm_run(tmp_path_factory) -> Path:
 
 def test_image2mesh_lgm_writes_a_textured_glb_and_records_the_method(lgm_run):
     mesh = trimesh.load(lgm_run / "spot.glb", force="mesh", process=False)
-    assert 0 < len(mesh.faces) <= 1500
-    assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (64, 64)
+    assert 0 < len(mesh.faces) <= 2000
+    assert np.asarray(mesh.visual.material.baseColorTexture).shape[:2] == (128, 128)
     report = json.loads((lgm_run / "spot_mesh.json").read_text())
     assert report["settings"]["method"] == "lgm"
     assert {"field_fit", "vertex_fit", "texture_fit", "refine"} <= set(report["timings"])

@@ -60,17 +60,17 @@ def frame_scale(cfg: RunConfig) -> float:
 
 @dataclass
 class ConvertLog:
-    """First and last loss of each fit that ran (NaN for one that did not)."""
+    """First and last loss of each fit (None for one that did not run)."""
 
-    field_loss: tuple[float, float]
-    vertex_loss: tuple[float, float]
-    texture_loss: tuple[float, float]
+    field_loss: tuple[float, float] | None
+    vertex_loss: tuple[float, float] | None
+    texture_loss: tuple[float, float] | None
 
     @classmethod
     def of(cls, losses: dict[str, list[float]]) -> "ConvertLog":
         """From each fit's losses, keyed ``field``, ``vertex``, ``texture``."""
-        def span(values: list[float]) -> tuple[float, float]:
-            return (values[0], values[-1]) if values else (math.nan, math.nan)
+        def span(values: list[float]) -> tuple[float, float] | None:
+            return (values[0], values[-1]) if values else None
 
         return cls(*(span(losses.get(k, [])) for k in ("field", "vertex", "texture")))
 
