@@ -1227,7 +1227,8 @@ def presets_show(
 
 
 def _to_toml(data: dict[str, Any]) -> str:
-    """Our configs as TOML: top-level values, then one table per section (None values are left out)."""
+    """Our configs as TOML: top-level values, then one table per section, nested sections as dotted
+    tables after their parent's values (None values are left out)."""
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -1237,11 +1238,15 @@ def _to_toml(data: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    def table(name: str, items: dict[str, Any]) -> list[str]:
+        lines = ([""] if name else []) + ([f"[{name}]"] if name else [])
+        lines += [f"{k} = {value(v)}" for k, v in items.items() if not isinstance(v, dict) and v is not None]
+        for key, sub in items.items():
+            if isinstance(sub, dict):
+                lines += table(f"{name}.{key}" if name else key, sub)
+        return lines
+
+    return "\n".join(table("", data)) + "\n"
 
 
 @app.command("doctor")
