@@ -221,7 +221,7 @@ class ConvertConfig:
     vertex_field_lr: float = 1e-3  # the colour field during the vertex fit
     texture_lr: float = 1e-3  # texture logits (Adam)
     cpu: ConvertSchedule = field(default_factory=lambda: ConvertSchedule(
-        field_iterations=256, field_resolution=128, field_rays=4096, vertex_iterations=64, vertex_resolution=256,
+        field_iterations=512, field_resolution=128, field_rays=4096, vertex_iterations=64, vertex_resolution=256,
         texture_iterations=64, texture_resolution=256, texture_views=4))
     cuda: ConvertSchedule = field(default_factory=lambda: ConvertSchedule(
         field_iterations=512, field_resolution=128, field_rays=0, vertex_iterations=2048, vertex_resolution=512,
