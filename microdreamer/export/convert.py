@@ -4,7 +4,10 @@ Gaussians instead of meshing their own summed opacity.
 1. :func:`fit_field` — a NeRF (:class:`~microdreamer.representations.nerf.NerfField` configured as
    ``cfg.mesh.lgm.nerf``: trunc_exp density, sigmoid colour) fitted to renders of the representation from
    random cameras (elevation in [−45, 45), azimuth in [−180, 180), distance U(1.5, 3)) with
-   MSE(rgb) + 0.1·MSE(alpha). Its σ is meshed at ``cfg.mesh.lgm.threshold`` (5) by the extract helpers.
+   MSE(rgb) + 0.1·MSE(alpha) (convert.py's 1e−8 grid TV term left out). Its σ is meshed at
+   ``cfg.mesh.lgm.threshold`` (5) by the extract helpers, on a grid around the object (:func:`field_grid`)
+   and cleaned and decimated as the ``density`` method's surface (pymeshlab's isotropic remesh is not
+   available here).
 2. :func:`fit_vertices` — per-vertex offsets and the field's colour fitted to renders from near-horizontal
    cameras (elevation in [−10, 10), distance 1.5): MSE(rgb) + 0.001·normal consistency + 0.1·mean(offset²).
    Our rasterizer gives no geometry gradients, so each covered pixel's surface point is recomputed
