@@ -18,7 +18,7 @@ from microdreamer.export.texture import TextureSampler, texel_surface
 from microdreamer.export.uv import unwrap
 from microdreamer.io.mesh import TexturedMesh
 from microdreamer.mesh_metrics import compare_surfaces
-from microdreamer.render.mesh import rasterize_mesh
+from microdreamer.render.mesh import rasterize_faces, rasterize_mesh
 from microdreamer.representations.nerf_heads import trunc_exp
 from microdreamer.sir.cameras import Cameras
 from test_export_cli import TINY as CLI_TINY
@@ -111,6 +111,25 @@ def test_surface_points_are_the_rasterized_points_and_differentiable():
     few = slice(0, len(pixels), max(1, len(pixels) // 16))
     args = (vertices, mesh.faces, face_id[pixels][few], origins[0][few].double(), directions[0][few].double())
     assert torch.autograd.gradcheck(lambda v: convert.surface_points(v, *args[1:]), (vertices,))
+
+
+def test_silhouette_coverage_is_antialiased_and_differentiable():
+    sphere = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
+    vertices, faces = torch.tensor(sphere.vertices), torch.tensor(sphere.faces)
+    cameras = Cameras.orbit([15.0], [30.0], 2.0, 32)
+    mesh = TexturedMesh(vertices.float(), faces)
+    face_id = rasterize_faces(mesh, cameras, "torch")[0][0]
+    coverage = convert.silhouette_coverage(vertices, faces, face_id, cameras)
+    area = rasterize_mesh(mesh, cameras, torch.ones(3), "torch", supersample=8).alpha[0, 0].double()
+    hard = (face_id >= 0).double()
+    assert coverage.min() >= 0 and coverage.max() <= 1
+    interior = -torch.nn.functional.max_pool2d(-hard[None], 3, 1, 1)[0] > 0.5  # away from the outline
+    assert torch.equal(coverage[interior], hard[interior])
+    # a straight edge's coverage is first order in the hard mask, second order here (the crossing point)
+    assert (coverage - area).abs().sum() < 0.5 * (hard - area).abs().sum()
+    # exact derivatives with respect to the vertices while no pixel centre changes sides
+    assert torch.autograd.gradcheck(
+        lambda v: convert.silhouette_coverage(v, faces, face_id, cameras), (vertices.requires_grad_(True),))
 
 
 def test_vertex_fit_moves_vertices_within_adams_step_bound(sphere_fit):

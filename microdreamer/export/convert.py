@@ -9,11 +9,11 @@ Gaussians instead of meshing their own summed opacity.
    and cleaned and decimated as the ``density`` method's surface (pymeshlab's isotropic remesh is not
    available here).
 2. :func:`fit_vertices` — per-vertex offsets and the field's colour fitted to renders from near-horizontal
-   cameras (elevation in [−10, 10), distance 1.5): MSE(rgb) + 0.001·normal consistency + 0.1·mean(offset²).
-   Our rasterizer gives no geometry gradients, so each covered pixel's surface point is recomputed
-   differentiably (:func:`surface_points`: the ray meets the rasterized face's plane) and coloured by the
-   field there. Deviation: convert.py's 0.1·MSE(alpha) needs nvdiffrast's antialiased silhouette gradients;
-   here coverage is a step function of the vertices, so the alpha term is left out.
+   cameras (elevation in [−10, 10), distance 1.5): MSE(rgb) + 0.1·MSE(alpha) + 0.001·normal consistency +
+   0.1·mean(offset²). Our rasterizer gives no geometry gradients, so each covered pixel's surface point is
+   recomputed differentiably (:func:`surface_points`: the ray meets the rasterized face's plane) and coloured
+   by the field there, and the alpha is the outline-antialiased coverage of :func:`silhouette_coverage`
+   (what nvdiffrast's ``antialias`` gives convert.py; the colours are not blended across the outline).
 3. :func:`fit_texture` — after the UV unwrap and the texture baked from the field's colour, texture logits
    fitted to renders from near-front cameras (elevation in [−5, 5), azimuth in [−15, 15), distance 1.5)
    with MSE(rgb) (:class:`~microdreamer.export.texture.TextureSampler`).
@@ -139,6 +139,55 @@ def surface_points(vertices: Tensor, faces: Tensor, face_id: Tensor, origins: Te
     return origins + t[:, None] * directions
 
 
+def silhouette_coverage(vertices: Tensor, faces: Tensor, face_id: Tensor, cameras: Cameras) -> Tensor:
+    """Antialiased coverage ``[H,W]`` of one view, differentiable in ``vertices`` at the outline (the
+    coverage part of nvdiffrast's ``antialias``): for each pair of horizontal or vertical neighbours of
+    which one is covered (by face ``f``, from ``face_id [H,W]``) and one is not, ``t`` is where the segment
+    between their centres leaves ``f`` in screen space (0 at the covered centre, 1 at the other); the
+    uncovered pixel gains ``max(t − ½, 0)`` and the covered one loses ``max(½ − t, 0)``."""
+    view = cameras.viewmats()[0].to(vertices)
+    cam = vertices @ view[:3, :3].T + view[:3, 3]
+    fx, fy = cameras.focal
+    screen = torch.stack([fx * cam[:, 0] / cam[:, 2] + cameras.width / 2,
+                          fy * cam[:, 1] / cam[:, 2] + cameras.height / 2], -1)  # pixel units, y down
+    covered = face_id >= 0
+    coverage = covered.to(vertices.dtype).reshape(-1)
+    height, width = face_id.shape
+    rows, cols = torch.meshgrid(torch.arange(height, device=face_id.device),
+                                torch.arange(width, device=face_id.device), indexing="ij")
+    for dr, dc in ((0, 1), (1, 0)):
+        a = (slice(0, height - dr), slice(0, width - dc))
+        b = (slice(dr, height), slice(dc, width))
+        for inside, outside in ((a, b), (b, a)):
+            edge = covered[inside] & ~covered[outside]
+            if not edge.any():
+                continue
+            p_index = (rows[inside][edge] * width + cols[inside][edge])
+            q_index = (rows[outside][edge] * width + cols[outside][edge])
+            tri = screen[faces[face_id[inside][edge]]]  # [N,3,2]
+            p = torch.stack([cols[inside][edge], rows[inside][edge]], -1).to(screen) + 0.5
+            q = torch.stack([cols[outside][edge], rows[outside][edge]], -1).to(screen) + 0.5
+            first = tri
+            second = tri.roll(-1, dims=1)
+            direction = second - first  # [N,3,2]
+
+            def side(point: Tensor) -> Tensor:
+                rel = point[:, None, :] - first
+                return direction[..., 0] * rel[..., 1] - direction[..., 1] * rel[..., 0]
+
+            at_p, at_q = side(p), side(q)
+            crosses = (at_p * at_q) < 0
+            t, exit_edge = torch.where(crosses, at_p / torch.where(crosses, at_p - at_q, torch.ones_like(at_p)),
+                                       torch.ones_like(at_p)).min(1)
+            # as nvdiffrast, each edge is resolved across its more perpendicular axis only (no double count)
+            along = direction[torch.arange(len(t), device=t.device), exit_edge].abs().detach()
+            keep = (along[:, 1] >= along[:, 0]) if dc else (along[:, 0] > along[:, 1])
+            t = torch.where(keep, t, torch.full_like(t, 0.5))
+            coverage = coverage.index_add(0, q_index, (t - 0.5).clamp_min(0))
+            coverage = coverage.index_add(0, p_index, -(0.5 - t).clamp_min(0))
+    return coverage.reshape(height, width)
+
+
 def _edge_faces(faces: np.ndarray) -> Tensor:
     """``[E,2]`` the two faces beside each edge that exactly two faces share."""
     edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
@@ -169,7 +218,7 @@ def fit_vertices(model: Representation, field: NerfField, vertices: np.ndarray, 
 
     Each step renders the mesh from one camera (elevation in [−10, 10), any azimuth, distance 1.5): the
     rasterizer picks the face under each pixel, :func:`surface_points` makes its point a function of the
-    vertices and the field colours it. Offsets are in LGM units (Adam at ``vertex_lr``, the field's colour
+    vertices and the field colours it; :func:`silhouette_coverage` gives the alpha. Offsets are in LGM units (Adam at ``vertex_lr``, the field's colour
     at ``vertex_field_lr``). convert.py's remeshing and learning-rate halving every 512 steps are left out.
     """
     device = field.device
@@ -190,15 +239,16 @@ def fit_vertices(model: Representation, field: NerfField, vertices: np.ndarray, 
                           torch.full((1,), LGM_RADIUS), size, scale)
         run = run.to(device)
         with torch.no_grad():
-            target = model.render(run, background).rgb.reshape(3, -1)
+            target = model.render(run, background)
         moved = start + scale * offsets
-        face_id = rasterize_faces(TexturedMesh(moved.detach(), tris), run, backend)[0]
+        face_id = rasterize_faces(TexturedMesh(moved.detach(), tris), run, backend)[0][0]
         pixels = (face_id.reshape(-1) >= 0).nonzero()[:, 0]
         origins, directions = run.rays(pixels[None])
         points = surface_points(moved, tris, face_id.reshape(-1)[pixels], origins[0], directions[0])
         image = background[:, None].expand(3, size * size).index_copy(1, pixels, field.rgb(points / scale).T)
-        loss = (F.mse_loss(image, target) + NORMAL_WEIGHT * _normal_consistency(moved, tris, pairs)
-                + OFFSET_WEIGHT * offsets.square().mean())
+        alpha = silhouette_coverage(moved, tris, face_id, run)
+        loss = (F.mse_loss(image, target.rgb.reshape(3, -1)) + ALPHA_WEIGHT * F.mse_loss(alpha, target.alpha[0, 0])
+                + NORMAL_WEIGHT * _normal_consistency(moved, tris, pairs) + OFFSET_WEIGHT * offsets.square().mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
