@@ -1,6 +1,7 @@
 """Textured-mesh export of reference-teacher reconstructions of the shared assets.
 
-For each asset × teacher imperfection level × mesh method × seed: image2gs with the ground-truth mesh
+For each asset × teacher imperfection level × mesh method (``--methods``: density, the Gaussians' own
+opacity field; lgm, LGM's convert.py fits) × seed: image2gs with the ground-truth mesh
 teacher (the reference preset: 20 iterations × 15 steps, 6 views, 256²; ``--shading`` lit by default,
 ``--imperfection`` none and/or moderate), then the mesh export at default settings (256³ grid, 50k
 faces, 1024² texture, one SIR texture pass of 30 steps) with the same loaded teacher, as ``image2mesh``
@@ -22,6 +23,8 @@ Without options: all seven assets × {none, moderate} × every method × seeds 0
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
 
-from microdreamer.config import resolve
+from microdreamer.config import MESH_METHODS, resolve
 from microdreamer.evaluate import evaluate_mesh, evaluate_model
 from microdreamer.export import STAGES, MeshExportReport
 from microdreamer.export.extract import (
@@ -52,10 +55,18 @@ from microdreamer.pipeline import (
 )
 from microdreamer.representations.gaussians import Gaussians
 
-#: mesh methods: (pipeline, input, Gaussians, folder) → the export's report
+def with_mesh_method(pipeline: ImageTo3D, method: str) -> ImageTo3D:
+    """The same pipeline (its loaded teacher) exporting with ``mesh.method = method``."""
+    other = copy.copy(pipeline)
+    other.cfg = dataclasses.replace(pipeline.cfg, mesh=dataclasses.replace(pipeline.cfg.mesh, method=method))
+    return other
+
+
+#: mesh methods (``--mesh-method``): (pipeline, input, Gaussians, folder) → the export's report
 METHODS: dict[str, Callable[[ImageTo3D, PreparedInput, Gaussians, Path], MeshExportReport]] = {
-    "density": lambda pipeline, prepared, gaussians, folder: pipeline.export_mesh(
-        prepared, gaussians, folder, overwrite=True),  # the Gaussians' opacity field (export/)
+    name: lambda pipeline, prepared, gaussians, folder, name=name: with_mesh_method(pipeline, name).export_mesh(
+        prepared, gaussians, folder, overwrite=True)
+    for name in MESH_METHODS  # density: the Gaussians' opacity field; lgm: LGM's convert.py (export/convert.py)
 }
 #: summed over the seeds: mean ± sd
 METRICS = ("chamfer", "f1", "f5", "nc", "genus", "parts", "psnr", "psnr_albedo", "psnr_gaussians", "white_removed",
@@ -122,7 +133,7 @@ def one_run(args, name: str, level: str, seed: int, device) -> list[dict]:
                 "sir_s": round(run["timings"]["sir"], 1),
                 "sir_stages_s": {k[4:]: round(v, 1) for k, v in run["timings"].items() if k.startswith("sir.")},
                 "export_s": round(wall, 1), "export_cpu_s": round(cpu, 1),
-                "stages_s": {k: round(report.timings.get(k, 0.0), 2) for k in STAGES},
+                "stages_s": {k: round(report.timings[k], 2) for k in STAGES if k in report.timings},
             }
             if args.unit_box:
                 unit = evaluate_mesh(Path(report.outputs[0]), mesh_path, device, run_frame=False,

@@ -16,7 +16,7 @@ A NeRF instead of Gaussians: ``Pipeline.from_preset(teacher=..., representation=
 Settings are the command line's option names (``seed``, ``iters``, ``steps``, ``views``, ``res``,
 ``elevation``, ``backend``, ``nerf_backend`` (the NeRF commands' ``--backend``), ``device``, ``model``,
 ``negative_prompt``, ``representation``, ``mesh_format``, ``faces``, ``texture_size``, ``grid``,
-``threshold``, ``refine_steps``, ``up``, ``scale``, ``method``, ``init``, ``reconstructor``, ``init_model``), applied over a
+``threshold``, ``mesh_method``, ``refine_steps``, ``up``, ``scale``, ``method``, ``init``, ``reconstructor``, ``init_model``), applied over a
 preset and an optional saved config exactly as the CLI applies its flags. Everything the CLI would report in
 one line is raised as :class:`~microdreamer.errors.UserError`; nothing here prints or exits. Progress
 reaches an optional callback.
@@ -95,6 +95,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "texture_size": ("mesh", "texture"),
     "grid": ("mesh", "resolution"),
     "threshold": ("mesh", "threshold"),
+    "mesh_method": ("mesh", "method"),
     "refine_steps": ("mesh", "refine_steps"),
     "up": ("mesh", "up"),
     "scale": ("mesh", "scale"),

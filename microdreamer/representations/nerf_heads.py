@@ -1,5 +1,6 @@
 """The NeRF's two heads on the hash-grid encoding: ``σ = softplus(density_network(enc) + bias)`` and
-``rgb = sigmoid(feature_network(enc))`` (threestudio's ``implicit-volume`` with ``no-material``).
+``rgb = sigmoid(feature_network(enc))`` (threestudio's ``implicit-volume`` with ``no-material``); LGM's
+convert.py takes ``σ = trunc_exp(…)`` instead (:func:`trunc_exp`, the torch backend only).
 
 Backends: ``"torch"`` (the modules under autograd: the reference) and ``"cpu"`` (``csrc/nerf_heads.cpp``:
 both networks fused per sample with a hand-written backward, several times faster than the reference
@@ -29,9 +30,31 @@ def unavailable_reason() -> str | None:
     return kernel_unavailable("nerf_heads")
 
 
-def heads_torch(encoding: Tensor, bias: Tensor, density: VanillaMLP, feature: VanillaMLP) -> tuple[Tensor, Tensor]:
+class _TruncExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=15))
+
+
+def trunc_exp(x: Tensor) -> Tensor:
+    """``exp(x)`` whose gradient is taken as ``exp(min(x, 15))`` (torch-ngp's, kept by LGM's convert.py)."""
+    return _TruncExp.apply(x)
+
+
+#: the density activations :class:`~microdreamer.config.NerfConfig` names
+ACTIVATIONS = {"softplus": F.softplus, "trunc_exp": trunc_exp}
+
+
+def heads_torch(encoding: Tensor, bias: Tensor, density: VanillaMLP, feature: VanillaMLP,
+                activation: str = "softplus") -> tuple[Tensor, Tensor]:
     """``σ [N]`` and ``rgb [N,3]`` for ``encoding [N,F]`` and the density bias ``[N]``."""
-    return F.softplus(density(encoding).squeeze(-1) + bias), torch.sigmoid(feature(encoding))
+    return ACTIVATIONS[activation](density(encoding).squeeze(-1) + bias), torch.sigmoid(feature(encoding))
 
 
 def _weights(net: VanillaMLP) -> list[Tensor]:
@@ -69,16 +92,18 @@ def heads_cpu(encoding: Tensor, bias: Tensor, density: VanillaMLP, feature: Vani
 
 
 def nerf_heads(encoding: Tensor, bias: Tensor, density: VanillaMLP, feature: VanillaMLP,
-               backend: str = "torch") -> tuple[Tensor, Tensor]:
-    """``σ``, ``rgb`` with the ``"torch"`` or ``"cpu"`` backend."""
-    fn = heads_cpu if backend == "cpu" else heads_torch
-    return fn(encoding, bias, density, feature)
+               backend: str = "torch", activation: str = "softplus") -> tuple[Tensor, Tensor]:
+    """``σ``, ``rgb`` with the ``"torch"`` or ``"cpu"`` backend (softplus only)."""
+    if backend == "cpu":
+        return heads_cpu(encoding, bias, density, feature)
+    return heads_torch(encoding, bias, density, feature, activation)
 
 
 @torch.no_grad()
-def nerf_density(encoding: Tensor, bias: Tensor, density: VanillaMLP, backend: str = "torch") -> Tensor:
-    """``σ [N]`` alone (no gradient): the density network and its softplus."""
+def nerf_density(encoding: Tensor, bias: Tensor, density: VanillaMLP, backend: str = "torch",
+                 activation: str = "softplus") -> Tensor:
+    """``σ [N]`` alone (no gradient): the density network and its activation."""
     if backend == "cpu":
         return extension().forward(encoding.float().contiguous(), bias.float().contiguous(),
                                    [w.detach().float() for w in _weights(density)], [])[0]
-    return F.softplus(density(encoding).squeeze(-1) + bias)
+    return ACTIVATIONS[activation](density(encoding).squeeze(-1) + bias)
