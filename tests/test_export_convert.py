@@ -12,9 +12,8 @@ import trimesh
 
 from microdreamer.cli import main
 from microdreamer.config import resolve
-from microdreamer.export import make_mesh
 from microdreamer.export import convert
-from microdreamer.export.texture import TextureSampler, texel_surface
+from microdreamer.export.texture import texel_surface
 from microdreamer.export.uv import unwrap
 from microdreamer.io.mesh import TexturedMesh
 from microdreamer.mesh_metrics import compare_surfaces
