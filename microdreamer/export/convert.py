@@ -6,8 +6,8 @@ Gaussians instead of meshing their own summed opacity.
    random cameras (elevation in [−45, 45), azimuth in [−180, 180), distance U(1.5, 3)) with
    MSE(rgb) + 0.1·MSE(alpha) (convert.py's 1e−8 grid TV term left out). Its σ is meshed at
    ``cfg.mesh.lgm.threshold`` (5) by the extract helpers, on a grid around the object (:func:`field_grid`)
-   and cleaned and decimated as the ``density`` method's surface (pymeshlab's isotropic remesh is not
-   available here).
+   and cleaned and decimated as the ``density`` method's surface (convert.py's isotropic remesh
+   needs pymeshlab, a ~100 MB wheel we do not depend on for one step).
 2. :func:`fit_vertices` — per-vertex offsets and the field's colour fitted to renders from near-horizontal
    cameras (elevation in [−10, 10), distance 1.5): MSE(rgb) + 0.1·MSE(alpha) + 0.001·normal consistency +
    0.1·mean(offset²). Our rasterizer gives no geometry gradients, so each covered pixel's surface point is
