@@ -100,21 +100,24 @@ def test_spherical_harmonics_are_orthonormal_with_tcnn_signs():
     assert x[3] == pytest.approx(-0.48860251190291987) and x[8] == pytest.approx(0.54627421529603959)
 
 
-def test_environment_map_background_while_training_white_afterwards(one_thread):
+def test_environment_map_background_drawn_once_per_iteration_white_afterwards(one_thread):
     field = _field(background="envmap", background_random_aug=0.5)
     # rays that miss the box see only the background
     miss = Cameras.orbit([0.0], [0.0], 2.2, 8, fovy=20.0)
     miss.c2w[:, :3, 3] += torch.tensor([0.0, 5.0, 0.0])
     outcomes = set()
     for _ in range(12):
-        rgb = field.render(miss, WHITE).rgb
-        flat = rgb.flatten(2)
+        backdrop = field.new_iteration(miss, WHITE)
+        renders = [field.render(miss, WHITE).rgb.detach() for _ in range(3)]
+        for rgb in renders:  # every render of the iteration shows the backdrop it announced
+            torch.testing.assert_close(rgb, backdrop, rtol=0, atol=1e-6)
+        flat = renders[0].flatten(2)
         single = bool((flat - flat[..., :1]).abs().max() == 0)  # one random colour for the batch
-        expected = field.envmap(miss.rays()[1].reshape(-1, 3)).T.reshape(1, 3, 64)
         outcomes.add("random" if single else "envmap")
         if not single:
-            torch.testing.assert_close(flat, expected)
+            torch.testing.assert_close(flat, field.envmap(miss.rays()[1].reshape(-1, 3)).T.reshape(1, 3, 64).detach())
     assert outcomes == {"random", "envmap"}
+    assert _field().new_iteration(miss, WHITE) is None  # a white background: nothing to announce
     field.finalize()
     assert torch.equal(field.render(miss, WHITE).rgb, torch.ones(1, 3, 8, 8))
 

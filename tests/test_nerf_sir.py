@@ -151,6 +151,35 @@ def test_each_nerf_preset_makes_the_network_evaluations_its_schedule_implies(pre
         assert teacher.evaluations.total == pytest.approx(paper, rel=0.10)
 
 
+def test_each_iteration_tells_the_teacher_the_backdrop_its_renders_are_composited_over():
+    """A representation that draws its background per iteration (a NeRF's environment map or random colour)
+    announces it; the engine hands it to the teacher before the targets, and clears it after the run."""
+    cfg = resolve("mvdream-nerf", None, {"schedule": {"iterations": 3, "steps": 1, "init_steps": 1},
+                                         "cameras": {"resolutions": [16], "milestones": []}})
+
+    class Backdrops(FlatRepresentation):
+        def __init__(self):
+            super().__init__()
+            self.drawn = []
+
+        def new_iteration(self, cameras, background):
+            self.drawn.append(torch.full((len(cameras), 3, cameras.height, cameras.width), len(self.drawn) / 10))
+            return self.drawn[-1]
+
+    class Told(ConstantTeacher):
+        def __init__(self):
+            super().__init__()
+            self.told = []
+
+        def set_backdrop(self, backdrop):
+            self.told.append(backdrop)
+
+    rep, teacher = Backdrops(), Told()
+    SIREngine(teacher, rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
+    assert len(rep.drawn) == 4 and len(teacher.told) == 5  # init + 3 iterations, then the clearing None
+    assert all(told is drawn for told, drawn in zip(teacher.told, rep.drawn)) and teacher.told[4] is None
+
+
 def test_progressive_resolution_follows_the_milestones():
     cfg = resolve("stable-zero123-nerf", None, {"schedule": {"iterations": 6, "steps": 2, "init_steps": 2},
                                                 "cameras": {"resolutions": [16, 24, 32], "milestones": [2, 5]}})

@@ -56,6 +56,25 @@ def test_x0_prediction_from_eps_is_the_rendering(teacher, t, shading):
     assert teacher.mode == f"{shading}, imperfection none"
 
 
+def test_targets_keep_the_backdrop_of_the_renders_being_refined():
+    """With a backdrop (a NeRF's environment map or random colour), the target is the mesh over it: the
+    backdrop where the mesh does not cover a pixel, the plain target where it covers it fully."""
+    teacher = ReferenceTeacher(_mesh(), resolution=RES)
+    cams = _cameras()
+    plain = teacher.target(cams, 501)
+    alpha = teacher.render(cams).alpha
+    backdrop = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))  # render size: resized
+    teacher.set_backdrop(backdrop)
+    over = teacher.target(cams, 501)
+    resized = torch.nn.functional.interpolate(backdrop, (RES, RES), mode="bilinear", align_corners=False)
+    empty, covered = (alpha == 0).expand_as(over), (alpha == 1).expand_as(over)
+    assert empty.any() and covered.any()
+    torch.testing.assert_close(over[empty], resized[empty], rtol=0, atol=1e-6)
+    torch.testing.assert_close(over[covered], plain[covered], rtol=0, atol=0)
+    teacher.set_backdrop(None)
+    assert torch.equal(teacher.target(cams, 501), plain)
+
+
 def test_lit_targets_are_the_albedo_times_the_key_light(teacher):
     """Lit = albedo · (ambient + key · max(0, n · l)): between 0.4 and 0.9 times the albedo on the object."""
     albedo = ReferenceTeacher(_mesh(), resolution=RES, shading="albedo")

@@ -36,6 +36,13 @@ class Representation(ABC):
         """Renders of the pixels ``pixels [B,P]`` (row-major flat indices per camera) as ``[B,C,1,P]`` images."""
         raise NotImplementedError(f"{type(self).__name__} renders whole images only")
 
+    def new_iteration(self, cameras: Cameras, background: Tensor) -> Tensor | None:
+        """An SIR iteration begins: all its renders of ``cameras`` fit one target, so anything random in how
+        they are composited (a NeRF's background augmentation) is drawn here, once. Returns the backgrounds
+        ``[B,3,H,W]`` those renders are composited over when they are not ``background`` (a learned
+        environment map, a random colour), else None."""
+        return None
+
     @abstractmethod
     def step(self, step: int, output: RenderOutput) -> None:
         """After ``loss.backward()``: optimiser step, zero grads, schedules and structure updates.

@@ -82,6 +82,7 @@ class NerfField(Representation):
         self.density_network = VanillaMLP(features, 1, cfg.width, cfg.density_hidden_layers, generator).to(self.device)
         self.feature_network = VanillaMLP(features, 3, cfg.width, cfg.feature_hidden_layers, generator).to(self.device)
         self.envmap = EnvironmentMap(generator).to(self.device) if cfg.background == "envmap" else None
+        self._random_backdrop: Tensor | None = None  # this SIR iteration's augmentation colour (new_iteration)
         self.settings = MarchSettings(
             radius=cfg.radius, step=math.sqrt(3) * 2 * cfg.radius / cfg.samples_per_ray,
             early_stop_eps=cfg.early_stop_eps, alpha_thre=cfg.alpha_threshold,
@@ -177,14 +178,30 @@ class NerfField(Representation):
                             torch.cat([p.depth for p in parts]), sum(p.samples for p in parts))
 
     def _background(self, directions: Tensor, colour: Tensor) -> Tensor:
-        """``[R,3]``: the given colour, or while training with an environment map, the map or (with
-        probability ``background_random_aug``) one random colour for the whole batch."""
+        """``[R,3]``: the given colour, or while training with an environment map, the map or the random
+        colour this SIR iteration drew (:meth:`new_iteration`)."""
         if self.envmap is None or not self.training:
             return colour.to(self.device, torch.float32).expand_as(directions)
-        g = self.generator
-        if float(torch.rand((), generator=g, device=g.device)) < self.cfg.background_random_aug:
-            return torch.rand(3, generator=g, device=g.device).to(self.device).expand_as(directions)
+        if self._random_backdrop is not None:
+            return self._random_backdrop.expand_as(directions)
         return self.envmap(directions)
+
+    def new_iteration(self, cameras: Cameras, background: Tensor) -> Tensor | None:
+        """With an environment map: draw whether this iteration's renders show one random colour instead
+        (probability ``background_random_aug``, threestudio's augmentation; drawn per iteration, not per
+        render, because all of an iteration's renders fit one target) and return the backgrounds
+        ``[B,3,H,W]`` of ``cameras``."""
+        if self.envmap is None:
+            return None
+        g = self.generator
+        self._random_backdrop = None
+        if float(torch.rand((), generator=g, device=g.device)) < self.cfg.background_random_aug:
+            self._random_backdrop = torch.rand(3, generator=g, device=g.device).to(self.device)
+        cams = cameras.to(self.device)
+        with torch.no_grad():
+            directions = cams.rays()[1]
+            rgb = self._background(directions.reshape(-1, 3), background)
+        return rgb.view(len(cams), cams.height, cams.width, 3).permute(0, 3, 1, 2)
 
     def _render(self, cameras: Cameras, background: Tensor, pixels: Tensor | None) -> RenderOutput:
         cams = cameras.to(self.device)

@@ -113,6 +113,7 @@ class SIREngine:
             start = time.perf_counter()
             resolution = self.cfg.cameras.render_resolution(iteration)
             cameras = self.sampler.sample(self.generator).with_resolution(resolution).to(self.device)
+            self.teacher.set_backdrop(self.representation.new_iteration(cameras, self.background))
             plan = None if iteration == 0 else self.schedule.iteration(iteration - 1)
             steps = self.cfg.schedule.init_steps if iteration == 0 else self.cfg.schedule.steps
             target: Tensor | None = None
@@ -142,6 +143,7 @@ class SIREngine:
             logs.append(log)
             if self.on_iteration is not None:
                 self.on_iteration(log, total)
+        self.teacher.set_backdrop(None)  # later users of the teacher (texture refinement) render over the colour
         with self.timer("update", self.device):
             self.representation.finalize()
         return EngineResult(logs, dict(self.timer.seconds), optimisation_steps)

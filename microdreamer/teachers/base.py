@@ -92,6 +92,11 @@ class Teacher(ABC):
     def _eps(self, latents: Tensor, t: int, cameras: Cameras, branch: Branch, guidance_scale: float) -> Tensor:
         """Epsilon for ``latents`` at timestep ``t``; subclasses run their network here."""
 
+    def set_backdrop(self, backdrop: Tensor | None) -> None:
+        """The backgrounds ``[B,3,H,W]`` of the renders the next targets are for, when they are not the run's
+        colour (None: they are). A diffusion model sees them in the renders it refines; only a teacher whose
+        targets do not come from the renders (the reference stand-in) needs to be told."""
+
     def predict_noise(
         self, latents: Tensor, t: int, cameras: Cameras, branch: Branch = "guided", guidance_scale: float = 1.0
     ) -> Tensor:

@@ -76,6 +76,7 @@ class ReferenceTeacher(Teacher):
         self._renders: OrderedDict[tuple, RenderOutput] = OrderedDict()
         self._passes: OrderedDict[tuple, tuple[int, Tensor]] = OrderedDict()  # batch → (last t, target)
         self._mirrored: TexturedMesh | None = None
+        self._backdrop: Tensor | None = None  # set_backdrop: what the renders being refined show behind the object
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -128,9 +129,24 @@ class ReferenceTeacher(Teacher):
             self._renders.popitem(last=False)
         return out
 
+    def set_backdrop(self, backdrop: Tensor | None) -> None:
+        """A perfect teacher keeps the background of the render it refines: the targets show the mesh over
+        ``backdrop`` (resized to the teacher's resolution) instead of the run's colour."""
+        self._backdrop = backdrop
+
     def target(self, cameras: Cameras, t: int, branch: Branch = "guided") -> Tensor:
         """The image ``[B,3,res,res]`` the prediction at ``t`` aims at: the render, or with an imperfection
-        level and a guided query, the render with the defects of the current sampling pass's t2."""
+        level and a guided query, the render with the defects of the current sampling pass's t2; over the
+        backdrop when one is set (with the defects, over the clean render's coverage)."""
+        image = self._target(cameras, t, branch)
+        if self._backdrop is None:
+            return image
+        backdrop = self._backdrop.to(image)
+        if backdrop.shape[-2:] != image.shape[-2:]:
+            backdrop = F.interpolate(backdrop, image.shape[-2:], mode="bilinear", align_corners=False)
+        return image + (1 - self.render(cameras).alpha) * (backdrop - self.background[:, None, None])
+
+    def _target(self, cameras: Cameras, t: int, branch: Branch) -> Tensor:
         if not self.imperfection.active or branch != "guided":
             return self.render(cameras).rgb
         key = self._key(cameras)
