@@ -114,6 +114,12 @@ def test_a_ray_batch_equals_the_local_run_and_a_bad_input_is_one_failed_row(tmp_
     assert again.entries[1].timings == manifest.entries[1].timings and again.entries[1].attempts == []
 
 
+#: how long the killer waits for the victim's flag, and the victim for its killer: far beyond what a busy
+#: machine needs to start the Ray workers and reach the victim (a CI run under load took over 120 s), below
+#: pytest-timeout's 1800 s, so a broken kill fails the test instead of hanging it
+WAIT_S = 1200
+
+
 class DiesOnce(ImageTask):
     """The first try of ``victim`` leaves a partial output, writes its worker's pid to ``flag`` and waits to
     be killed; every other try runs as usual."""
@@ -125,13 +131,13 @@ class DiesOnce(ImageTask):
         if job.stem == self.victim and not self.flag.exists():
             partial_path(self.outputs(job)[0], os.getpid()).write_text("half")
             self.flag.write_text(str(os.getpid()))
-            time.sleep(120)
+            time.sleep(WAIT_S)  # killed within milliseconds of the flag
         return super().run(pipeline, job, prepared, progress)
 
 
 def _kill_when_flagged(flag: Path) -> threading.Thread:
     def kill() -> None:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + WAIT_S
         while not (flag.exists() and flag.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(int(flag.read_text()), signal.SIGKILL)
