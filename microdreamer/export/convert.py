@@ -218,8 +218,9 @@ def fit_vertices(model: Representation, field: NerfField, vertices: np.ndarray, 
 
     Each step renders the mesh from one camera (elevation in [−10, 10), any azimuth, distance 1.5): the
     rasterizer picks the face under each pixel, :func:`surface_points` makes its point a function of the
-    vertices and the field colours it; :func:`silhouette_coverage` gives the alpha. Offsets are in LGM units (Adam at ``vertex_lr``, the field's colour
-    at ``vertex_field_lr``). convert.py's remeshing and learning-rate halving every 512 steps are left out.
+    vertices and the field colours it; :func:`silhouette_coverage` gives the alpha. Offsets are in LGM units
+    (Adam at ``vertex_lr``, the field's colour at ``vertex_field_lr``). convert.py's remeshing and
+    learning-rate halving every 512 steps are left out.
     """
     device = field.device
     c = cfg.mesh.lgm
