@@ -29,12 +29,13 @@ import json
 import statistics
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
 
-from microdreamer.config import MESH_METHODS, resolve
+from microdreamer.config import MESH_METHODS, deep_merge, resolve
 from microdreamer.evaluate import evaluate_mesh, evaluate_model
 from microdreamer.export import STAGES, MeshExportReport
 from microdreamer.export.extract import (
@@ -88,6 +89,20 @@ def sweep(gaussians: Gaussians, mesh_path: Path, thresholds: list[float], cfg) -
     return rows
 
 
+def setting(text: str) -> dict:
+    """``--set`` ``KEY=VALUE`` (a dotted config key, a TOML value; bare words are strings) as nested overrides."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. mesh.refine_lr=0.2), not {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    for part in reversed(key.split(".")):
+        parsed = {part: parsed}
+    return parsed
+
+
 def one_run(args, name: str, level: str, seed: int, device) -> list[dict]:
     """The Gaussians of one asset, level and seed, meshed by every method: one row per method."""
     mesh_path = args.assets / ASSETS[name]
@@ -95,12 +110,15 @@ def one_run(args, name: str, level: str, seed: int, device) -> list[dict]:
     schedule = {k: v for k, v in (("iterations", args.iters), ("steps", args.steps)) if v}
     if schedule:
         overrides["schedule"] = schedule
+    for extra in args.set:
+        overrides = deep_merge(overrides, extra)
     cfg = resolve("reference", None, overrides)
     truth = load_mesh(mesh_path)
     reference_genus = topology(truth.vertices.numpy(), truth.faces.numpy()).genus
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = (args.keep if args.keep else Path(tmp)) / name / f"{args.shading}-{level}" / f"seed{seed}"
+        tagged = f"{args.shading}-{level}" + (f"-{args.tag}" if args.tag else "")
+        folder = (args.keep if args.keep else Path(tmp)) / name / tagged / f"seed{seed}"
         pipeline = ImageTo3D(cfg, device)
         stem = front_view_stem(cfg)
         prepared = PreparedInput(stem)
@@ -121,7 +139,7 @@ def one_run(args, name: str, level: str, seed: int, device) -> list[dict]:
             shape = topology(result.vertices.numpy(), result.faces.numpy())
             s = scores.surface
             row = {
-                "asset": name, "teacher": run.get("teacher_mode"), "method": method, "seed": seed,
+                "asset": name, "teacher": run.get("teacher_mode"), "method": method, "seed": seed, "tag": args.tag,
                 "chamfer": round(s.chamfer, 4), "f1": round(s.fscore[0.01], 3), "f5": round(s.fscore[0.05], 3),
                 "nc": round(s.normal_consistency, 3), "genus": shape.genus, "genus_reference": reference_genus,
                 "parts": shape.components, "closed": shape.closed, "nonmanifold_edges": shape.nonmanifold_edges,
@@ -174,6 +192,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="write the runs and meshes here (the --reuse layout)")
     parser.add_argument("--unit-box", action="store_true", help="also score each mesh fitted into the unit box")
     parser.add_argument("--sweep", nargs="*", type=float, default=[], help="thresholds to compare (geometry only)")
+    parser.add_argument("--set", action="append", type=setting, default=[], metavar="KEY=VALUE",
+                        help="a config override over the reference preset, e.g. mesh.refine_lr=0.2 (repeatable)")
+    parser.add_argument("--tag", default="", help="name of the variant --set makes: --keep writes <shading>-<level>-<tag>")
     add_asset_arguments(parser)
     parser.set_defaults(seeds=[0, 1, 2], imperfection=["none", "moderate"])  # issue 13's benchmark
     args = parser.parse_args()
