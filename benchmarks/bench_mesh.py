@@ -182,29 +182,11 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--iters", type=int, default=None, help="override the schedule's iterations (a reduced run)")
-    parser.add_argument("--steps", type=int, default=None, help="override the steps per iteration (a reduced run)")
-    parser.add_argument("--reuse", type=Path, default=None,
-                        help="take <DIR>/<asset>/<shading>-<level>/seed<k>/<stem>.ply (+ .json) from earlier runs")
-    parser.add_argument("--keep", type=Path, default=None, help="write the runs and meshes here (the --reuse layout)")
-    parser.add_argument("--unit-box", action="store_true", help="also score each mesh fitted into the unit box")
-    parser.add_argument("--sweep", nargs="*", type=float, default=[], help="thresholds to compare (geometry only)")
-    parser.add_argument("--set", action="append", type=setting, default=[], metavar="KEY=VALUE",
-                        help="a config override over the reference preset, e.g. mesh.refine_lr=0.2 (repeatable)")
-    parser.add_argument("--tag", default="", help="name of the variant --set makes: --keep writes <shading>-<level>-<tag>")
-    add_asset_arguments(parser)
-    parser.set_defaults(seeds=[0, 1, 2], imperfection=["none", "moderate"])  # issue 13's benchmark
-    args = parser.parse_args()
-
-    device = resolve_device(args.device)
-    rows = [row for name in args.only for level in args.imperfection for seed in args.seeds
-            for row in one_run(args, name, level, seed, device)]
-
+def show(rows: list[dict], args) -> None:
+    """Every row, the mean ± sd over the seeds, and the means per teacher and method (issue 13's goals)."""
     reduced = f", reduced: {args.iters or 20} iterations × {args.steps or 15} steps" if args.iters or args.steps else ""
-    print(f"\nscored against {args.shading} renders (albedo PSNR apart); seeds {args.seeds}{reduced}")
+    seeds = sorted({r["seed"] for r in rows})
+    print(f"\nscored against {args.shading} renders (albedo PSNR apart); seeds {seeds}{reduced}")
     print(f"{'asset':<14}{'teacher':<28}{'method':<9}{'seed':>5}{'Chamfer':>9}{'F@0.01':>8}{'F@0.05':>8}{'NC':>7}"
           f"{'genus':>9}{'parts':>6}{'PSNR':>7}{'albedo':>7}{'GS':>7}{'white':>6}{'SIR s':>7}{'export s':>9}  stages (s)")
     for r in rows:
@@ -226,6 +208,46 @@ def main() -> None:
         for s in r.get("sweep", []):
             print(f"sweep {r['asset']:<14}{r['teacher']:<28}seed {r['seed']} threshold {s['threshold']:<5} "
                   f"Chamfer {s['chamfer']:.4f} F@0.01 {s['f1']:.3f} F@0.05 {s['f5']:.3f} NC {s['nc']:.3f}")
+
+    print("\nmeans over the assets and seeds (issue 13's goals: without imperfection F@0.01 >= 0.85 and the genus "
+          "kept; at the moderate level F@0.05 >= 0.90 and textured PSNR >= 24 dB)")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["teacher"], r["method"]), []).append(r)
+    for (teacher, method), members in sorted(groups.items()):
+        mean = {k: statistics.fmean(float(m[k]) for m in members) for k in METRICS}
+        kept = sum(m["genus"] == m["genus_reference"] for m in members)
+        print(f"{teacher:<28}{method:<9}n={len(members):<3} F@0.01 {mean['f1']:.3f}  F@0.05 {mean['f5']:.3f}  "
+              f"Chamfer {mean['chamfer']:.4f}  NC {mean['nc']:.3f}  PSNR {mean['psnr']:.2f}  albedo "
+              f"{mean['psnr_albedo']:.2f}  genus kept {kept}/{len(members)}  SIR {mean['sir_s']:.0f} s  "
+              f"export {mean['export_s']:.0f} s")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--iters", type=int, default=None, help="override the schedule's iterations (a reduced run)")
+    parser.add_argument("--steps", type=int, default=None, help="override the steps per iteration (a reduced run)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="take <DIR>/<asset>/<shading>-<level>/seed<k>/<stem>.ply (+ .json) from earlier runs")
+    parser.add_argument("--keep", type=Path, default=None, help="write the runs and meshes here (the --reuse layout)")
+    parser.add_argument("--unit-box", action="store_true", help="also score each mesh fitted into the unit box")
+    parser.add_argument("--sweep", nargs="*", type=float, default=[], help="thresholds to compare (geometry only)")
+    parser.add_argument("--set", action="append", type=setting, default=[], metavar="KEY=VALUE",
+                        help="a config override over the reference preset, e.g. mesh.refine_lr=0.2 (repeatable)")
+    parser.add_argument("--rows", nargs="*", type=Path, default=[],
+                        help="print the rows of earlier --json files (e.g. of parallel runs) instead of running")
+    parser.add_argument("--tag", default="", help="name of the variant --set makes: --keep writes <shading>-<level>-<tag>")
+    add_asset_arguments(parser)
+    parser.set_defaults(seeds=[0, 1, 2], imperfection=["none", "moderate"])  # issue 13's benchmark
+    args = parser.parse_args()
+
+    if args.rows:
+        rows = [row for path in args.rows for row in json.loads(path.read_text())["rows"]]
+    else:
+        device = resolve_device(args.device)
+        rows = [row for name in args.only for level in args.imperfection for seed in args.seeds
+                for row in one_run(args, name, level, seed, device)]
+    show(rows, args)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=2))
 
