@@ -1,5 +1,6 @@
 """Geometry extraction: the grid against brute force, marching cubes, interior fill, clean-up, decimation, unwrap."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ from microdreamer.export.extract import (
     smooth,
 )
 from microdreamer.export.uv import unwrap
+from microdreamer.mesh_metrics import topology
 from microdreamer.io.ply import GaussianPLY
 from microdreamer.representations.gaussians import Gaussians
 
@@ -121,6 +123,24 @@ def test_gaussians_sphere_shell_with_thin_spots_is_meshed_solid():
     assert abs(np.median(r) - 0.315) < 0.01
     volume = trimesh.Trimesh(vertices, faces, process=False).volume
     assert volume == pytest.approx(4 / 3 * math.pi * 0.315**3, rel=0.1)
+
+
+@pytest.mark.parametrize("tunnel_radius, genus", [(1.5, 0), (6.0, 1)])
+def test_a_tunnel_a_few_grid_spacings_wide_is_closed_and_a_wider_hole_kept(tunnel_radius, genus):
+    # a ball of radius 0.35 bored along x by a cylinder of tunnel_radius grid spacings, the field ramping over
+    # one spacing: 3 spacings across are within TUNNEL_CLOSING's reach (about 4), 12 are not
+    resolution = 96
+    spacing = 1.0 / (resolution - 1)
+    axis = np.linspace(-0.5, 0.5, resolution)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    ball = 0.5 + (0.35 - np.sqrt(x**2 + y**2 + z**2)) / spacing
+    bore = 0.5 + (np.sqrt(y**2 + z**2) - tunnel_radius * spacing) / spacing
+    values = np.clip(np.minimum(ball, bore), 0, 1).astype(np.float32)
+    grid = DensityGrid(values, np.array([-0.5, -0.5, -0.5]), spacing)
+    assert topology(*marching_cubes(dataclasses.replace(grid, shell=False), 0.5)).genus == 1  # the bore is there
+    vertices, faces = marching_cubes(grid, 0.5)
+    assert topology(vertices, faces).genus == genus
+    assert np.abs(np.linalg.norm(vertices, axis=1) - 0.35).min() < spacing  # the outer surface stays
 
 
 def test_clean_drops_a_floating_part_and_orients_parts_outwards():

@@ -8,8 +8,9 @@ boxes touch it, and all its quadratic forms are one batched matrix product. A fi
 the point (a NeRF's σ) is sampled by :func:`sample_grid`, coarse to fine as threestudio's isosurface.
 
 3DGS reconstructions are shells with holes around a hollow, so before marching cubes the deep
-interior is made solid (see :func:`solidify`) and only the outer surface remains; a NeRF's field is solid
-inside, and only the cavities its surface encloses are filled (:func:`fill_cavities`).
+interior is made solid (see :func:`solidify`) and only the outer surface remains, with its narrowest tunnels
+closed (:func:`close_tunnels`); a NeRF's field is solid inside, and only the cavities its surface encloses are
+filled (:func:`fill_cavities`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ THIN_FEATURE_SHARE = 0.25
 HULL_SHARE = 0.1
 #: below the halo's boundary, deeper than this share of the grid side counts as the object's interior
 SHELL_DEPTH = 0.02
+#: tunnels through the surface at most about twice this many grid spacings wide are closed (a morphological
+#: closing of the occupied voxels): the Gaussians' noise leaves small handles in the shell (Spot, genus 0: 6 of
+#: them at 256³), and the closing removes them without changing the F-score @0.01 on the reference runs
+TUNNEL_CLOSING = 2
 #: largest interpolation error, as a share of the threshold, of a Gaussian taken from the coarse grid
 SMOOTH_ERROR = 0.02
 #: Taubin smoothing passes after marching cubes (normal consistency +0.015 on the reference runs)
@@ -319,6 +324,16 @@ def fill_cavities(values: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(enclosed(above) & ~above, 2 * threshold, values)
 
 
+def close_tunnels(values: np.ndarray, threshold: float, iterations: int = TUNNEL_CLOSING) -> np.ndarray:
+    """``values`` raised to 2·``threshold`` where the morphological closing of the voxels above ``threshold``
+    (``iterations`` steps of the 6-neighbour cross) adds a voxel: gaps and tunnels up to about 2·``iterations``
+    spacings wide are filled, wider holes stay."""
+    above = values > threshold
+    pad = iterations + 1  # beyond the grid is empty, and the closing must not reach the border
+    closed = ndimage.binary_closing(np.pad(above, pad), iterations=iterations)[(slice(pad, -pad),) * 3]
+    return np.where(closed & ~above, 2 * threshold, values)
+
+
 def marching_cubes(grid: DensityGrid, threshold: float, remedy: str = "lower mesh.threshold") -> tuple[np.ndarray, np.ndarray]:
     """The closed outer surface ``σ = threshold`` in world units, faces oriented outwards; an empty field is
     an error that suggests ``remedy``."""
@@ -329,7 +344,10 @@ def marching_cubes(grid: DensityGrid, threshold: float, remedy: str = "lower mes
             f"empty density field: the density peaks at {float(grid.values.max()):.3g}, below "
             f"the meshing threshold {threshold:g} ({remedy})"
         )
-    values = solidify(grid, threshold) if grid.shell else fill_cavities(grid.values, threshold)
+    if grid.shell:
+        values = close_tunnels(solidify(grid, threshold), threshold)
+    else:
+        values = fill_cavities(grid.values, threshold)
     padded = np.pad(values, 1)  # zero border: surfaces touching the grid edge still close
     vertices, faces = mcubes.marching_cubes(padded, threshold)
     return grid.to_world(vertices - 1.0), faces.astype(np.int64)
