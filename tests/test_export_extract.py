@@ -171,6 +171,29 @@ def test_decimation_respects_the_budget_and_keeps_the_shape():
     assert len(same_f) == len(faces)
 
 
+def test_decimating_thin_legs_keeps_the_topology():
+    # a ball with eight legs 2.4 grid spacings thick, decimated to 1,000 faces: collapsing a leg too eagerly folds
+    # it into a doubled sheet of faces (fast-simplification's default aggression did, twice)
+    resolution = 96
+    spacing = 1.0 / (resolution - 1)
+    axis = np.linspace(-0.5, 0.5, resolution)
+    points = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    values = 0.5 + (0.2 - np.linalg.norm(points, axis=-1)) / spacing
+    for k in range(8):
+        direction = np.array([math.cos(k * math.pi / 4), 0.3, math.sin(k * math.pi / 4)])
+        direction /= np.linalg.norm(direction)
+        along = np.clip(points @ direction, 0, 0.45)
+        leg = 0.5 + (1.2 * spacing - np.linalg.norm(points - along[..., None] * direction, axis=-1)) / spacing
+        values = np.maximum(values, leg)
+    grid = DensityGrid(np.clip(values, 0, 1).astype(np.float32), np.array([-0.5, -0.5, -0.5]), spacing, shell=False)
+    vertices, faces = clean(*marching_cubes(grid, 0.5), min_component=0.05)
+    before = topology(vertices, faces)
+    vertices, faces = decimate(smooth(vertices, faces), faces, 1000)
+    after = topology(vertices, faces)
+    assert len(faces) <= 1000 and (before.components, before.genus) == (after.components, after.genus) == (1, 0)
+    assert after.closed and after.repeated_faces == 0 and after.nonmanifold_edges == 0
+
+
 def test_empty_density_field_is_a_user_error():
     faint = gaussians(torch.zeros(3, 3), torch.full((3, 3), 0.02), torch.full((3,), 0.05))
     grid = density_grid(GaussianField.from_gaussians(faint), 32, 0.5)
