@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
+from bench_assets import ASSETS, add_asset_arguments, teacher_overrides
 
 from microdreamer.config import RunConfig, resolve
 from microdreamer.evaluate import held_out_scores

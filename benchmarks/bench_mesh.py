@@ -33,7 +33,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
+from bench_assets import ASSETS, add_asset_arguments, teacher_overrides
 
 from microdreamer.config import MESH_METHODS, deep_merge, resolve
 from microdreamer.evaluate import evaluate_mesh, evaluate_model

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from shared_assets import ASSETS, add_asset_arguments
+from bench_assets import ASSETS, add_asset_arguments
 
 from microdreamer.config import resolve
 from microdreamer.evaluate import evaluate_mesh, held_out_scores

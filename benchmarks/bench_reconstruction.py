@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared_assets import ASSETS, add_asset_arguments, teacher_overrides
+from bench_assets import ASSETS, add_asset_arguments, teacher_overrides
 
 from microdreamer.config import resolve
 from microdreamer.evaluate import evaluate_model

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_mesh import one_run, setting
-from shared_assets import add_asset_arguments
+from bench_assets import add_asset_arguments
 
 import microdreamer.representations.gaussians as gaussians_module
 from microdreamer.pipeline import resolve_device
