@@ -88,20 +88,24 @@ def _run(preset: str) -> list[int]:
     return rep.steps
 
 
+def fired(steps: list[int]) -> list[int]:
+    """The steps of ``steps`` (in the order a representation is handed them) that densify."""
+    strategy = DensifyStrategy.from_config(GaussianConfig())
+    return [s for previous, s in zip([0, *steps], steps) if strategy.fires(s, previous)]
+
+
 def test_step_counter_and_densification_follow_the_reference_for_stable_zero123():
     steps = _run("stable-zero123")
     # init iteration: counter 1 on the iteration, 2..16 on its 15 steps; then 16 per iteration
     assert steps[:15] == list(range(2, 17)) and steps[15:30] == list(range(18, 33))
     assert len(steps) == 15 + 20 * 15 and steps[-1] == 336
-    fires = [s for s in steps if DensifyStrategy.from_config(GaussianConfig()).fires(s)]
-    assert fires == [100, 200, 300]  # spec §6.6
+    assert fired(steps) == [100, 200, 300]  # spec §6.6
 
 
-def test_imagedream_skips_the_densification_at_step_100_like_the_reference():
+def test_imagedream_densifies_the_step_100_its_counter_skips_over_at_101():
     steps = _run("imagedream")
     assert steps[:50] == list(range(2, 52)) and 52 not in steps and 100 not in steps
-    fires = [s for s in steps if DensifyStrategy.from_config(GaussianConfig()).fires(s)]
-    assert fires == [200, 300]  # spec §6.6: its step 100 is an iteration increment
+    assert fired(steps) == [101, 200, 300]  # spec §6.6: 100 is an iteration increment, where the reference skips it
 
 
 class FreeImages(Inert):

@@ -207,7 +207,10 @@ def test_split_children_follow_the_parent_distribution():
 
 def test_schedule_which_steps_fire():
     st = DensifyStrategy.from_config(GaussianConfig())
-    assert [s for s in range(0, 600) if st.fires(s)] == [100, 200, 300]
+    assert [s for s in range(0, 600) if st.fires(s, s - 1)] == [100, 200, 300]
+    # a due step the caller skips over (an SIR iteration increment) fires at the next step it passes
+    assert [s for s in (99, 101, 102) if st.fires(s, s - 1 if s != 101 else 99)] == [101]
+    assert not st.fires(302, 300) and st.fires(301, 299) and not st.fires(401, 399)
     assert st.tracks(0) and st.tracks(300) and not st.tracks(301)
     assert st.extent == 4.0 and st.prune_opacity == 0.005
 
@@ -234,7 +237,7 @@ def test_training_step_accumulates_and_densifies():
     out = g.render(cams, bg)  # the new set renders and trains
     out.rgb.mean().backward()
     g.step(101, out)
-    g.step(301, g.render(cams, bg))  # outside the window: no statistics, no densification
+    g.step(450, g.render(cams, bg))  # past the window (its last due step 400 > 300): no statistics, no densification
     assert len(g.densify_log) == 1
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/study_deviations.py changes what its arms claim: the densification steps of the real engine's step
+"""benchmarks/study_deviations.py's arms change what they claim: the densification steps of the real engine's step
 counter, the one view the last-view statistic reads, and bench_mesh's ``--set`` parsing."""
 
 import sys
@@ -13,7 +13,7 @@ from microdreamer.sir.engine import SIREngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_mesh import setting  # noqa: E402
-from study_deviations import ARMS, CHANGES, CatchUpStrategy, LastViewStrategy, verdict  # noqa: E402
+from study_deviations import ARMS, CHANGES, LastViewStrategy, SkipStrategy, verdict  # noqa: E402
 from test_engine import RES, ConstantTeacher, RecordingRepresentation  # noqa: E402
 
 
@@ -23,14 +23,14 @@ def _fires(overrides: dict, strategy: type[DensifyStrategy]) -> list[int]:
     rep = RecordingRepresentation()
     SIREngine(ConstantTeacher(), rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
     chosen = strategy.from_config(GaussianConfig())
-    return [s for s in rep.steps if chosen.fires(s)]
+    return [s for previous, s in zip([0, *rep.steps], rep.steps) if chosen.fires(s, previous)]
 
 
-def test_the_init50_arms_skip_step_100_and_catch_up_fires_it_at_the_next_step():
+def test_the_init50_arms_put_step_100_on_an_increment_which_the_reference_skips_and_we_fire_at_101():
     init50 = {"schedule": {"init_steps": 50}}
-    assert _fires({}, DensifyStrategy) == _fires({}, CatchUpStrategy) == [100, 200, 300]  # nothing to catch up
-    assert _fires(init50, DensifyStrategy) == [200, 300]
-    assert _fires(init50, CatchUpStrategy) == [101, 200, 300]
+    assert _fires({}, DensifyStrategy) == _fires({}, SkipStrategy) == [100, 200, 300]  # nothing skipped over
+    assert _fires(init50, SkipStrategy) == [200, 300]
+    assert _fires(init50, DensifyStrategy) == [101, 200, 300]
 
 
 def test_last_view_reads_the_view_before_the_reference_view_only():

@@ -131,6 +131,7 @@ class Gaussians(Representation):
         self.strategy = DensifyStrategy.from_config(cfg)
         self.densify_state = DensifyState.zeros(self.num_primitives, self.device)
         self.densify_log: list[DensifyReport] = []
+        self.last_step = 0  # the step counter value of the last step()
         self.cleanup: dict[str, int] = {}  # Gaussians removed by each step of finalize()
 
     @classmethod
@@ -179,7 +180,7 @@ class Gaussians(Representation):
     def step(self, step: int, output: RenderOutput) -> None:
         """Densification statistics from ``output``'s ``means2d`` gradient, then an Adam step with
         the position lr of ``step`` (the reference sets it before its update, so the update at
-        counter s uses lr(s)), zero grads, then clone/split/prune if ``step`` is a densify step."""
+        counter s uses lr(s)), zero grads, then clone/split/prune if densification fires at ``step``."""
         if self.strategy.tracks(step):
             grad = output.extras["means2d"].grad
             if grad is not None:
@@ -192,10 +193,11 @@ class Gaussians(Representation):
                 group["lr"] = self.position_lr(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.strategy.fires(step):
+        if self.strategy.fires(step, self.last_step):
             self.densify_state, report = self.strategy.densify(
                 self.params, self.optimizer, self.densify_state, self.generator, step)
             self.densify_log.append(report)
+        self.last_step = step
 
     @torch.no_grad()
     def finalize(self) -> None:
