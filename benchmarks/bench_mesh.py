@@ -16,6 +16,8 @@ unit box; ``--unit-box`` also scores it fitted into the unit box by its own boun
 
     python benchmarks/bench_mesh.py [--assets DIR] [--only spot fox] [--imperfection none moderate]
         [--seeds 0 1 2] [--iters K] [--steps I] [--reuse DIR] [--keep DIR] [--sweep 0.25 0.5 1]
+        [--set mesh.refine_lr=0.2 --tag NAME] [--json FILE]
+    python benchmarks/bench_mesh.py --rows A.json B.json ...   # the table of runs made in parallel
 
 Without options: all seven assets × {none, moderate} × every method × seeds 0, 1, 2 (issue 13).
 """

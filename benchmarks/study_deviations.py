@@ -9,10 +9,9 @@ every change is scored against its baseline arm over the same assets, imperfecti
   outer-iteration increment of its step counter; we densify at the next step (``DensifyStrategy.fires``). On
   the reference preset's schedule none does (100, 200 and 300 fall on optimisation steps), so both arms take a
   50-step init iteration, as ImageDream's preset does, which puts step 100 on an increment.
-- ``refine-lr`` against ``ours``: the texture refinement at the reference's learning rate 0.2 instead of 0.05
-  (export only, on ``ours``' Gaussians).
-- ``refine-512`` against ``ours``: the texture refinement's renders at the reference's 512² instead of 256²
-  (export only, on ``ours``' Gaussians).
+- The texture refinement (export only, on ``ours``' Gaussians), learning rate and render size set explicitly:
+  ``texture-0.05-256`` (what we used before this study) against ``texture-0.2-512`` (the reference's, now ours),
+  and one at a time: ``texture-0.2-256`` and ``texture-0.05-512`` against ``texture-0.05-256``.
 
 A change wins (or loses) in an (asset, teacher) group when its mean over the seeds beats (or trails) the
 baseline's by more than the larger of the two standard deviations, on its primary metric (F-score @0.01 for
@@ -73,15 +72,18 @@ ARMS = {
     "last-view": Arm(strategy=LastViewStrategy),
     "init50": Arm(("schedule.init_steps=50",)),
     "init50-skip": Arm(("schedule.init_steps=50",), SkipStrategy),
-    "refine-lr": Arm(("mesh.refine_lr=0.2",), export_only=True),
-    "refine-512": Arm(("mesh.refine_resolution=512",), export_only=True),
+    "texture-0.05-256": Arm(("mesh.refine_lr=0.05", "mesh.refine_resolution=256"), export_only=True),
+    "texture-0.2-256": Arm(("mesh.refine_lr=0.2", "mesh.refine_resolution=256"), export_only=True),
+    "texture-0.05-512": Arm(("mesh.refine_lr=0.05", "mesh.refine_resolution=512"), export_only=True),
+    "texture-0.2-512": Arm(("mesh.refine_lr=0.2", "mesh.refine_resolution=512"), export_only=True),
 }
 #: change → (baseline, primary metric, larger is better)
 CHANGES = {
     "last-view": ("ours", "f1", True),
     "init50-skip": ("init50", "f1", True),
-    "refine-lr": ("ours", "psnr", True),
-    "refine-512": ("ours", "psnr", True),
+    "texture-0.05-256": ("texture-0.2-512", "psnr", True),
+    "texture-0.2-256": ("texture-0.05-256", "psnr", True),
+    "texture-0.05-512": ("texture-0.05-256", "psnr", True),
 }
 SHOWN = (("f1", True), ("f5", True), ("chamfer", False), ("nc", True), ("psnr", True), ("psnr_albedo", True))
 

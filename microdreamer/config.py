@@ -255,8 +255,8 @@ class MeshConfig:
     refine_denoise_steps: int = 50  # DDIM discretisation of the refinement
     refine_eta: float = 0.0
     refine_guidance: float = 2.0
-    refine_lr: float = 0.05  # Adam on the texture logits (the reference 0.2 leaves texel noise here)
-    refine_resolution: int = 256  # refinement renders (the teacher resizes to its own size)
+    refine_lr: float = 0.2  # Adam on the texture logits, as the reference (0.05 did no better: study_deviations.py)
+    refine_resolution: int = 512  # refinement renders, as the reference (the teacher resizes to its own size)
     up: str = "y"  # y: glTF/our world convention; z: rotated so the object's top points along +z
     scale: float = 1.0  # longest side of the output's bounding box (centred at the origin)
     format: str = "glb"  # glb | obj | ply
