@@ -168,15 +168,16 @@ def one_run(args, name: str, level: str, seed: int, device) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over the seeds of each (asset, teacher, method)."""
+def summary(rows: list[dict], by: tuple[str, ...] = ("asset", "teacher", "method")) -> list[dict]:
+    """Mean and standard deviation of each group of rows with the same ``by`` values (by default: over the
+    seeds of each asset, teacher and method), with the group's size and how many rows kept the reference's genus."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["asset"], r["teacher"], r["method"]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
     out = []
-    for (asset, teacher, method), members in groups.items():
-        entry = {"asset": asset, "teacher": teacher, "method": method, "seeds": len(members),
-                 "genus_reference": members[0]["genus_reference"]}
+    for values, members in groups.items():
+        entry = {**dict(zip(by, values)), "seeds": len(members), "genus_reference": members[0]["genus_reference"],
+                 "genus_kept": sum(m["genus"] == m["genus_reference"] for m in members)}
         for key in METRICS:
             values = [float(m[key]) for m in members]
             entry[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -213,16 +214,13 @@ def show(rows: list[dict], args) -> None:
 
     print("\nmeans over the assets and seeds (issue 13's goals: without imperfection F@0.01 >= 0.85 and the genus "
           "kept; at the moderate level F@0.05 >= 0.90 and textured PSNR >= 24 dB)")
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["teacher"], r["method"]), []).append(r)
-    for (teacher, method), members in sorted(groups.items()):
-        mean = {k: statistics.fmean(float(m[k]) for m in members) for k in METRICS}
-        kept = sum(m["genus"] == m["genus_reference"] for m in members)
-        print(f"{teacher:<28}{method:<9}n={len(members):<3} F@0.01 {mean['f1']:.3f}  F@0.05 {mean['f5']:.3f}  "
+    for g in sorted(summary(rows, by=("teacher", "method")), key=lambda g: (g["teacher"], g["method"])):
+        mean = {k: g[k][0] for k in METRICS}
+        print(f"{g['teacher']:<28}{g['method']:<9}n={g['seeds']:<3} F@0.01 {mean['f1']:.3f}  F@0.05 {mean['f5']:.3f}  "
               f"Chamfer {mean['chamfer']:.4f}  NC {mean['nc']:.3f}  PSNR {mean['psnr']:.2f}  albedo "
-              f"{mean['psnr_albedo']:.2f}  genus kept {kept}/{len(members)}  SIR {mean['sir_s']:.0f} s  "
+              f"{mean['psnr_albedo']:.2f}  genus kept {g['genus_kept']}/{g['seeds']}  SIR {mean['sir_s']:.0f} s  "
               f"export {mean['export_s']:.0f} s")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -80,17 +80,18 @@ class RecordingRepresentation(Inert):
         self.colour.grad = None
 
 
-def _run(preset: str) -> list[int]:
-    cfg = resolve(preset, None, {"cameras": {"resolution": RES}})
+def _run(preset: str, overrides: dict | None = None) -> list[int]:
+    """The step counter values the engine hands a representation under ``preset`` (+ ``overrides``)."""
+    cfg = resolve(preset, None, {"cameras": {"resolution": RES}, **(overrides or {})})
     rep = RecordingRepresentation()
     result = SIREngine(ConstantTeacher(), rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
     assert result.optimisation_steps == len(rep.steps)
     return rep.steps
 
 
-def fired(steps: list[int]) -> list[int]:
-    """The steps of ``steps`` (in the order a representation is handed them) that densify."""
-    strategy = DensifyStrategy.from_config(GaussianConfig())
+def fired(steps: list[int], kind: type[DensifyStrategy] = DensifyStrategy) -> list[int]:
+    """The steps of ``steps`` (in the order a representation is handed them) at which ``kind`` densifies."""
+    strategy = kind.from_config(GaussianConfig())
     return [s for previous, s in zip([0, *steps], steps) if strategy.fires(s, previous)]
 
 

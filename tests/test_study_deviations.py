@@ -7,30 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from microdreamer.config import GaussianConfig, resolve
-from microdreamer.representations.densify import DensifyState, DensifyStrategy
-from microdreamer.sir.engine import SIREngine
+from microdreamer.representations.densify import DensifyState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_mesh import setting  # noqa: E402
 from study_deviations import ARMS, CHANGES, LastViewStrategy, SkipStrategy, verdict  # noqa: E402
-from test_engine import RES, ConstantTeacher, RecordingRepresentation  # noqa: E402
-
-
-def _fires(overrides: dict, strategy: type[DensifyStrategy]) -> list[int]:
-    """The steps at which ``strategy`` densifies over the counter the engine hands a representation."""
-    cfg = resolve("reference", None, {"cameras": {"resolution": RES}, **overrides})
-    rep = RecordingRepresentation()
-    SIREngine(ConstantTeacher(), rep, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).run()
-    chosen = strategy.from_config(GaussianConfig())
-    return [s for previous, s in zip([0, *rep.steps], rep.steps) if chosen.fires(s, previous)]
+from test_engine import _run, fired  # noqa: E402
 
 
 def test_the_init50_arms_put_step_100_on_an_increment_which_the_reference_skips_and_we_fire_at_101():
-    init50 = {"schedule": {"init_steps": 50}}
-    assert _fires({}, DensifyStrategy) == _fires({}, SkipStrategy) == [100, 200, 300]  # nothing skipped over
-    assert _fires(init50, SkipStrategy) == [200, 300]
-    assert _fires(init50, DensifyStrategy) == [101, 200, 300]
+    reference, init50 = _run("reference"), _run("reference", {"schedule": {"init_steps": 50}})
+    assert fired(reference) == fired(reference, SkipStrategy) == [100, 200, 300]  # nothing skipped over
+    assert fired(init50, SkipStrategy) == [200, 300]
+    assert fired(init50) == [101, 200, 300]
 
 
 def test_last_view_reads_the_view_before_the_reference_view_only():
