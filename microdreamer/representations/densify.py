@@ -115,7 +115,7 @@ class DensifyStrategy:
         (spec §6.6), so a due step can be skipped over (ImageDream's 100). The reference then does not densify;
         we do, one step late: on the study of this deviation (``benchmarks/study_deviations.py``) skipping cost
         F@0.01 0.024 and 0.031 (sd 0.013, 0.010) on the shaded and imperfect teachers."""
-        if self.interval <= 0 or step <= 0:
+        if self.interval <= 0:
             return False
         due = step // self.interval * self.interval  # the last multiple of the interval up to step
         return previous < due and 0 < due and self.start <= due <= self.stop
